@@ -1,0 +1,621 @@
+"""Integer-only ViT ops (I-ViT): Shiftmax, ShiftGELU, I-LayerNorm, dyadic requantisation and
+the int8 GEMM they sit between.
+
+Conventions. A quantised tensor is an integer tensor ``I`` with a positive float32 scale ``S``;
+it stands for the real tensor ``I * S``. Every op below reproduces, to the bit, the integer
+steps I-ViT's PyTorch code performs (the published models were trained with them). Those steps
+are written out once, in the ``ref_*`` functions of this module: the pure-torch reference that is
+the oracle for the Triton and CUDA backends. The reference computes in int64 and never overflows.
+
+Layout of this module, one section per op:
+  validation + scale-derived integer constants (computed once, in float32 exactly as I-ViT does,
+  and handed to every backend as integers) -> reference -> public op (torch.library custom op,
+  fake impl, backend dispatch).
+
+The ops are integer in and integer out, so they carry no autograd; quantisation-aware training
+goes through the straight-through estimators of :mod:`effkern.nn.integer`.
+
+Host synchronisation: the scale-derived constants and their range checks are computed on the
+host. A scale given as a Python float or a CPU tensor costs nothing; a scale that lives on the
+GPU is read back once per call (one device synchronisation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from effkern._dispatch import cuda_impl, op_dispatcher, triton_impl
+
+INT32_MAX = 2**31 - 1
+INT_DTYPES = (torch.int8, torch.int16, torch.int32)
+_DTYPE_BITS = {torch.int8: 8, torch.int16: 16, torch.int32: 32}
+
+
+def int_dtype_for_bits(bits: int) -> torch.dtype:
+    """The narrowest signed integer dtype holding ``bits``-bit values."""
+    return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks shared by the ops
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int_input(op: str, x: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(
+            f"{op}: x must have dtype {' or '.join(_dtype_name(d) for d in dtypes)}, "
+            f"got {_dtype_name(x.dtype)}"
+        )
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension (the row), got a 0-d tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{op}: the last dimension of x (the row length) must be >= 1, got 0")
+
+
+def _check_bits(op: str, name: str, value: int, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{op}: {name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _as_scale_tensor(op: str, name: str, scale) -> Tensor:
+    """A Python number or a floating tensor -> float32 tensor (value checks happen later)."""
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return torch.tensor(float(scale), dtype=torch.float32)
+    if not isinstance(scale, Tensor):
+        raise TypeError(f"{op}: {name} must be a float or a floating-point tensor, got {type(scale).__name__}")
+    if not scale.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {_dtype_name(scale.dtype)}")
+    return scale.to(torch.float32)
+
+
+def _check_scalar_scale(op: str, name: str, scale: Tensor) -> None:
+    if scale.numel() != 1:
+        raise ValueError(f"{op}: {name} must hold a single value (per-tensor scale), got shape {tuple(scale.shape)}")
+
+
+def _host_scale(op: str, name: str, scale: Tensor) -> Tensor:
+    """The scale as a float32 CPU tensor, checked finite and positive (reads a GPU scale back)."""
+    host = scale.detach().to("cpu", torch.float32).reshape(-1)
+    if not bool(torch.isfinite(host).all()) or not bool((host > 0).all()):
+        bad = host[~(torch.isfinite(host) & (host > 0))][0].item()
+        raise ValueError(f"{op}: {name} must be finite and > 0, got {bad}")
+    return host
+
+
+# --------------------------------------------------------------------------------------------
+# Shared integer building blocks (reference)
+# --------------------------------------------------------------------------------------------
+
+
+def shift_exp_x0(scale: Tensor) -> int:
+    """I-ViT's x0 = floor(-1 / S), computed in float32 (S a float32 CPU tensor, one value)."""
+    return int(torch.floor(-1.0 / scale.reshape(())).item())
+
+
+def ref_shift_exp(d: Tensor, x0: int, n: int) -> Tensor:
+    """I-ViT's shift-based exponential of the int64 tensor d (real value d * S, x0 = floor(-1/S)).
+
+    It returns roughly 2^n * exp(d * S) / S in integers: exp(d*S) = 2^(d*S*log2 e), with
+    log2 e ~ 1 + 1/2 - 1/16 applied by shifts, the power of two split into an integer part q and
+    a remainder r approximated linearly. Inputs below n * x0 (d * S below about -n / 1.44) are
+    clamped there, as in I-ViT.
+
+    For d <= 0 (every use in softmax, and GELU's per-element term) the shift n - q lies in
+    [0, n]. GELU also evaluates it at d = -rowmax, which is positive for rows whose maximum is
+    negative; the shift then exceeds n without bound. Every such use goes through
+    min(e + ..., 2^31 - 1), and the value is >= 2^31 once the shift reaches 32, so it is returned
+    as 2^31 there instead of overflowing int64.
+    """
+    p = d + (d >> 1) - (d >> 4)
+    p = torch.clamp(p, min=n * x0)
+    q = torch.div(p, x0, rounding_mode="floor")
+    r = p - x0 * q
+    shift = n - q
+    e = ((r - 2 * x0) << shift.clamp(max=31)) >> 1
+    return torch.where(shift >= 32, torch.full_like(e, 2**31), e)
+
+
+def ref_div_round_half_even(a: Tensor, b: int) -> Tensor:
+    """round-half-to-even(a / b) for int64 a and an int b > 0, exactly."""
+    q = torch.div(a, b, rounding_mode="floor")
+    twice_rem = 2 * (a - q * b)
+    round_up = (twice_rem > b) | ((twice_rem == b) & (q % 2 == 1))
+    return q + round_up.to(q.dtype)
+
+
+def ref_round_shift_half_even(v: Tensor, e: Tensor) -> Tensor:
+    """round-half-to-even(v / 2^e) for int64 v with |v| <= 2^62 and int64 shifts e.
+
+    e <= 0 multiplies by 2^-e. Callers clamp the result to at most 32 bits, and |v| >= 2^30 for
+    every non-zero v they pass (v = I * m with m >= 2^30), so for e < 0 any non-zero v saturates:
+    it is returned as +-2^62, a stand-in beyond every clamp range. e >= 63 gives 0 (|v| / 2^63 is
+    at most 1/2, and a tie rounds to the even 0).
+    """
+    e = e.expand_as(v)
+    es = e.clamp(1, 62)
+    q = v >> es
+    twice_rem = (v - (q << es)) << 1  # 2 * remainder, compared with 2^es: no 1 << (es - 1)
+    one = torch.ones_like(es)
+    round_up = (twice_rem > (one << es)) | ((twice_rem == (one << es)) & ((q & 1) == 1))
+    rounded = q + round_up.to(q.dtype)
+    saturated = torch.sign(v) * 2**62
+    out = torch.where(e <= 0, torch.where(e == 0, v, saturated), rounded)
+    return torch.where(e >= 63, torch.zeros_like(out), out)
+
+
+def dyadic_params(in_scale: Tensor, out_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """I-ViT's dyadic multiplier: in_scale / out_scale ~ m / 2^e.
+
+    The ratio is taken in float64 from the float32 scales; (mantissa, exponent) = frexp(ratio),
+    m = round-half-up(mantissa * 2^31) in [2^30, 2^31], e = 31 - exponent. Returns int64
+    tensors shaped like the broadcast of the scales.
+    """
+    ratio = in_scale.to(torch.float64) / out_scale.to(torch.float64)
+    mantissa, exponent = torch.frexp(ratio)
+    m = torch.floor(mantissa * 2.0**31 + 0.5).to(torch.int64)
+    e = 31 - exponent.to(torch.int64)
+    return m, e
+
+
+def ref_requantize_rows(x: Tensor, m: Tensor, e: Tensor, out_bits: int) -> Tensor:
+    """round-half-even(I * m / 2^e) clamped to signed out_bits; m, e int64 per column [C]."""
+    v = x.to(torch.int64) * m.to(x.device)
+    y = ref_round_shift_half_even(v, e.to(x.device))
+    lo, hi = -(2 ** (out_bits - 1)), 2 ** (out_bits - 1) - 1
+    return y.clamp(lo, hi).to(int_dtype_for_bits(out_bits))
+
+
+# --------------------------------------------------------------------------------------------
+# int_softmax (I-ViT Shiftmax)
+# --------------------------------------------------------------------------------------------
+
+
+def ref_int_softmax_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
+    """Reference Shiftmax over the last dim of an integer tensor, given x0 = floor(-1/S)."""
+    i = x.to(torch.int64)
+    e = ref_shift_exp(i - i.amax(dim=-1, keepdim=True), x0, n)
+    s = e.sum(dim=-1, keepdim=True).clamp(max=INT32_MAX)  # e >= 1, so s >= 1
+    f = torch.div(INT32_MAX, s, rounding_mode="floor")
+    return ((e * f) >> (32 - out_bits)).to(int_dtype_for_bits(out_bits))
+
+
+def _softmax_x0(scale: Tensor, n: int, out_bits: int) -> int:
+    host = _host_scale("int_softmax", "scale", scale)
+    x0 = shift_exp_x0(host)
+    # The largest exp term is -x0 * 2^n. Up to 2^31 - 1 every output fits out_bits (when the
+    # row sum saturates, f = 1 and y = e >> (32 - out_bits)); beyond it the output would not.
+    if -x0 * 2**n > INT32_MAX:
+        raise ValueError(
+            f"int_softmax: scale={host.item():.6g} is too small for n={n}: x0 = floor(-1/scale) = {x0} "
+            f"makes the largest exp term -x0 * 2^n exceed 2^31 - 1, so outputs would overflow "
+            f"{out_bits} bits; use a scale >= {2.0**n / INT32_MAX:.6g} or a smaller n"
+        )
+    return x0
+
+
+_softmax_dispatch = op_dispatcher("int_softmax", "I-ViT Shiftmax over the last dim")
+_softmax_dispatch.register("torch", ref_int_softmax_rows, dtypes=INT_DTYPES)
+_softmax_dispatch.register("triton", triton_impl("integer", "int_softmax_rows"), dtypes=INT_DTYPES)
+_softmax_dispatch.register("cuda", cuda_impl("cuda_int_softmax"), dtypes=INT_DTYPES)
+
+
+def _check_int_softmax(x: Tensor, scale: Tensor, out_bits: int, n: int) -> None:
+    _check_int_input("int_softmax", x, INT_DTYPES)
+    _check_scalar_scale("int_softmax", "scale", scale)
+    if out_bits not in (8, 16):
+        raise ValueError(f"int_softmax: out_bits must be 8 or 16, got {out_bits!r}")
+    _check_bits("int_softmax", "n", n, 1, 30)
+
+
+@torch.library.custom_op("effkern::int_softmax", mutates_args=())
+def _int_softmax_op(x: Tensor, scale: Tensor, out_bits: int, n: int) -> tuple[Tensor, Tensor]:
+    _check_int_softmax(x, scale, out_bits, n)
+    x0 = _softmax_x0(scale, n, out_bits)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = _softmax_dispatch(rows, x0, n, out_bits)
+    out_scale = torch.tensor(2.0 ** -(out_bits - 1), dtype=torch.float32, device=x.device)
+    return y.reshape(x.shape), out_scale
+
+
+@_int_softmax_op.register_fake
+def _(x, scale, out_bits, n):
+    _check_int_softmax(x, scale, out_bits, n)
+    return x.new_empty(x.shape, dtype=int_dtype_for_bits(out_bits)), x.new_empty((), dtype=torch.float32)
+
+
+def int_softmax(x_int: Tensor, scale, *, out_bits: int = 8, n: int = 15) -> tuple[Tensor, Tensor]:
+    """I-ViT's integer-only softmax (Shiftmax) over the last dim.
+
+    Args:
+        x_int: int8, int16 or int32 logits, any shape ``[..., L]`` with L >= 1.
+        scale: their positive scale S (float, or a one-element float tensor).
+        out_bits: 8 (int8 output) or 16 (int16 output).
+        n: exponent precision; the exp terms carry n fractional bits.
+
+    Returns:
+        ``(y_int, out_scale)`` with ``out_scale = 2^-(out_bits - 1)``: y_int * out_scale
+        approximates softmax(x_int * scale).
+
+    Steps (all integer, with x0 = floor(-1/S) in float32): d = I - rowmax(I);
+    p = d + (d >> 1) - (d >> 4); p = max(p, n*x0); q = floor(p / x0); r = p - x0*q;
+    e = ((r - 2*x0) << (n - q)) >> 1; s = min(sum(e), 2^31 - 1); f = floor((2^31 - 1) / s);
+    y = (e * f) >> (32 - out_bits).
+
+    Overflow: the row sum of e exceeds int32 for long or flat rows (e.g. 785 equal logits with
+    x0 = -100); it saturates at 2^31 - 1 as I-ViT specifies (then f = 1) and is accumulated in
+    int64, so every backend is exact. Scales so small that a single e exceeds 2^31 - 1
+    (S < 2^n / (2^31 - 1)) would overflow the output and raise ValueError.
+    """
+    s = _as_scale_tensor("int_softmax", "scale", scale)
+    return torch.ops.effkern.int_softmax(x_int, s, out_bits, n)
+
+
+# --------------------------------------------------------------------------------------------
+# int_gelu (I-ViT ShiftGELU)
+# --------------------------------------------------------------------------------------------
+
+
+def ref_int_gelu_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
+    """Reference ShiftGELU over the last dim, given x0 = floor(-1 / (1.702 * S))."""
+    i = x.to(torch.int64)
+    m = i.amax(dim=-1, keepdim=True)
+    e = ref_shift_exp(i - m, x0, n)
+    e_neg_max = ref_shift_exp(-m, x0, n)
+    s = (e + e_neg_max).clamp(max=INT32_MAX)
+    f = torch.div(INT32_MAX, s, rounding_mode="floor")
+    sigmoid = (e * f) >> (32 - out_bits)
+    return (i * sigmoid).to(torch.int32)
+
+
+def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
+    host = _host_scale("int_gelu", "scale", scale)
+    x0 = shift_exp_x0(host * 1.702)  # S' = 1.702 * S in float32, as I-ViT
+    # The sigmoid term is at most 2^(out_bits-1) - 1, except when e + e(-max) saturates at
+    # 2^31 - 1 (f = 1): then it is e >> (32 - out_bits), e at most -x0 * 2^n. The int32 output
+    # I * sigmoid must not overflow for any input of this dtype.
+    max_sigmoid = max(2 ** (out_bits - 1) - 1, (-x0 * 2**n) >> (32 - out_bits))
+    max_abs_input = 2 ** (_DTYPE_BITS[x_dtype] - 1)
+    if max_abs_input * max_sigmoid > INT32_MAX:
+        raise ValueError(
+            f"int_gelu: scale={host.item():.6g} is too small for n={n}, out_bits={out_bits} and "
+            f"{_dtype_name(x_dtype)} inputs: the saturated sigmoid term reaches {max_sigmoid}, so "
+            f"x * sigmoid could overflow the int32 output"
+        )
+    return x0
+
+
+_gelu_dispatch = op_dispatcher("int_gelu", "I-ViT ShiftGELU, rowwise over the last dim")
+_gelu_dispatch.register("torch", ref_int_gelu_rows, dtypes=(torch.int8, torch.int16))
+_gelu_dispatch.register("triton", triton_impl("integer", "int_gelu_rows"), dtypes=(torch.int8, torch.int16))
+_gelu_dispatch.register("cuda", cuda_impl("cuda_int_gelu"), dtypes=(torch.int8, torch.int16))
+
+
+def _check_int_gelu(x: Tensor, scale: Tensor, out_bits: int, n: int) -> None:
+    _check_int_input("int_gelu", x, (torch.int8, torch.int16))
+    _check_scalar_scale("int_gelu", "scale", scale)
+    _check_bits("int_gelu", "out_bits", out_bits, 2, 16)
+    _check_bits("int_gelu", "n", n, 1, 30)
+
+
+@torch.library.custom_op("effkern::int_gelu", mutates_args=())
+def _int_gelu_op(x: Tensor, scale: Tensor, out_bits: int, n: int) -> tuple[Tensor, Tensor]:
+    _check_int_gelu(x, scale, out_bits, n)
+    x0 = _gelu_x0(x.dtype, scale, n, out_bits)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = _gelu_dispatch(rows, x0, n, out_bits)
+    out_scale = scale.detach().to(device=x.device, dtype=torch.float32).reshape(()) * 2.0 ** -(out_bits - 1)
+    return y.reshape(x.shape), out_scale
+
+
+@_int_gelu_op.register_fake
+def _(x, scale, out_bits, n):
+    _check_int_gelu(x, scale, out_bits, n)
+    return x.new_empty(x.shape, dtype=torch.int32), x.new_empty((), dtype=torch.float32)
+
+
+def int_gelu(x_int: Tensor, scale, *, out_bits: int = 8, n: int = 23) -> tuple[Tensor, Tensor]:
+    """I-ViT's integer-only GELU (ShiftGELU): x * sigmoid(1.702 x), rowwise over the last dim.
+
+    Args:
+        x_int: int8 or int16 activations ``[..., C]``.
+        scale: their positive scale S.
+        out_bits: precision of the integer sigmoid (2..16).
+        n: exponent precision of the shift-based exp.
+
+    Returns:
+        ``(y_int, out_scale)``: int32 ``y_int = I * sigmoid_int`` and
+        ``out_scale = S * 2^-(out_bits - 1)``.
+
+    Steps: S' = 1.702 * S (float32), x0 = floor(-1/S'), m = rowmax(I); e = shiftexp(I - m),
+    em = shiftexp(-m) (the Shiftmax exp steps with this n); s = min(e + em, 2^31 - 1);
+    f = floor((2^31 - 1) / s); sigmoid = (e * f) >> (32 - out_bits); y = I * sigmoid.
+
+    Known saturation, reproduced on purpose (trained I-ViT models depend on it): the sigmoid is
+    computed as e^(x-m) / (e^(x-m) + e^(-m)), and shiftexp clamps its argument at n * x0, i.e.
+    at a real value of about -n / (1.702 * 1.4375) = -9.4 for n = 23. For rows whose maximum
+    exceeds about 9.4 (in real units) e^(-m) is therefore stuck at its floor, and the sigmoid of
+    that row's small entries no longer tends to 0. Also, e + em saturates at 2^31 - 1 when
+    -x0 * 2^n is large (small scales) or when the row maximum is negative and em grows; then
+    f = 1 and the sigmoid term becomes e >> (32 - out_bits), which can exceed
+    2^(out_bits-1) - 1. I-ViT does the same. The exp terms exceed int32 for scales below about
+    2^n / 2^31 / 1.702 and are computed in int64; scales so small that I * sigmoid could
+    overflow int32 raise ValueError.
+    """
+    s = _as_scale_tensor("int_gelu", "scale", scale)
+    return torch.ops.effkern.int_gelu(x_int, s, out_bits, n)
+
+
+# --------------------------------------------------------------------------------------------
+# int_layernorm (I-ViT I-LayerNorm)
+# --------------------------------------------------------------------------------------------
+
+
+def ref_int_layernorm_rows(x: Tensor, bias_int: Tensor, iters: int) -> Tensor:
+    """Reference I-LayerNorm over the last dim, given bias_int [C] (int32)."""
+    i = x.to(torch.int64)
+    c = i.shape[-1]
+    y = i - ref_div_round_half_even(i.sum(dim=-1, keepdim=True), c)
+    var = (y * y).sum(dim=-1, keepdim=True)  # a sum of squares, not a mean (I-ViT)
+    k = torch.full_like(var, 2**16)
+    for _ in range(iters):  # integer Newton iteration towards sqrt(var)
+        k = torch.div(k + torch.div(var, k, rounding_mode="floor"), 2, rounding_mode="floor")
+    f = torch.div(INT32_MAX, k, rounding_mode="floor")
+    return (((y * f) >> 1) + bias_int.to(device=x.device, dtype=torch.int64)).to(torch.int32)
+
+
+def layernorm_constants(c: int, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """I-LayerNorm's (bias_int, out_scale) from the float affine parameters, in float32 as I-ViT:
+    s = sqrt(C) / 2^30, bias_int = floor((bias / weight) / s), out_scale = s * weight.
+
+    bias_int must lie in [-2^30, 2^30] so that the int32 output cannot overflow (the normalised
+    part (y * f) >> 1 lies in [-2^30, 2^30 - 1]); a ValueError names the first offending channel.
+    Reads bias_int back to the host for that check.
+    """
+    w = weight.detach().to(torch.float32)
+    b = bias.detach().to(torch.float32)
+    s = torch.sqrt(torch.tensor(float(c), dtype=torch.float32)) / 2.0**30
+    bias_float = torch.floor((b / w) / s.to(w.device))
+    host = bias_float.cpu()
+    bad = ~(torch.isfinite(host) & (host.abs() <= 2**30))
+    if bool(bad.any()):
+        ch = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"int_layernorm: channel {ch} has bias/weight = {b[ch].item():.6g}/{w[ch].item():.6g}; "
+            f"floor((bias/weight) / (sqrt(C)/2^30)) = {host[ch].item():.6g} must be finite and within "
+            f"+-2^30 (|bias/weight| <= sqrt(C) = {math.sqrt(c):.4g}) for the int32 output to be exact"
+        )
+    return bias_float.to(torch.int32), s.to(w.device) * w
+
+
+_layernorm_dispatch = op_dispatcher("int_layernorm", "I-ViT I-LayerNorm over the last dim")
+_layernorm_dispatch.register("torch", ref_int_layernorm_rows, dtypes=(torch.int8, torch.int16))
+_layernorm_dispatch.register("triton", triton_impl("integer", "int_layernorm_rows"), dtypes=(torch.int8, torch.int16))
+_layernorm_dispatch.register("cuda", cuda_impl("cuda_int_layernorm"), dtypes=(torch.int8, torch.int16))
+
+
+def _check_int_layernorm(x: Tensor, weight: Tensor, bias: Tensor, iters: int) -> None:
+    _check_int_input("int_layernorm", x, (torch.int8, torch.int16))
+    c = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"int_layernorm: {name} must be a floating-point tensor")
+        if tuple(t.shape) != (c,):
+            raise ValueError(f"int_layernorm: {name} must have shape ({c},) to match x's last dim, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"int_layernorm: {name} is on {t.device} but x is on {x.device}")
+    # With k starting at 2^16 and halving at worst (all-equal rows: var = 0), 16 iterations keep
+    # k >= 1; more could divide by zero.
+    _check_bits("int_layernorm", "iters", iters, 0, 16)
+
+
+@torch.library.custom_op("effkern::int_layernorm", mutates_args=())
+def _int_layernorm_op(x: Tensor, weight: Tensor, bias: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    _check_int_layernorm(x, weight, bias, iters)
+    bias_int, out_scale = layernorm_constants(x.shape[-1], weight, bias)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = _layernorm_dispatch(rows, bias_int.contiguous(), iters)
+    return y.reshape(x.shape), out_scale
+
+
+@_int_layernorm_op.register_fake
+def _(x, weight, bias, iters):
+    _check_int_layernorm(x, weight, bias, iters)
+    return x.new_empty(x.shape, dtype=torch.int32), weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+def int_layernorm(x_int: Tensor, weight: Tensor, bias: Tensor, *, iters: int = 10) -> tuple[Tensor, Tensor]:
+    """I-ViT's integer-only LayerNorm over the last dim C.
+
+    The input scale cancels out of a LayerNorm, so none is needed.
+
+    Args:
+        x_int: int8 or int16 ``[..., C]``.
+        weight, bias: the float affine parameters ``[C]`` (converted to float32).
+        iters: iterations of the integer square root (0..16; I-ViT uses 10).
+
+    Returns:
+        ``(y_int, out_scale)``: int32 y_int and the per-channel float32 scale
+        ``out_scale = sqrt(C) / 2^30 * weight``.
+
+    Steps: mu = round-half-even(sum(I) / C) (exact); y = I - mu; var = sum(y^2) (a sum, not a
+    mean); k = 2^16, then ``iters`` times k = floor((k + floor(var / k)) / 2);
+    f = floor((2^31 - 1) / k); out = ((y * f) >> 1) + floor((bias / weight) / (sqrt(C) / 2^30)).
+
+    Overflow: y^2 and var exceed int32 for int16 inputs and are computed in int64; channels with
+    |bias / weight| > sqrt(C) would overflow the int32 output and raise ValueError.
+    """
+    return torch.ops.effkern.int_layernorm(x_int, weight, bias, iters)
+
+
+# --------------------------------------------------------------------------------------------
+# requantize (dyadic)
+# --------------------------------------------------------------------------------------------
+
+
+def _scale_for_columns(op: str, name: str, scale: Tensor, columns: int) -> None:
+    if scale.numel() != 1 and tuple(scale.shape) != (columns,):
+        raise ValueError(
+            f"{op}: {name} must be per-tensor (one value) or per-channel with shape ({columns},) "
+            f"matching the last dim, got shape {tuple(scale.shape)}"
+        )
+
+
+def _dyadic_columns(op: str, in_scale: Tensor, out_scale: Tensor, columns: int, device) -> tuple[Tensor, Tensor]:
+    """Checked (m, e) as contiguous int64 vectors of length ``columns`` on ``device``."""
+    i = _host_scale(op, "in_scale", in_scale)
+    o = _host_scale(op, "out_scale", out_scale)
+    m, e = dyadic_params(i, o)
+    m = m.expand(columns).contiguous().to(device)
+    e = e.expand(columns).contiguous().to(device)
+    return m, e
+
+
+_requantize_dispatch = op_dispatcher("requantize", "dyadic requantisation I * m / 2^e")
+_requantize_dispatch.register("torch", ref_requantize_rows, dtypes=INT_DTYPES)
+_requantize_dispatch.register("triton", triton_impl("integer", "requantize_rows"), dtypes=INT_DTYPES)
+
+
+def _check_requantize(x: Tensor, in_scale: Tensor, out_scale: Tensor, out_bits: int) -> None:
+    _check_int_input("requantize", x, INT_DTYPES)
+    _scale_for_columns("requantize", "in_scale", in_scale, x.shape[-1])
+    _scale_for_columns("requantize", "out_scale", out_scale, x.shape[-1])
+    _check_bits("requantize", "out_bits", out_bits, 2, 32)
+
+
+@torch.library.custom_op("effkern::requantize", mutates_args=())
+def _requantize_op(x: Tensor, in_scale: Tensor, out_scale: Tensor, out_bits: int) -> Tensor:
+    _check_requantize(x, in_scale, out_scale, out_bits)
+    m, e = _dyadic_columns("requantize", in_scale, out_scale, x.shape[-1], x.device)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return _requantize_dispatch(rows, m, e, out_bits).reshape(x.shape)
+
+
+@_requantize_op.register_fake
+def _(x, in_scale, out_scale, out_bits):
+    _check_requantize(x, in_scale, out_scale, out_bits)
+    return x.new_empty(x.shape, dtype=int_dtype_for_bits(out_bits))
+
+
+def requantize(x_int: Tensor, in_scale, out_scale, *, out_bits: int) -> Tensor:
+    """Dyadic requantisation: integers at scale ``in_scale`` -> ``out_bits`` integers at
+    ``out_scale``, in integer arithmetic only.
+
+    (m, e) come from frexp(in_scale / out_scale) (ratio in float64 of the float32 scales):
+    m = round-half-up(mantissa * 2^31), e = 31 - exponent; then
+    y = clamp(round-half-even(I * m / 2^e), -2^(out_bits-1), 2^(out_bits-1) - 1), computed
+    exactly (|I * m| <= 2^62 fits int64). Scales are per-tensor or per-channel over the last dim.
+
+    Args:
+        x_int: int8, int16 or int32 ``[..., C]``.
+        in_scale, out_scale: positive floats or float tensors with one value or C values.
+        out_bits: 2..32; the output dtype is the narrowest of int8/int16/int32 that holds it.
+    """
+    i = _as_scale_tensor("requantize", "in_scale", in_scale)
+    o = _as_scale_tensor("requantize", "out_scale", out_scale)
+    return torch.ops.effkern.requantize(x_int, i, o, out_bits)
+
+
+# --------------------------------------------------------------------------------------------
+# int8_linear
+# --------------------------------------------------------------------------------------------
+
+# int8 products are at most 2^14 in magnitude, so int32 accumulation is exact for K < 2^17.
+MAX_INT8_LINEAR_K = 2**17 - 1
+
+
+def ref_int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,
+                         out_bits: int) -> Tensor:
+    """Reference int8 GEMM: acc = saturate_int32(x @ w^T + bias), then optional requantisation.
+
+    The products are summed in float64, exact here (|sum| < 2^31 < 2^53), because int64 matmul
+    is not implemented on CUDA; this keeps the reference runnable on every device.
+    """
+    acc = (x.to(torch.float64) @ w.to(torch.float64).T).to(torch.int64)
+    if bias is not None:
+        acc = acc + bias.to(torch.int64)
+    acc = acc.clamp(-(2**31), INT32_MAX)
+    if m is None:
+        return acc.to(torch.int32)
+    return ref_requantize_rows(acc, m, e, out_bits)
+
+
+_int8_linear_dispatch = op_dispatcher("int8_linear", "int8 x int8 -> int32 GEMM with fused requantisation")
+_int8_linear_dispatch.register("torch", ref_int8_linear_rows, dtypes=(torch.int8,))
+_int8_linear_dispatch.register("triton", triton_impl("integer", "int8_linear_rows"), dtypes=(torch.int8,))
+
+
+def _check_int8_linear(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tensor | None,
+                       out_scale: Tensor | None, out_bits: int) -> None:
+    op = "int8_linear"
+    _check_int_input(op, x, (torch.int8,))
+    if not isinstance(w, Tensor) or w.dtype != torch.int8 or w.dim() != 2:
+        raise TypeError(f"{op}: w must be a 2-D int8 tensor [out_features, in_features]")
+    k = x.shape[-1]
+    if w.shape[1] != k:
+        raise ValueError(f"{op}: x has {k} input features but w has shape {tuple(w.shape)} (expects [N, {k}])")
+    if k > MAX_INT8_LINEAR_K:
+        raise ValueError(f"{op}: in_features={k} exceeds {MAX_INT8_LINEAR_K}: int32 accumulation could overflow")
+    if w.device != x.device:
+        raise ValueError(f"{op}: w is on {w.device} but x is on {x.device}")
+    n_out = w.shape[0]
+    if bias is not None:
+        if bias.dtype != torch.int32 or tuple(bias.shape) != (n_out,):
+            raise ValueError(f"{op}: bias must be int32 with shape ({n_out},), got {_dtype_name(bias.dtype)} {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
+    if (in_scale is None) != (out_scale is None):
+        raise ValueError(f"{op}: give both in_scale and out_scale to requantise, or neither for int32 output")
+    if out_scale is not None:
+        _scale_for_columns(op, "in_scale", in_scale, n_out)
+        _scale_for_columns(op, "out_scale", out_scale, n_out)
+        _check_bits(op, "out_bits", out_bits, 2, 32)
+
+
+@torch.library.custom_op("effkern::int8_linear", mutates_args=())
+def _int8_linear_op(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tensor | None,
+                    out_scale: Tensor | None, out_bits: int) -> Tensor:
+    _check_int8_linear(x, w, bias, in_scale, out_scale, out_bits)
+    m = e = None
+    if out_scale is not None:
+        m, e = _dyadic_columns("int8_linear", in_scale, out_scale, w.shape[0], x.device)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = _int8_linear_dispatch(rows, w.contiguous(), bias, m, e, out_bits)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+@_int8_linear_op.register_fake
+def _(x, w, bias, in_scale, out_scale, out_bits):
+    _check_int8_linear(x, w, bias, in_scale, out_scale, out_bits)
+    dtype = torch.int32 if out_scale is None else int_dtype_for_bits(out_bits)
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dtype)
+
+
+def int8_linear(x_int8: Tensor, w_int8: Tensor, bias_int32: Tensor | None = None, *, in_scale=None,
+                out_scale=None, out_bits: int = 8) -> Tensor:
+    """int8 x int8 linear layer with int32 accumulation and a fused requantising epilogue.
+
+    ``acc = x_int8 @ w_int8.T + bias_int32`` (exact int32 accumulation, K <= 2^17 - 1; adding the
+    bias saturates at the int32 range). Without scales the int32 ``acc`` is returned. With
+    ``in_scale`` (the scale of acc: x_scale * w_scale, per tensor or per output channel) and
+    ``out_scale`` (per tensor or per output channel), acc is requantised exactly as
+    :func:`requantize` does, to ``out_bits`` (int8 for <= 8, int16 for <= 16, else int32).
+
+    Args:
+        x_int8: int8 ``[..., K]``.
+        w_int8: int8 ``[N, K]`` (F.linear layout).
+        bias_int32: optional int32 ``[N]``, at the scale of acc.
+    """
+    i = None if in_scale is None else _as_scale_tensor("int8_linear", "in_scale", in_scale)
+    o = None if out_scale is None else _as_scale_tensor("int8_linear", "out_scale", out_scale)
+    return torch.ops.effkern.int8_linear(x_int8, w_int8, bias_int32, i, o, out_bits)

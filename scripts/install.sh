@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs effkern and what it needs into the current Python environment, on a fresh machine.
+#  - torch: kept if present (the GPU machine has a CUDA build); else the CPU wheel torch==2.13.0
+#    (a looser requirement would pull several GB of CUDA packages).
+#  - the build and test tools, only those missing (the GPU machine has no internet).
+#  - effkern itself, editable, without build isolation so the CUDA library builds against the
+#    installed torch (whenever nvcc is found; EFFKERN_SKIP_CUDA=1 skips it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+missing=()
+for spec in triton:triton numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark \
+            ninja:ninja cmake:cmake pybind11:pybind11 setuptools:setuptools; do
+  module=${spec%%:*}; package=${spec#*:}
+  "$PY" -c "import $module" 2>/dev/null || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  "$PY" -m pip install -q "${missing[@]}"
+fi
+"$PY" -m pip install -q --no-build-isolation --no-deps -e .
