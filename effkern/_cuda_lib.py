@@ -19,9 +19,10 @@ _STATE: tuple[bool, str] | None = None
 
 
 def library_path() -> str | None:
-    """Path of the built library next to this file, or None when not built."""
-    paths = sorted(glob.glob(os.path.join(_HERE, "_C*.so")))
-    return paths[0] if paths else None
+    """Path of the built library next to this file (the newest, should a stale build of
+    another name linger), or None when not built."""
+    paths = glob.glob(os.path.join(_HERE, "_C*.so"))
+    return max(paths, key=os.path.getmtime) if paths else None
 
 
 def _load() -> tuple[bool, str]:

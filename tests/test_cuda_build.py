@@ -45,8 +45,9 @@ GELU_ARGS = [(-6, 23, 8), (-1, 23, 16), (-40, 15, 4), (-600, 23, 8), (-2, 30, 16
 def make_rows(gen, rows, length, dtype):
     """rows x length integers mixing the interesting cases: full range, a narrow range (so exp
     terms are not all at the floor), all-equal rows (incl. at the dtype's min/max), rows holding
-    both extremes, negative-only rows."""
+    both extremes, negative-only rows, rows whose mean is an exact tie."""
     lo, hi = RANGE[dtype]
+    rows = max(rows, 10)  # one row of each kind below
     x = torch.randint(lo, hi + 1, (rows, length), generator=gen, dtype=torch.int64)
     kinds = [
         lambda: torch.randint(-20, 21, (length,), generator=gen),
@@ -56,6 +57,10 @@ def make_rows(gen, rows, length, dtype):
         lambda: torch.where(torch.rand(length, generator=gen) < 0.5, lo, hi),
         lambda: torch.randint(lo, 0, (length,), generator=gen),
         lambda: torch.randint(-300, 300, (length,), generator=gen).clamp(lo, hi),
+        # a, a+1, a, a+1, ...: for even lengths the row mean is an exact tie (x.5), once
+        # with a even and once odd (round half to even goes down, then up)
+        lambda: torch.arange(length) % 2 + int(torch.randint(lo // 2, hi // 2, (), generator=gen)) * 2,
+        lambda: torch.arange(length) % 2 + int(torch.randint(lo // 2, hi // 2, (), generator=gen)) * 2 + 1,
     ]
     for r in range(1, rows):
         x[r] = kinds[(r - 1) % len(kinds)]()
@@ -142,7 +147,7 @@ def _host_call(fn, x, *args, bias=None):
 @pytest.mark.parametrize("length", LENGTHS + [100000], ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32], ids=case_id)
 def test_host_softmax_math(host_lib, gen, dtype, length):
-    x = make_rows(gen, 8 if length <= 20000 else 2, length, dtype)
+    x = make_rows(gen, 10, length, dtype)
     for x0, n, out_bits in SOFTMAX_ARGS:
         ref = ref_int_softmax_rows(x, x0, n, out_bits)
         got = _host_call(host_lib.ek_int_softmax_rows, x, x0, n, out_bits)
@@ -192,7 +197,7 @@ def _on_cuda(fn, x, *args, out_elem_size):
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32], ids=case_id)
 def test_cuda_softmax(gen, dtype, length):
     _require_cuda()
-    x = make_rows(gen, 16 if length <= 20000 else 3, length, dtype)
+    x = make_rows(gen, 16, length, dtype)
     for x0, n, out_bits in SOFTMAX_ARGS:
         got = _on_cuda(torch.ops.effkern.cuda_int_softmax, x, x0, n, out_bits, out_elem_size=out_bits // 8)
         ref = ref_int_softmax_rows(x, x0, n, out_bits)

@@ -151,6 +151,7 @@ def _softmax_cases(gen):
     yield extremes, 0.5, 16
     yield randint(gen, (16, 40), torch.int8).t(), 0.02, 8  # non-contiguous
     yield randint(gen, (5, 197), torch.int8), 2.0**15 / (2**31 - 1) * 1.0001, 8  # tiniest allowed
+    yield randint(gen, (5, 64), torch.int16), 250.0, 16  # large scale: x0 = -1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,6 +175,8 @@ def _gelu_cases(gen):
     yield torch.full((2, 9), -128, dtype=torch.int8), 0.05, 8  # negative max: em saturates
     yield torch.tensor([[-(2**15), 2**15 - 1, 0]], dtype=torch.int16), 0.05, 8
     yield randint(gen, (40, 16), torch.int8).t(), 0.03, 8
+    yield randint(gen, (3, 50), torch.int8), 300.0, 8  # large scale: x0 = -1
+    yield randint(gen, (3, 50), torch.int8), 1e-6, 8  # small scale: the sum saturates, f = 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

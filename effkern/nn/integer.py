@@ -176,6 +176,27 @@ class QuantLinear(nn.Linear):
         return straight_through(out, F.linear(x, self.weight, self.bias)), out_scale
 
 
+class QuantMatMul(nn.Module):
+    """I-ViT's QuantMatMul: ``forward(a, a_scale, b, b_scale) -> (a @ b, a_scale * b_scale)`` on
+    the integers of two quantised tensors (at most ``input_bits`` bits each).
+
+    The integer product is exact: it is taken in float64, whose 53-bit mantissa holds every sum
+    of 8-bit products up to 2^37 terms. Gradient: that of the float ``a @ b``.
+    """
+
+    def __init__(self, input_bits: int = 8):
+        super().__init__()
+        self.input_bits = input_bits
+
+    def forward(self, a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor) -> tuple[Tensor, Tensor]:
+        a_scale, b_scale = a_scale.detach().reshape(()), b_scale.detach().reshape(())
+        a_int = to_integer(a, a_scale, self.input_bits, "QuantMatMul (a)")
+        b_int = to_integer(b, b_scale, self.input_bits, "QuantMatMul (b)")
+        scale = a_scale * b_scale
+        out = dequantize(a_int.double() @ b_int.double(), scale, a)
+        return straight_through(out, a @ b), scale
+
+
 class IntSoftmax(nn.Module):
     """I-ViT's Shiftmax: ``forward(x, scale) -> (softmax_q, 2^-(output_bit-1))`` over the last dim."""
 

@@ -1,0 +1,5 @@
+"""ViT variants assembled from effkern.nn."""
+
+from effkern.models.ivit import IViT
+
+__all__ = ["IViT"]
