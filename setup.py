@@ -21,18 +21,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def find_nvcc():
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc") or next(
-        (p for p in ["/usr/local/cuda/bin/nvcc"] if os.path.isfile(p)), None
-    )
+    homes = [h for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")) if h]
+    candidates = [os.path.join(h, "bin", "nvcc") for h in homes]
+    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
 
 
 class CMakeBuild(build_ext):
     """Builds the one CMake target into the path setuptools expects for effkern._C."""
 
     def build_extension(self, ext):
+        if shutil.which("cmake") is None:
+            raise RuntimeError("effkern: nvcc found but cmake is missing (pip install cmake ninja), "
+                               "or set EFFKERN_SKIP_CUDA=1 to skip the CUDA library")
         out = os.path.abspath(self.get_ext_fullpath(ext.name))
         build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
         os.makedirs(build_dir, exist_ok=True)

@@ -84,6 +84,15 @@ OPS_BENCHED = ("int_softmax", "int_gelu", "int_layernorm", "requantize", "int8_l
 TARGET_BATCH = 64  # the row/elementwise targets apply to "large inputs": batch 64
 BW_TARGET, ROW_SPEEDUP_TARGET, GEMM_SPEEDUP_TARGET = 0.80, 1.2, 1.0
 
+# The baselines of each op, by the names used in the rows (and in bench/test_bench_integer.py).
+BASELINES = {
+    "int_softmax": ("torch.softmax bf16",),
+    "int_gelu": ("F.gelu bf16",),
+    "int_layernorm": ("F.layer_norm bf16",),
+    "requantize": ("torch bf16 x*s round clamp",),
+    "int8_linear": ("torch._int_mm", "F.linear bf16"),
+}
+
 _DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32}
 
 # Scales of the synthetic inputs (the data is uniform over the dtype's range).
@@ -221,7 +230,9 @@ def build_case(cfg: Config, device, *, rotate: bool = True, seed: int = 0) -> Ca
     """Fresh random inputs for ``cfg`` on ``device`` (several rotated sets when ``rotate``)."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed * 1000003 + zlib.crc32(cfg.name.encode()))
-    return _BUILDERS[cfg.op](cfg, device, gen, rotate)
+    case = _BUILDERS[cfg.op](cfg, device, gen, rotate)
+    assert tuple(b.name for b in case.baselines) == BASELINES[cfg.op], "BASELINES out of date"
+    return case
 
 
 def _build_softmax(cfg: Config, device, gen, rotate: bool) -> Case:

@@ -321,13 +321,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--csv", type=Path, default=RESULTS_DIR / "integer.csv", help="results CSV")
     p.add_argument("--compact", action="store_true",
                    help="print a compact table of the latest run per device and do not rewrite files")
+    p.add_argument("--last", action="store_true", help="with --compact: only the most recent run of all")
     args = p.parse_args(argv)
     rows = read_rows(args.csv)
     if not rows:
         print(f"report: {args.csv} has no rows")
         return 1
     if args.compact:
-        for gpu, rs in latest_runs(rows).items():
+        runs = latest_runs(rows)
+        if args.last and runs:
+            newest = max(runs, key=lambda g: runs[g][0].get("date", ""))
+            runs = {newest: runs[newest]}
+        for gpu, rs in runs.items():
             r0 = rs[0]
             print(f"== {gpu}  {r0.get('date')}  commit {r0.get('commit')}  copy {fmt_num(_f(r0.get('copy_gbps')))} GB/s"
                   f"  bf16 MM {fmt_num(_f(r0.get('matmul_tflops')))} TFLOP/s")

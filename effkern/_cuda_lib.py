@@ -16,6 +16,7 @@ import threading
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _LOCK = threading.Lock()
 _STATE: tuple[bool, str] | None = None
+_LOADED_PATH: str | None = None
 
 
 def library_path() -> str | None:
@@ -26,6 +27,7 @@ def library_path() -> str | None:
 
 
 def _load() -> tuple[bool, str]:
+    global _LOADED_PATH
     path = library_path()
     if path is None:
         return False, (
@@ -36,9 +38,11 @@ def _load() -> tuple[bool, str]:
         import torch
 
         torch.ops.load_library(path)
-        torch.ops.effkern.cuda_int_softmax.default  # the library registered its ops
+        if not hasattr(torch.ops.effkern, "cuda_int_softmax"):
+            return False, f"failed to load: {path} registered no effkern::cuda_int_softmax"
     except Exception as e:  # noqa: BLE001 - reported, never raised
         return False, f"failed to load: {type(e).__name__}: {e}"
+    _LOADED_PATH = path
     return True, f"loaded {path}"
 
 
@@ -58,7 +62,7 @@ def build_info() -> dict[str, str]:
     if not loaded:
         return {}
     try:
-        fn = ctypes.CDLL(library_path()).effkern_build_info  # same handle as load_library's
+        fn = ctypes.CDLL(_LOADED_PATH).effkern_build_info  # same handle as load_library's
         fn.restype = ctypes.c_char_p
         text = fn().decode()
     except Exception:  # noqa: BLE001 - an older library without the symbol

@@ -105,18 +105,19 @@ def _cuda_library_reason() -> str | None:
 
 def _arch_runs_on(arch: str, cc: tuple[int, int]) -> bool:
     """Does code compiled for TORCH_CUDA_ARCH_LIST entry ``arch`` (e.g. "8.0", "9.0a") run on a
-    device of compute capability ``cc``? SASS runs on the same major at an equal or higher minor;
-    arch-specific ("a") code only on exactly that capability; "+PTX" runs on anything newer."""
+    device of compute capability ``cc``? SASS (plain or family-specific "f") runs on the same
+    major at an equal or higher minor; arch-specific ("a") code only on exactly that capability;
+    "+PTX" runs on anything newer."""
     arch = arch.strip()
     ptx = arch.endswith("+PTX")
     arch = arch.removesuffix("+PTX")
     specific = arch.endswith("a")
-    major, minor = (int(p) for p in arch.rstrip("a").split("."))
+    major, minor = (int(p) for p in arch.rstrip("af").split("."))
     if ptx:
         return cc >= (major, minor)
     if specific:
         return cc == (major, minor)
-    return cc[0] == major and cc[1] >= minor
+    return cc[0] == major and cc[1] >= minor  # plain and family ("f") code: same major
 
 
 def _device_reasons(backend_name: str, device: torch.device) -> list[str]:

@@ -186,8 +186,9 @@ def _poison(nbytes):
 
 
 def _on_cuda(fn, x, *args, out_elem_size):
+    xc = x.cuda()
     _poison(x.numel() * out_elem_size)
-    y = fn(x.cuda(), *args)
+    y = fn(xc, *args)
     torch.cuda.synchronize()
     return y.cpu()
 
@@ -223,9 +224,10 @@ def test_cuda_layernorm(gen, dtype, length):
     _require_cuda()
     x = make_rows(gen, 16, length, dtype)
     bias = torch.randint(-(2**30), 2**30 + 1, (length,), generator=gen).to(torch.int32)
+    xc, bc = x.cuda(), bias.cuda()
     for iters in (0, 1, 10, 16):
         _poison(x.numel() * 4)
-        got = torch.ops.effkern.cuda_int_layernorm(x.cuda(), bias.cuda(), iters).cpu()
+        got = torch.ops.effkern.cuda_int_layernorm(xc, bc, iters).cpu()
         ref = ref_int_layernorm_rows(x, bias, iters)
         assert got.dtype == torch.int32 and torch.equal(got, ref), iters
 
@@ -245,16 +247,20 @@ def test_cuda_empty_and_many_rows(gen):
 
 
 @pytest.mark.cuda
-def test_cuda_side_stream(gen):
-    """The kernels run on the current stream (a side stream here), ordered with its work."""
+def test_cuda_current_stream(gen):
+    """The kernels run on the current stream: on a (non-blocking) side stream held up by a
+    sleep, the op must see the copy queued before it, not the tensor's older contents."""
     _require_cuda()
-    x = make_rows(gen, 64, 785, torch.int16)
+    old, new = make_rows(gen, 64, 785, torch.int16), make_rows(gen, 64, 785, torch.int16)
+    xc, new_c = old.cuda(), new.cuda()
+    torch.cuda.synchronize()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        xc = x.cuda(non_blocking=False)
-        y = torch.ops.effkern.cuda_int_softmax(xc * 1, -10, 15, 16)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the copy
+        xc.copy_(new_c)
+        y = torch.ops.effkern.cuda_int_softmax(xc, -10, 15, 16)
     s.synchronize()
-    assert torch.equal(y.cpu(), ref_int_softmax_rows(x, -10, 15, 16))
+    assert torch.equal(y.cpu(), ref_int_softmax_rows(new, -10, 15, 16))
 
 
 @pytest.mark.cuda

@@ -62,7 +62,7 @@ def test_triton_declines_cpu_without_interpreter(monkeypatch):
 
 @pytest.mark.parametrize("arch,cc,runs", [
     ("8.0", (8, 0), True), ("8.0", (8, 6), True), ("8.0", (9, 0), False),
-    ("9.0a", (9, 0), True), ("9.0a", (10, 0), False), ("8.0+PTX", (12, 0), True), ("9.0", (8, 9), False),
+    ("9.0a", (9, 0), True), ("9.0a", (10, 0), False), ("10.0f", (10, 3), True), ("8.0+PTX", (12, 0), True), ("9.0", (8, 9), False),
 ])
 def test_arch_compatibility(arch, cc, runs):
     assert _dispatch._arch_runs_on(arch, cc) is runs

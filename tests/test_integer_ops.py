@@ -290,10 +290,12 @@ def _opcheck_cases(gen):
     w = randint(gen, (5, 17), torch.int8, device=DEVICE)
     yield torch.ops.effkern.int_softmax.default, (x8, f32(0.05), 8, 15)
     yield torch.ops.effkern.int_gelu.default, (x8, f32(0.05), 8, 23)
-    yield torch.ops.effkern.int_layernorm.default, (x8, torch.rand(17, device=DEVICE) + 0.5, torch.randn(17, device=DEVICE), 10)
+    ln_w = (torch.rand(17, generator=gen) + 0.5).to(DEVICE)
+    ln_b = (torch.randn(17, generator=gen) * 0.3).to(DEVICE)  # |bias/weight| < sqrt(17): no overflow
+    yield torch.ops.effkern.int_layernorm.default, (x8, ln_w, ln_b, 10)
     yield torch.ops.effkern.requantize.default, (x8.to(torch.int32) * 1000, f32(1e-3), f32(0.1), 8)
     yield torch.ops.effkern.int8_linear.default, (x8, w, None, None, None, 8)
-    yield torch.ops.effkern.int8_linear.default, (x8, w, torch.arange(5, dtype=torch.int32, device=DEVICE), f32(1e-3), torch.rand(5, device=DEVICE) + 0.1, 8)
+    yield torch.ops.effkern.int8_linear.default, (x8, w, torch.arange(5, dtype=torch.int32, device=DEVICE), f32(1e-3), (torch.rand(5, generator=gen) + 0.1).to(DEVICE), 8)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -319,7 +321,8 @@ def test_torch_compile_fullgraph(gen):
     x = randint(gen, (4, 9, 32), torch.int8, device=DEVICE)
     w = randint(gen, (48, 32), torch.int8, device=DEVICE)
     bias = randint(gen, (48,), torch.int32, -1000, 1000, device=DEVICE)
-    ln_w, ln_b = torch.rand(48, device=DEVICE) + 0.5, torch.randn(48, device=DEVICE) * 0.1
+    ln_w = (torch.rand(48, generator=gen) + 0.5).to(DEVICE)
+    ln_b = (torch.randn(48, generator=gen) * 0.1).to(DEVICE)
     compiled = torch.compile(_integer_pipeline, fullgraph=True)
     for got, exp in zip(compiled(x, w, bias, ln_w, ln_b), _integer_pipeline(x, w, bias, ln_w, ln_b)):
         assert torch.equal(got, exp)
@@ -345,6 +348,7 @@ BAD_CALLS = [
     (lambda: int_softmax(x8, 0.1, n=0), ValueError, r"n must be an integer in \[1, 30\]"),
     (lambda: int_gelu(x8.to(torch.int32), 0.1), TypeError, "int8 or int16"),
     (lambda: int_gelu(x8.to(torch.int16), 1e-7), ValueError, "could overflow the int32 output"),
+    (lambda: int_gelu(x8, 1e-10, n=1), ValueError, "below -2"),
     (lambda: int_layernorm(x8, torch.ones(3), torch.zeros(4)), ValueError, r"weight must have shape \(4,\)"),
     (lambda: int_layernorm(x8, torch.ones(4), torch.zeros(4), iters=17), ValueError, "iters"),
     (lambda: int_layernorm(x8, torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.ones(4)), ValueError, "channel 1"),

@@ -60,11 +60,11 @@ ki::IntType check_rows_input(const Tensor& x, const char* op, bool allow_i32) {
 
 // n <= 31 keeps every per-element shift (n - q, in [0, n]) below 32, where the
 // shift-exponential is exact (GELU's once-per-row e(-max) may shift further
-// and is then 2^31, see int_math.cuh); |x0| <= 2^31 - 1 keeps
-// (-2*x0) << 31 inside int64.
+// and is then 2^31, see int_math.cuh); |x0| <= 2^30 keeps (r - 2*x0) <= 2^31,
+// so (r - 2*x0) << 31 stays inside int64 (effkern.ops.integer.MAX_ABS_X0).
 void check_shift_exp_args(const char* op, int64_t x0, int64_t n) {
-  STD_TORCH_CHECK(x0 <= -1 && x0 >= -(int64_t)std::numeric_limits<int32_t>::max(), op,
-                  ": 'x0' must be in [-(2^31 - 1), -1], got ", x0);
+  STD_TORCH_CHECK(x0 <= -1 && x0 >= -((int64_t)1 << 30), op,
+                  ": 'x0' must be in [-2^30, -1], got ", x0);
   STD_TORCH_CHECK(n >= 0 && n <= 31, op, ": 'n' must be in [0, 31], got ", n);
 }
 

@@ -97,9 +97,18 @@ def _host_scale(op: str, name: str, scale: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def shift_exp_x0(scale: Tensor) -> int:
+# Bound on |x0| that keeps every shift-exp intermediate inside int64: (r - 2*x0) <= 2^31 is
+# shifted left by at most 31 bits (see ref_shift_exp).
+MAX_ABS_X0 = 2**30
+
+
+def shift_exp_x0(scale: Tensor, op: str = "shift_exp") -> int:
     """I-ViT's x0 = floor(-1 / S), computed in float32 (S a float32 CPU tensor, one value)."""
-    return int(torch.floor(-1.0 / scale.reshape(())).item())
+    x0 = int(torch.floor(-1.0 / scale.reshape(())).item())
+    if -x0 > MAX_ABS_X0:
+        raise ValueError(f"{op}: scale={scale.item():.6g} is too small: x0 = floor(-1/scale) = {x0} is "
+                         f"below -2^30, where the integer exp would overflow int64")
+    return x0
 
 
 def ref_shift_exp(d: Tensor, x0: int, n: int) -> Tensor:
@@ -191,7 +200,7 @@ def ref_int_softmax_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
 
 def _softmax_x0(scale: Tensor, n: int, out_bits: int) -> int:
     host = _host_scale("int_softmax", "scale", scale)
-    x0 = shift_exp_x0(host)
+    x0 = shift_exp_x0(host, "int_softmax")
     # The largest exp term is -x0 * 2^n. Up to 2^31 - 1 every output fits out_bits (when the
     # row sum saturates, f = 1 and y = e >> (32 - out_bits)); beyond it the output would not.
     if -x0 * 2**n > INT32_MAX:
@@ -284,7 +293,7 @@ def ref_int_gelu_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
 
 def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
     host = _host_scale("int_gelu", "scale", scale)
-    x0 = shift_exp_x0(host * 1.702)  # S' = 1.702 * S in float32, as I-ViT
+    x0 = shift_exp_x0(host * 1.702, "int_gelu")  # S' = 1.702 * S in float32, as I-ViT
     # The sigmoid term is at most 2^(out_bits-1) - 1, except when e + e(-max) saturates at
     # 2^31 - 1 (f = 1): then it is e >> (32 - out_bits), e at most -x0 * 2^n. The int32 output
     # I * sigmoid must not overflow for any input of this dtype.

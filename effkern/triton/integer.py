@@ -43,7 +43,8 @@ from effkern.ops.integer import INT32_MAX, MAX_INT8_LINEAR_K, int_dtype_for_bits
 MAX_ROW_BLOCK = 4096
 ROW_TILE = 2048
 
-_INT32_MIN = -(2**31)
+# Constants used inside kernels must be tl.constexpr globals (compiled Triton rejects others).
+_INT32_MIN = tl.constexpr(-(2**31))
 # The shift-exp's division runs in int32 when the clamped argument p, x0 and 2 * x0 provably fit.
 _DIV32_LIMIT = 2**31 - 2**17
 
@@ -496,11 +497,14 @@ def requantize_rows(x: Tensor, m: Tensor, e: Tensor, out_bits: int) -> Tensor:
 
 def _linear_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for Hopper-class GPUs."""
+    # Checked by compiling for sm_90a: these tiles pipeline their loads (cp.async), use wgmma
+    # from BLOCK_M = 64 up, and the int64 requantising epilogue does not spill (64 x 128 with
+    # 4 warps does).
     block_k = min(128, max(32, triton.next_power_of_2(k)))
     if m > 64:
         return 128, 128, block_k, 8, 8, 3
     if m > 32:
-        return 64, 128, block_k, 8, 4, 4
+        return 64, 128, block_k, 8, 8, 4
     block_m = max(16, triton.next_power_of_2(m))
     block_n = 64 if n <= 4096 else 128
     return block_m, block_n, block_k, 8, 4, 4

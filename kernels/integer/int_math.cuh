@@ -42,7 +42,7 @@ EK_HD int64_t udiv_nonneg(int64_t a, int64_t b) {
 // n >= 0.  Returns ((r - 2*x0) << (n - q)) >> 1, or 2^31 when the shift is
 // >= 32 (only possible for d > 0; the value is then >= 2^31 anyway and is only
 // ever used through a clamp to 2^31 - 1).  The host guarantees n <= 31 and
-// |x0| <= 2^31 - 1, so (-2*x0) << 31 fits in int64.
+// |x0| <= 2^30, so (r - 2*x0) <= 2^31 and its shift by < 32 fits in int64.
 EK_HD int64_t shift_exp(int64_t d, int64_t x0, int n) {
   int64_t p = d + (d >> 1) - (d >> 4);
   const int64_t lo = (int64_t)n * x0;

@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# effkern's one-call GPU check: build, info, tests, compute-sanitizer, benchmarks.
+#
+#   bash scripts/gpu_check.sh OUTDIR
+#
+# For the lent GPU machine (H100/H200, torch 2.11+cu130, triton 3.6, nvcc 13.0, no internet),
+# run from a copy of the working tree in one call, e.g. with the device tool:
+#   EFFKERN_COMMIT=<sha> bash scripts/gpu_check.sh $OUT
+#
+# Steps (each logged to OUTDIR; a failing step does not stop the later ones):
+#   build      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=8.0;9.0a)  build.log
+#   info       python -m effkern info                                                        info.txt
+#   tests      python -m pytest tests/ -x -q -rs (CUDA tests included)                        tests.log
+#   memcheck   compute-sanitizer --tool memcheck on the three CUDA ops, long rows included    sanitizer.log
+#   racecheck  compute-sanitizer --tool racecheck on a smaller set (only if time allows)      sanitizer.log
+#   bench      python bench/integer.py --out OUTDIR (appends to bench/results/ in this tree   bench.log,
+#              and copies integer.csv/.md/.png to OUTDIR)                                     integer.*
+#   pytest-bench  pytest bench/ --benchmark-json=OUTDIR/bench.json                            pytest_bench.log
+# and prints a short summary last (the device tool returns only the last 12,000 characters).
+#
+# The whole script keeps to a time budget (GPU_CHECK_BUDGET_S, default 540 s): each step gets
+# at most its cap and what the budget leaves after reserving time for the later steps; the
+# benchmarks fall back to --quick when little time is left, and a step with no time left is
+# reported as skipped. The exit status is non-zero when any step failed, timed out or was
+# skipped for lack of time (targets missed by the benchmark are reported, not failures).
+#
+# The device tool returns at most 8 files from $OUT: when OUTDIR holds more than
+# GPU_CHECK_MAX_FILES (default 8; 0 = never), the least important logs are moved into
+# OUTDIR/logs.tar.gz at the end.
+#
+# Environment: PYTHON (default python3), EFFKERN_COMMIT (recorded with the benchmark rows when
+# git is unavailable), GPU_CHECK_BUDGET_S, GPU_CHECK_MAX_FILES, TORCH_CUDA_ARCH_LIST.
+set -euo pipefail
+
+if [[ $# -lt 1 || -z "${1:-}" ]]; then
+    echo "usage: bash scripts/gpu_check.sh OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUTDIR=$(cd "$1" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+MAX_FILES=${GPU_CHECK_MAX_FILES:-8}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$MAX_JOBS}
+unset TRITON_INTERPRET EFFKERN_BACKEND
+if [[ -z "${EFFKERN_COMMIT:-}" ]]; then
+    EFFKERN_COMMIT=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
+fi
+export EFFKERN_COMMIT
+
+STEPS=()    # "name|status|seconds|log" per step
+FAILED=0
+
+left() { echo $((START + BUDGET - $(date +%s))); }
+
+# timeout_for CAP RESERVE: seconds a step may take (<= CAP, leaving RESERVE for later steps)
+timeout_for() {
+    local cap=$1 reserve=$2 l
+    l=$(($(left) - reserve))
+    echo $((cap < l ? cap : l))
+}
+
+record() {  # record NAME STATUS SECONDS LOG
+    STEPS+=("$1|$2|$3|$4")
+    case $2 in
+        PASS | SKIP*) ;;
+        *) FAILED=1 ;;
+    esac
+    echo ">> $1: $2 (${3}s) -> ${4:-}"
+}
+
+# run_step NAME CAP RESERVE MIN LOG -- CMD...: run CMD with a timeout, output to LOG.
+# Sets STEP_RC (124 = timed out, -1 = not run).
+run_step() {
+    local name=$1 cap=$2 reserve=$3 min=$4 log=$5
+    shift 6
+    local t t0 rc status
+    t=$(timeout_for "$cap" "$reserve")
+    STEP_RC=-1
+    if ((t < min)); then
+        record "$name" "SKIPPED (time budget: ${t}s left for it)" 0 ""
+        return 0
+    fi
+    echo
+    echo "== $name (timeout ${t}s, $(left)s of the budget left) $(date -u +%T)"
+    t0=$(date +%s)
+    if timeout -k 15 "$t" "$@" >"$log" 2>&1; then rc=0; else rc=$?; fi
+    STEP_RC=$rc
+    if ((rc == 0)); then
+        status=PASS
+    elif ((rc == 124 || rc == 137)); then
+        status="TIMEOUT (${t}s)"
+    elif ((rc == 5)) && grep -q -E "skipped|no tests ran" "$log"; then
+        status="SKIP (pytest: nothing ran)"  # e.g. the benchmark module skipped itself without CUDA
+    else
+        status="FAIL (rc=$rc)"
+    fi
+    ((${TAIL_LINES:-6} > 0)) && tail -n "${TAIL_LINES:-6}" "$log" | sed 's/^/   | /'
+    record "$name" "$status" $(($(date +%s) - t0)) "$(basename "$log")"
+}
+
+main() {
+    echo "== effkern gpu_check $(date -u +%FT%TZ) host $(hostname) commit $EFFKERN_COMMIT budget ${BUDGET}s"
+    echo "== tree $ROOT -> $OUTDIR"
+    nvidia-smi || echo "nvidia-smi failed"
+    { nvcc --version 2>/dev/null | tail -n 2; } || echo "nvcc not found"
+    { cmake --version 2>/dev/null | head -n 1; } || echo "cmake not found"
+    echo "ninja $(ninja --version 2>/dev/null || echo 'not found')"
+    "$PY" - <<'EOF' || echo "python version probe failed"
+import importlib, platform
+import torch
+print(f"python {platform.python_version()}  torch {torch.__version__}  torch CUDA {torch.version.cuda}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}  cc {p.major}.{p.minor}  {p.multi_processor_count} SMs  "
+          f"{p.total_memory / 2**30:.0f} GiB  L2 {getattr(p, 'L2_cache_size', 0) / 1e6:.0f} MB")
+else:
+    print("torch sees NO CUDA device")
+for name in ("triton", "pytest", "pytest_benchmark", "matplotlib", "tabulate", "numpy"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as e:
+        print(f"{name}: {type(e).__name__}")
+EOF
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+
+    # ---- build ------------------------------------------------------------------------------
+    run_step build 300 200 60 "$OUTDIR/build.log" -- \
+        "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+    if [[ $STEP_RC != 0 ]]; then
+        echo "   build failed: importing effkern from the source tree (no CUDA library)"
+        export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+        grep -n -i -E "error|failed" "$OUTDIR/build.log" | head -n 20 | sed 's/^/   | /' || true
+    fi
+
+    # ---- info -------------------------------------------------------------------------------
+    TAIL_LINES=0 run_step info 60 190 10 "$OUTDIR/info.txt" -- "$PY" -m effkern info
+    sed 's/^/   /' "$OUTDIR/info.txt" 2>/dev/null | head -n 40 || true
+
+    # ---- tests ------------------------------------------------------------------------------
+    run_step tests 200 150 40 "$OUTDIR/tests.log" -- \
+        "$PY" -m pytest tests/ -x -q -rs -p no:cacheprovider
+
+    # ---- compute-sanitizer ------------------------------------------------------------------
+    local san script
+    san=$(command -v compute-sanitizer || true)
+    [[ -z "$san" && -x /usr/local/cuda/bin/compute-sanitizer ]] && san=/usr/local/cuda/bin/compute-sanitizer
+    if [[ -z "$san" ]]; then
+        record memcheck "SKIP (compute-sanitizer not on PATH)" 0 ""
+    else
+        script=$(mktemp /tmp/effkern_sanitize_XXXX.py)
+        write_sanitizer_script "$script"
+        sanitize memcheck 120 150 30 "$san" "$script" full
+        if (($(left) > 330)); then
+            sanitize racecheck 75 150 30 "$san" "$script" small
+        else
+            record racecheck "SKIP (time budget)" 0 ""
+        fi
+        rm -f "$script"
+    fi
+
+    # ---- benchmark --------------------------------------------------------------------------
+    local t quick=()
+    t=$(timeout_for 240 75)
+    ((t < 150)) && quick=(--quick)
+    run_step bench 240 75 45 "$OUTDIR/bench.log" -- \
+        "$PY" bench/integer.py --out "$OUTDIR" --time-budget $((t > 60 ? t - 40 : 20)) "${quick[@]}"
+
+    # ---- pytest-benchmark -------------------------------------------------------------------
+    t=$(timeout_for 180 15)
+    local bq=0
+    ((t < 120)) && bq=1
+    export EFFKERN_BENCH_QUICK=$bq EFFKERN_BENCH_DEADLINE=$(($(date +%s) + t - 25))
+    run_step pytest-bench 180 15 40 "$OUTDIR/pytest_bench.log" -- \
+        "$PY" -m pytest bench/ -q -rs -p no:cacheprovider --benchmark-json="$OUTDIR/bench.json" \
+        --benchmark-group-by=group --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+    unset EFFKERN_BENCH_QUICK EFFKERN_BENCH_DEADLINE
+
+    summary
+    pack_outdir
+    return $FAILED
+}
+
+# sanitize NAME CAP RESERVE MIN SANITIZER SCRIPT full|small
+sanitize() {
+    local name=$1 cap=$2 reserve=$3 min=$4 san=$5 script=$6 size=$7 log="$OUTDIR/sanitizer.log"
+    local t t0 rc status
+    t=$(timeout_for "$cap" "$reserve")
+    if ((t < min)); then
+        record "$name" "SKIPPED (time budget)" 0 ""
+        return 0
+    fi
+    echo
+    echo "== $name (timeout ${t}s, $(left)s of the budget left) $(date -u +%T)"
+    echo "===== $name ($size shapes) =====" >>"$log"
+    t0=$(date +%s)
+    if PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 15 "$t" "$san" --tool "$name" --error-exitcode 99 \
+        --print-limit 30 "$PY" "$script" "$size" >>"$log" 2>&1; then rc=0; else rc=$?; fi
+    if ((rc == 0)); then
+        status=PASS
+    elif grep -q -E "Device not supported|Unable to find injection library|not supported on this" "$log"; then
+        status="SKIP (compute-sanitizer cannot use this device)"
+    elif ((rc == 3)); then
+        status="SKIP (no CUDA op ran: the cuda backend is unavailable)"
+    elif ((rc == 124 || rc == 137)); then
+        status="TIMEOUT (${t}s)"
+    elif ((rc == 99)); then
+        status="FAIL (sanitizer errors)"
+    else
+        status="FAIL (rc=$rc)"
+    fi
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize:" "$log" | tail -n 4 | sed 's/^/   | /' || true
+    record "$name" "$status" $(($(date +%s) - t0)) "sanitizer.log"
+}
+
+write_sanitizer_script() {
+    cat >"$1" <<'EOF'
+# The three CUDA ops on a few shapes, long rows included, each compared with the torch reference.
+import sys
+import torch
+import effkern
+from effkern.ops import int_gelu, int_layernorm, int_softmax
+
+small = len(sys.argv) > 1 and sys.argv[1] == "small"
+shapes = [(3, 197), (2, 785), (2, 4099)] if small else [(1, 1), (3, 197), (5, 785), (2, 1000), (3, 4099), (2, 16385), (1, 65537)]
+gen = torch.Generator(device="cuda").manual_seed(0)
+ran = bad = declined = 0
+
+
+def check(name, fn, *args, **kwargs):
+    global ran, bad, declined
+    try:
+        with effkern.backend("cuda"):
+            y = fn(*args, **kwargs)[0]
+    except effkern.BackendNotSupported as e:
+        declined += 1
+        print(f"sanitize: {name}: cuda declined: {str(e).strip().splitlines()[-1].strip()}")
+        return
+    torch.cuda.synchronize()
+    with effkern.backend("torch"):
+        r = fn(*args, **kwargs)[0]
+    ran += 1
+    if not torch.equal(y, r):
+        bad += 1
+        print(f"sanitize: {name}: MISMATCH vs reference ({int((y != r).sum())} elements)")
+
+
+for rows, c in shapes:
+    w = 1.0 + 0.1 * torch.randn(c, device="cuda", generator=gen)
+    b = 0.1 * torch.randn(c, device="cuda", generator=gen)
+    for dt, s_soft, s_gelu in ((torch.int8, 0.08, 0.05), (torch.int16, 0.0005, 0.001)):
+        info = torch.iinfo(dt)
+        x = torch.randint(info.min, info.max + 1, (rows, c), dtype=dt, device="cuda", generator=gen)
+        tag = f"{str(dt)[6:]} {rows}x{c}"
+        check(f"int_softmax {tag}", int_softmax, x, s_soft)
+        check(f"int_softmax out16 {tag}", int_softmax, x, s_soft, out_bits=16)
+        check(f"int_gelu {tag}", int_gelu, x, s_gelu)
+        check(f"int_layernorm {tag}", int_layernorm, x, w, b)
+torch.cuda.synchronize()
+print(f"sanitize: {ran} CUDA-op calls checked, {bad} mismatches, {declined} declined by the cuda backend")
+sys.exit(1 if bad else 3 if ran == 0 else 0)
+EOF
+}
+
+summary() {
+    echo
+    echo "=================================== SUMMARY ==================================="
+    if [[ -s "$OUTDIR/integer.csv" ]]; then
+        "$PY" bench/report.py --csv "$OUTDIR/integer.csv" --compact --last 2>&1 || echo "(no benchmark table)"
+        grep -E "^targets:|rows wrong" "$OUTDIR/bench.log" 2>/dev/null | tail -n 2 || true
+    else
+        echo "(no benchmark results)"
+        tail -n 15 "$OUTDIR/bench.log" 2>/dev/null || true
+    fi
+    echo
+    echo "-- tests (tests.log):"
+    grep -E "^(SKIPPED|FAILED|ERROR)" "$OUTDIR/tests.log" 2>/dev/null | cut -c1-200 | head -n 15 || true
+    tail -n 1 "$OUTDIR/tests.log" 2>/dev/null || true
+    echo "-- sanitizer:"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize: [0-9]|MISMATCH" "$OUTDIR/sanitizer.log" 2>/dev/null | head -n 8 || true
+    echo "-- pytest bench:"
+    tail -n 1 "$OUTDIR/pytest_bench.log" 2>/dev/null || true
+    echo
+    printf "%-13s %-48s %6s  %s\n" step status sec log
+    local s name status secs log
+    for s in "${STEPS[@]}"; do
+        IFS='|' read -r name status secs log <<<"$s"
+        printf "%-13s %-48s %6s  %s\n" "$name" "$status" "$secs" "$log"
+    done
+    echo "total $(($(date +%s) - START))s of ${BUDGET}s budget; commit $EFFKERN_COMMIT; outputs in $OUTDIR"
+    if ((FAILED)); then echo "GPU CHECK: FAILED"; else echo "GPU CHECK: OK"; fi
+}
+
+pack_outdir() {
+    # Keep at most MAX_FILES plain files in OUTDIR (the device tool returns 8): the most useful
+    # stay loose, the rest go into logs.tar.gz.
+    ((MAX_FILES > 0)) || return 0
+    local keep=(gpu_check.log tests.log integer.csv integer.md integer.png bench.json build.log info.txt
+        bench.log sanitizer.log pytest_bench.log)
+    local files n
+    mapfile -t files < <(cd "$OUTDIR" && find . -maxdepth 1 -type f ! -name logs.tar.gz -printf '%f\n' | sort)
+    n=${#files[@]}
+    ((n <= MAX_FILES)) && return 0
+    local loose=() f k
+    for k in "${keep[@]}"; do
+        [[ -f "$OUTDIR/$k" ]] && ((${#loose[@]} < MAX_FILES - 1)) && loose+=("$k")
+    done
+    local pack=()
+    for f in "${files[@]}"; do
+        [[ " ${loose[*]} " == *" $f "* ]] || pack+=("$f")
+    done
+    ((${#pack[@]})) || return 0
+    tar -czf "$OUTDIR/logs.tar.gz" -C "$OUTDIR" "${pack[@]}" && (cd "$OUTDIR" && rm -f "${pack[@]}")
+    echo "(OUTDIR had $n files; packed ${pack[*]} into logs.tar.gz)"
+}
+
+set -o pipefail
+main 2>&1 | tee -a "$OUTDIR/gpu_check.log"
+exit "${PIPESTATUS[0]}"
