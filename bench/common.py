@@ -148,14 +148,20 @@ def measure_ceilings(warmup_ms: float, rep_ms: float, copy_bytes: int = 2 * 2**3
     matmul_tflops: an ``mm_size``^3 bf16 matmul (TFLOP/s).
     """
     gen = torch.Generator(device="cuda").manual_seed(1234)
-    src = torch.randint(-128, 128, (copy_bytes,), dtype=torch.int8, device="cuda", generator=gen)
-    dst = torch.empty_like(src)
-    t_copy = do_bench_us(lambda: dst.copy_(src), warmup_ms, rep_ms)
-    del src, dst
-    a = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16, generator=gen)
-    b = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16, generator=gen)
-    t_mm = do_bench_us(lambda: torch.mm(a, b), warmup_ms, rep_ms)
-    del a, b
+
+    def time_copy() -> Timing:
+        src = torch.randint(-128, 128, (copy_bytes,), dtype=torch.int8, device="cuda", generator=gen)
+        dst = torch.empty_like(src)
+        return do_bench_us(lambda: dst.copy_(src), warmup_ms, rep_ms)
+
+    def time_mm() -> Timing:
+        a = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+        b = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+        return do_bench_us(lambda: torch.mm(a, b), warmup_ms, rep_ms)
+
+    t_copy = time_copy()
+    torch.cuda.empty_cache()
+    t_mm = time_mm()
     torch.cuda.empty_cache()
     return {
         "copy_gbps": 2 * copy_bytes / (t_copy.median_us * 1e-6) / 1e9,
@@ -263,7 +269,7 @@ def fmt_num(v, digits: int = 3) -> str:
     return f"{v:.{decimals}f}"
 
 
-def text_table(rows: Iterable[Sequence[str]], header: Sequence[str], markdown: bool = False) -> str:
+def text_table(rows: Iterable[Sequence[str]], header: Sequence[str], markdown: bool = False, sep: str = "  ") -> str:
     """A plain aligned table (or a markdown one) without third-party packages."""
     rows = [[str(c) for c in r] for r in rows]
     header = [str(h) for h in header]
@@ -272,7 +278,7 @@ def text_table(rows: Iterable[Sequence[str]], header: Sequence[str], markdown: b
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
         return "\n".join(out)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    line = lambda cells: sep.join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import shutil
 import signal
 import sys
@@ -342,9 +341,21 @@ def _build_linear(cfg: Config, device, gen, rotate: bool) -> Case:
     else:
         pad = 32 - m_rows if m_rows <= 16 else 0
         xs = [(torch.cat([s["x"], s["x"].new_zeros(pad, k)]) if pad else s["x"], s["w"].t()) for s in sets]
-        baselines.append(Baseline("torch._int_mm", _rotating(torch._int_mm, xs),
+        notes = [f"_int_mm on M padded to {m_rows + pad}"] if pad else []
+        try:  # the usual call: w.t() is a column-major [K, N] view (cuBLASLt's preferred TN layout)
+            torch._int_mm(*xs[0])
+            na = ""
+        except RuntimeError as e:
+            try:
+                xs = [(x, w.contiguous()) for x, w in xs]
+                torch._int_mm(*xs[0])
+                na = ""
+                notes.append(f"_int_mm rejected w.t() ({_short_exc(e)}); timed with a row-major copy")
+            except RuntimeError as e2:
+                na = f"torch._int_mm failed: {_short_exc(e2)}"
+        baselines.append(Baseline("torch._int_mm", None if na else _rotating(torch._int_mm, xs),
                                   (m_rows + pad) * k + n_out * k + 4 * (m_rows + pad) * n_out, flops,
-                                  note=f"_int_mm on M padded to {m_rows + pad}" if pad else ""))
+                                  note="; ".join(notes), na=na))
     bb = bias.to(torch.bfloat16)
     bf = [(s["x"].to(torch.bfloat16), s["w"].to(torch.bfloat16)) for s in sets]
     baselines.append(Baseline("F.linear bf16", _rotating(lambda x, w: F.linear(x, w, bb), bf),
@@ -490,17 +501,22 @@ def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, fl
                     args = common.Rotator([case.kernel_args(s) for s in case.sets])
                     fn = impl.fn
                     t_kernel = _time(lambda: fn(*args.next()), timing)
-                    sets = common.Rotator(case.sets)
+                except Exception as e:
+                    traceback.print_exc()
+                    status, note = "ERROR", f"timing raised {_short_exc(e)}"
+            if t_kernel is not None:
+                sets = common.Rotator(case.sets)
 
-                    def op_once():
-                        s = sets.next()
-                        return case.call(s, s["x"])
+                def op_once():
+                    s = sets.next()
+                    return case.call(s, s["x"])
 
+                try:
                     with effkern.backend(backend):
                         op_us = _time(op_once, timing).median_us
                 except Exception as e:
                     traceback.print_exc()
-                    status, note = "ERROR", f"timing raised {_short_exc(e)}"
+                    note = "; ".join(x for x in (note, f"timing the public op raised {_short_exc(e)}") if x)
         k_us = t_kernel.median_us if t_kernel else nan
         gbps = case.bytes / (k_us * 1e-6) / 1e9 if t_kernel else nan
         tops = case.flops / (k_us * 1e-6) / 1e12 if (t_kernel and case.flops) else nan
@@ -519,9 +535,6 @@ def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, fl
                 tops=tops, tops_frac=tops / ceilings["matmul_tflops"] if case.flops else nan,
                 target=target, status=row_status, note="; ".join(x for x in (note, b_note) if x),
             ))
-    del case
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -548,8 +561,21 @@ def run_gpu(args) -> int:
                     r["mode"] = mode_note
                 break
             t0 = time.monotonic()
-            new = bench_config(cfg, env, ceilings, timing, mode)
+            try:
+                new = bench_config(cfg, env, ceilings, timing, mode)
+            except Exception as e:  # e.g. a CUDA error that poisoned the context
+                traceback.print_exc()
+                new = [dict(date=env["date"], gpu=env["gpu"], cc=env["cc"], torch=env["torch"],
+                            triton=env["triton"], cuda=env["cuda"], commit=env["commit"], mode=mode, op=cfg.op,
+                            model=cfg.model, batch=cfg.batch, shape=cfg.shape_str, in_dtype=cfg.in_dtype,
+                            backend=b, status="ERROR", note=f"benchmark raised {_short_exc(e)}")
+                       for b in registered_backends(cfg.op)]
             rows.extend(new)
+            try:  # the config's tensors went with bench_config's frame
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception:  # a sticky CUDA error: later configs will report it too
+                traceback.print_exc()
             print(f"[{i + 1}/{len(cfgs)}] {cfg.name}: {time.monotonic() - t0:.1f} s", flush=True)
             print(report.table(new, compact=True).split("\n", 2)[-1], flush=True)
     except (KeyboardInterrupt, SystemExit) as e:

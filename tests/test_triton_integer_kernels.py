@@ -22,9 +22,9 @@ if importlib.util.find_spec("triton") is None:
 if not (_INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
-import effkern  # noqa: E402
-from effkern.ops import integer as ref  # noqa: E402
-from effkern.triton import integer as tri  # noqa: E402
+import effkern
+from effkern.ops import integer as ref
+from effkern.triton import integer as tri
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INT32_MAX = 2**31 - 1
@@ -275,6 +275,17 @@ def test_layernorm_extremes(dtype, length, gen):
                     f"iters={iters}")
 
 
+@pytest.mark.parametrize("block", [None, 4])
+def test_layernorm_small_variance(block, gen):
+    """Many rows with var in 0..~100, so the integer square root crosses perfect squares: an
+    off-by-one in var (e.g. in the chunked path's sum(x^2) - 2 mu sum(x) + C mu^2) shows up."""
+    x = rand_int((96, 9), -3, 3, gen, torch.int8) + rand_int((96, 1), -100, 100, gen, torch.int8)
+    bias = rand_int((9,), -(2**30), 2**30, gen, torch.int32)
+    for iters in (10, 16):
+        assert_same(tri.int_layernorm_rows(x, bias, iters, block=block), ref.ref_int_layernorm_rows(x, bias, iters),
+                    f"iters={iters}")
+
+
 def test_layernorm_rejects_bad_arguments():
     x = torch.zeros(2, 3, dtype=torch.int8, device=DEVICE)
     bias = torch.zeros(3, dtype=torch.int32, device=DEVICE)
@@ -317,9 +328,10 @@ def test_requantize_exact_ties(gen):
     # keep |x * m| <= 2^62
     limit = torch.clamp((2**62) // m, max=2**31 - 1)
     x = (torch.rand((64, c), generator=gen).to(DEVICE) * 2 - 1) * limit
-    x = x.to(torch.int64).clamp(-(2**31), 2**31 - 1)
-    x[:32] = x[:32] | 1  # odd: exact ties
+    x = x.to(torch.int64)
     x[32:40] = torch.arange(-4, 4, device=DEVICE)[:, None]  # -2.5 ... 1.5 and friends
+    x = torch.minimum(torch.maximum(x, 1 - limit), limit - 1)
+    x[:32] = x[:32] | 1  # odd: exact ties (|x| stays <= limit)
     x = x.to(torch.int32)
     assert bool(((x.to(torch.int64) * m).abs() <= 2**62).all())
     for out_bits in (8, 16, 32):
@@ -449,12 +461,13 @@ def test_public_ops_on_triton_backend(gen):
     bias = rand_int((96,), -(2**20), 2**20, gen, torch.int32)
     weight = torch.rand(385, generator=gen).to(DEVICE) + 0.5
     ln_bias = torch.randn(385, generator=gen).to(DEVICE)
+    rq_scale = torch.rand(385, generator=gen).to(DEVICE) + 0.1
     calls = [
         lambda: effkern.ops.int_softmax(x, 0.05),
         lambda: effkern.ops.int_softmax(xs, 0.01, out_bits=16, n=23),
         lambda: effkern.ops.int_gelu(x, 0.04),
         lambda: effkern.ops.int_layernorm(xs, weight, ln_bias),
-        lambda: effkern.ops.requantize(xs, 0.013, torch.rand(385, generator=gen).to(DEVICE) + 0.1, out_bits=8),
+        lambda: effkern.ops.requantize(xs, 0.013, rq_scale, out_bits=8),
         lambda: effkern.ops.int8_linear(x, w, bias, in_scale=1e-4, out_scale=0.02),
         lambda: effkern.ops.int8_linear(x, w, bias),
     ]

@@ -285,8 +285,11 @@ def _int_layernorm_kernel(x_ptr, bias_ptr, y_ptr, R, C, iters,
 def _requantize_kernel(x_ptr, m_ptr, e_ptr, y_ptr, R, C,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                        OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # A 1-D grid (no 65535 limit on any axis), column tiles fastest.
+    pid = tl.program_id(0)
+    col_tiles = tl.cdiv(C, BLOCK_C)
+    rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     m = tl.load(m_ptr + cols, mask=col_mask, other=0)[None, :]
     e = tl.load(e_ptr + cols, mask=col_mask, other=0)[None, :]
@@ -328,7 +331,7 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, y_ptr, M, N, K,
     x_ptrs = x_ptr + safe_m[:, None] * K + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + safe_n[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K-major
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
@@ -381,8 +384,7 @@ def _row_config(rows: int, length: int, block: int | None) -> tuple[int, int, bo
     """(ROWS, BLOCK, ONE_PASS, num_warps) for a row kernel over ``rows`` rows of ``length``."""
     if block is None:
         block = max(16, triton.next_power_of_2(length))
-        if block > MAX_ROW_BLOCK:
-            block = MAX_ROW_BLOCK
+        block = min(block, MAX_ROW_BLOCK)
     elif block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 1, got {block}")
     one_pass = length <= block
@@ -489,7 +491,7 @@ def requantize_rows(x: Tensor, m: Tensor, e: Tensor, out_bits: int) -> Tensor:
     block_c = min(256, max(16, triton.next_power_of_2(c)))
     block_r = max(1, min(4096 // block_c, triton.next_power_of_2(r)))
     lo, hi = _out_range(out_bits)
-    grid = (triton.cdiv(r, block_r), triton.cdiv(c, block_c))
+    grid = (triton.cdiv(r, block_r) * triton.cdiv(c, block_c),)
     _requantize_kernel[grid](x, m, e, y, r, c, BLOCK_R=block_r, BLOCK_C=block_c, OUT_LO=lo, OUT_HI=hi,
                              num_warps=max(1, min(8, block_r * block_c // 512)))
     return y
