@@ -54,8 +54,12 @@ class CMakeBuild(build_ext):
 
 NVCC = find_nvcc()
 SKIP = os.environ.get("EFFKERN_SKIP_CUDA", "0") == "1"
-if SKIP or NVCC is None:
-    why = "EFFKERN_SKIP_CUDA=1" if SKIP else "nvcc not found (set CUDA_HOME)"
+# pip's default build isolation hides the installed torch, whose headers the library needs.
+# Asked the way CMakeLists.txt asks it: in a child interpreter with this environment.
+TORCH_VISIBLE = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+if SKIP or NVCC is None or not TORCH_VISIBLE:
+    why = ("EFFKERN_SKIP_CUDA=1" if SKIP else "nvcc not found (set CUDA_HOME)" if NVCC is None
+           else "torch is not importable while building; install with --no-build-isolation to build it")
     print(f"effkern: skipping the CUDA library ({why}); Triton/torch backends only", flush=True)
     ext_modules = []
 else:
