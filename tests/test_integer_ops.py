@@ -298,10 +298,11 @@ def _opcheck_cases(gen):
     yield torch.ops.effkern.int8_linear.default, (x8, w, torch.arange(5, dtype=torch.int32, device=DEVICE), f32(1e-3), (torch.rand(5, generator=gen) + 0.1).to(DEVICE), 8)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_opcheck(gen, backend):
     require_backend("int_softmax", backend)
-    with effkern.backend(backend):
+    # requantize and int8_linear have no cuda kernel: with "cuda" they fall back to torch
+    with effkern.backend(backend, "torch"):
         for op, args in _opcheck_cases(gen):
             torch.library.opcheck(op, args)
 
