@@ -127,6 +127,19 @@ def test_dyadic_params_round_half_up():
     assert m.item() == 2**31 and e.item() == 31
 
 
+def test_gelu_reproduces_ivit_saturation_for_large_row_max():
+    # Real values -5 and 12 (scale 0.1). 12 > 9.4, so exp(-max) is stuck at the clamp of the
+    # shift-exp, as is exp(-5 - 12): the sigmoid of -5 comes out as 1/2, not ~0, and
+    # gelu(-5) as about -2.5. I-ViT computes the same, and trained models depend on it.
+    x = torch.tensor([[-50, 120]], dtype=torch.int8)
+    y, s = int_gelu(x, 0.1)
+    assert torch.equal(y.to(torch.float64), ivit.ivit_gelu(x, f32(0.1)))
+    assert abs(y[0, 0].item() * s.item() - (-2.5)) < 0.05
+    # Without the large maximum the same entry gives ~0, as GELU should.
+    y, s = int_gelu(torch.tensor([[-50, 50]], dtype=torch.int8), 0.1)
+    assert abs(y[0, 0].item() * s.item()) < 0.01
+
+
 def test_softmax_output_range_and_sum(gen):
     x = randint(gen, (64, 197), torch.int16)
     y, s = int_softmax(x, 1e-2)
@@ -318,15 +331,20 @@ def _integer_pipeline(x, w, bias, ln_w, ln_b):
     return g, p
 
 
-def test_torch_compile_fullgraph(gen):
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_torch_compile_fullgraph(gen, backend):
+    require_backend("int_softmax", backend)
     x = randint(gen, (4, 9, 32), torch.int8, device=DEVICE)
     w = randint(gen, (48, 32), torch.int8, device=DEVICE)
     bias = randint(gen, (48,), torch.int32, -1000, 1000, device=DEVICE)
     ln_w = (torch.rand(48, generator=gen) + 0.5).to(DEVICE)
     ln_b = (torch.randn(48, generator=gen) * 0.1).to(DEVICE)
     compiled = torch.compile(_integer_pipeline, fullgraph=True)
-    for got, exp in zip(compiled(x, w, bias, ln_w, ln_b), _integer_pipeline(x, w, bias, ln_w, ln_b)):
-        assert torch.equal(got, exp)
+    expected = _integer_pipeline(x.cpu(), w.cpu(), bias.cpu(), ln_w.cpu(), ln_b.cpu())
+    with effkern.backend(backend, "torch"):  # read when the ops run, inside the compiled graph
+        got = compiled(x, w, bias, ln_w, ln_b)
+    for g, e in zip(got, expected):
+        assert torch.equal(g.cpu(), e)
 
 
 # --------------------------------------------------------------------------------------------

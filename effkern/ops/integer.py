@@ -34,6 +34,11 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32)
 _DTYPE_BITS = {torch.int8: 8, torch.int16: 16, torch.int32: 32}
 
 
+def _cuda_grid_limit(rows: Tensor, *args) -> list[str]:
+    """The CUDA row kernels launch one block per row on grid dimension x (at most 2^31 - 1)."""
+    return [f"{rows.shape[0]} rows exceed the grid limit of 2^31 - 1"] if rows.shape[0] > 2**31 - 1 else []
+
+
 def int_dtype_for_bits(bits: int) -> torch.dtype:
     """The narrowest signed integer dtype holding ``bits``-bit values."""
     return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
@@ -215,7 +220,8 @@ def _softmax_x0(scale: Tensor, n: int, out_bits: int) -> int:
 _softmax_dispatch = op_dispatcher("int_softmax", "I-ViT Shiftmax over the last dim")
 _softmax_dispatch.register("torch", ref_int_softmax_rows, dtypes=INT_DTYPES)
 _softmax_dispatch.register("triton", triton_impl("integer", "int_softmax_rows"), dtypes=INT_DTYPES)
-_softmax_dispatch.register("cuda", cuda_impl("cuda_int_softmax"), dtypes=INT_DTYPES)
+_softmax_dispatch.register("cuda", cuda_impl("cuda_int_softmax"), dtypes=INT_DTYPES,
+                            check=_cuda_grid_limit)
 
 
 def _check_int_softmax(x: Tensor, scale: Tensor, out_bits: int, n: int) -> None:
@@ -311,7 +317,8 @@ def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
 _gelu_dispatch = op_dispatcher("int_gelu", "I-ViT ShiftGELU, rowwise over the last dim")
 _gelu_dispatch.register("torch", ref_int_gelu_rows, dtypes=(torch.int8, torch.int16))
 _gelu_dispatch.register("triton", triton_impl("integer", "int_gelu_rows"), dtypes=(torch.int8, torch.int16))
-_gelu_dispatch.register("cuda", cuda_impl("cuda_int_gelu"), dtypes=(torch.int8, torch.int16))
+_gelu_dispatch.register("cuda", cuda_impl("cuda_int_gelu"), dtypes=(torch.int8, torch.int16),
+                            check=_cuda_grid_limit)
 
 
 def _check_int_gelu(x: Tensor, scale: Tensor, out_bits: int, n: int) -> None:
@@ -414,7 +421,8 @@ def layernorm_constants(c: int, weight: Tensor, bias: Tensor) -> tuple[Tensor, T
 _layernorm_dispatch = op_dispatcher("int_layernorm", "I-ViT I-LayerNorm over the last dim")
 _layernorm_dispatch.register("torch", ref_int_layernorm_rows, dtypes=(torch.int8, torch.int16))
 _layernorm_dispatch.register("triton", triton_impl("integer", "int_layernorm_rows"), dtypes=(torch.int8, torch.int16))
-_layernorm_dispatch.register("cuda", cuda_impl("cuda_int_layernorm"), dtypes=(torch.int8, torch.int16))
+_layernorm_dispatch.register("cuda", cuda_impl("cuda_int_layernorm"), dtypes=(torch.int8, torch.int16),
+                            check=_cuda_grid_limit)
 
 
 def _check_int_layernorm(x: Tensor, weight: Tensor, bias: Tensor, iters: int) -> None:
