@@ -760,7 +760,8 @@ def _bipartite_matching_op(metric: Tensor, r: int, class_token: bool) -> tuple[T
     dest[:, 1::2] = u + ar[:, :tb]
     dest.scatter_(1, 2 * src_idx, u + dst_idx)
     sources, starts = scatter_plan(dest, u + tb)
-    return unm_idx.contiguous(), src_idx.contiguous(), dst_idx, dest, sources, starts
+    # clone: the slices of `edge` may share its storage, and custom op outputs must not alias
+    return unm_idx.clone(), src_idx.clone(), dst_idx, dest, sources, starts
 
 
 @_bipartite_matching_op.register_fake
