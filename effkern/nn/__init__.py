@@ -1,5 +1,40 @@
 """Thin nn.Module wrappers over effkern's ops, drop-in for the modules they replace."""
 
 from effkern.nn.integer import IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantLinear, QuantMatMul
+from effkern.nn.tokens import (
+    DynamicViTAttention,
+    DynamicViTBlock,
+    DynamicViTPredictor,
+    EViTAttention,
+    EViTBlock,
+    IdleViTBlock,
+    ToMeAttention,
+    ToMeBlock,
+    dynamicvit_keep,
+    evit_left_tokens,
+    evit_reorganize,
+    idle_select_compute_scatter,
+    tome_merge,
+)
 
-__all__ = ["IntGELU", "IntLayerNorm", "IntSoftmax", "QuantAct", "QuantLinear", "QuantMatMul"]
+__all__ = [
+    "DynamicViTAttention",
+    "DynamicViTBlock",
+    "DynamicViTPredictor",
+    "EViTAttention",
+    "EViTBlock",
+    "IdleViTBlock",
+    "IntGELU",
+    "IntLayerNorm",
+    "IntSoftmax",
+    "QuantAct",
+    "QuantLinear",
+    "QuantMatMul",
+    "ToMeAttention",
+    "ToMeBlock",
+    "dynamicvit_keep",
+    "evit_left_tokens",
+    "evit_reorganize",
+    "idle_select_compute_scatter",
+    "tome_merge",
+]

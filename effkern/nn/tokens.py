@@ -1,0 +1,542 @@
+"""The per-method token steps of DynamicViT, EViT, IdleViT and ToMe as thin modules over
+:mod:`effkern.ops.tokens`.
+
+Each step is the published one (the original repositories' code, transcribed in
+``tests/token_transcriptions.py`` and tested against it), with the token bookkeeping done by
+effkern's ops instead of torch indexing: ``topk_tokens`` ranks, ``token_gather`` /
+``token_scatter`` move rows, ``fuse_tokens`` builds EViT's fused token, ``cls_attention`` scores
+tokens without an N x N map, ``masked_softmax`` is DynamicViT's policy softmax and
+``bipartite_matching`` / ``merge_tokens`` are ToMe's matching and size-weighted merge.
+
+Module and parameter names are timm's (``Attention``: qkv, q_norm, k_norm, attn_drop, proj,
+proj_drop; ``Block``: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2; ``Mlp``: fc1,
+act, drop1, norm, fc2, drop2), so timm / DeiT / DynamicViT / EViT / IdleViT / ToMe checkpoints
+load into them with ``load_state_dict``.
+
+One deliberate difference from every original: ties are deterministic. effkern ranks with
+stable sorts (equal scores: the lower token position first), where the originals call
+``torch.argsort`` / ``torch.topk``, which do not promise an order for ties. On tie-free scores
+the selections are identical.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from effkern.ops import (
+    bipartite_matching,
+    cls_attention,
+    fuse_tokens,
+    masked_softmax,
+    merge_tokens,
+    token_gather,
+    token_scatter,
+    topk_tokens,
+)
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DropPath",
+    "DynamicViTAttention",
+    "DynamicViTBlock",
+    "DynamicViTPredictor",
+    "EViTAttention",
+    "EViTBlock",
+    "IdleViTBlock",
+    "LayerScale",
+    "Mlp",
+    "ToMeAttention",
+    "ToMeBlock",
+    "dynamicvit_keep",
+    "evit_left_tokens",
+    "evit_reorganize",
+    "idle_select_compute_scatter",
+    "tome_merge",
+]
+
+
+# ============================================================================================
+# timm's ViT pieces (names and forward as timm.models.vision_transformer)
+# ============================================================================================
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's DropPath): in training, zero a sample's branch with
+    probability ``drop_prob`` and scale the survivors by 1 / (1 - drop_prob)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class LayerScale(nn.Module):
+    """timm's LayerScale: ``x * gamma``, gamma initialised to ``init_values``."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    """timm's Mlp: fc1 -> act -> drop1 -> norm (Identity) -> fc2 -> drop2."""
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class Attention(nn.Module):
+    """timm's ``Attention`` (fused path): multi-head self-attention through
+    ``F.scaled_dot_product_attention``. The base of the method-specific attentions below, which
+    reuse :meth:`qkv_heads`, :meth:`attend` and :meth:`project`."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"{type(self).__name__}: dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(q, k, v), each ``[B, H, N, d]``, q and k through q_norm / k_norm."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """softmax(q k^T * scale + attn_mask) v with attention dropout in training."""
+        p = self.attn_drop.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=self.scale)
+
+    def project(self, o: Tensor) -> Tensor:
+        """``[B, H, N, d]`` head outputs -> ``[B, N, C]`` through proj and proj_drop."""
+        b, _, n, _ = o.shape
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(self.attend(*self.qkv_heads(x)))
+
+
+class Block(nn.Module):
+    """timm's pre-norm ViT ``Block``: ``x + drop_path1(ls1(attn(norm1(x))))`` then
+    ``x + drop_path2(ls2(mlp(norm2(x))))``. Subclasses swap the attention (``attn_layer``)."""
+
+    attn_layer: type[Attention] = Attention
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 qk_norm: bool = False, proj_drop: float = 0.0, attn_drop: float = 0.0,
+                 init_values: float | None = None, drop_path: float = 0.0, act_layer: type[nn.Module] = nn.GELU,
+                 norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = self.attn_layer(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                                    attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return self.mlp_residual(x)
+
+
+# ============================================================================================
+# DynamicViT (raoyongming/DynamicViT, vit.py)
+# ============================================================================================
+
+
+class DynamicViTPredictor(nn.Module):
+    """DynamicViT's token keep predictor, ``PredictorLG``, with its submodule names.
+
+    ``forward(x, policy)``: x ``[B, M, C]`` the patch tokens (CLS excluded), policy ``[B, M, 1]``
+    (or ``[B, M]``) the previous keep decisions. As PredictorLG: ``h = in_conv(x)``; the local
+    half ``h[..., :C/2]`` of each token is concatenated with the policy-weighted mean of the
+    global half ``h[..., C/2:]`` over kept tokens; ``out_conv`` maps that to log-probabilities
+    ``[B, M, 2]``, channel 0 = keep. C must be even (as in PredictorLG). Pure torch: there is no
+    token movement here to hand to an op.
+    """
+
+    def __init__(self, embed_dim: int = 384):
+        super().__init__()
+        if embed_dim % 2:
+            raise ValueError(f"DynamicViTPredictor: embed_dim must be even, got {embed_dim}")
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2), nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
+            nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1))
+
+    def forward(self, x: Tensor, policy: Tensor) -> Tensor:
+        if policy.dim() == 2:
+            policy = policy[:, :, None]
+        h = self.in_conv(x)
+        b, m, c = h.shape
+        local_h, global_h = h[:, :, : c // 2], h[:, :, c // 2:]
+        global_h = (global_h * policy).sum(1, keepdim=True) / policy.sum(1, keepdim=True)
+        return self.out_conv(torch.cat([local_h, global_h.expand(b, m, c // 2)], dim=-1))
+
+
+class DynamicViTAttention(Attention):
+    """DynamicViT's attention (``Attention.forward(x, policy)`` with ``softmax_with_policy``) as
+    a timm Attention drop-in.
+
+    ``forward(x, policy=None)``: without a policy, timm's fused attention. With a keep policy
+    ``[B, N, 1]`` or ``[B, N]`` (CLS included, 1 = kept), the logits ``(q k^T) * scale`` go
+    through :func:`effkern.ops.masked_softmax` (each query attends to the kept keys and itself;
+    DynamicViT's eps = 1e-6 stabiliser, computed in float32), then ``attn_drop``, then ``@ v``.
+    Differs from DynamicViT only in applying ``attn_drop`` (DynamicViT's attention never does;
+    identical at attn_drop = 0, DynamicViT's setting).
+    """
+
+    def forward(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
+        if policy is None:
+            return super().forward(x)
+        q, k, v = self.qkv_heads(x)
+        attn = masked_softmax((q @ k.transpose(-2, -1)) * self.scale, policy)
+        return self.project(self.attn_drop(attn) @ v)
+
+
+class DynamicViTBlock(Block):
+    """DynamicViT's ``Block.forward(x, policy=None)``: timm's Block with the policy passed to
+    :class:`DynamicViTAttention` (training-time masking; at inference the pruned tokens are
+    gone, see :func:`dynamicvit_keep`, and the policy is None). Applies ls1 / ls2 where timm's
+    Block has them (Identity unless ``init_values``; DynamicViT's Block has none)."""
+
+    attn_layer = DynamicViTAttention
+
+    def forward(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), policy)))
+        return self.mlp_residual(x)
+
+
+def dynamicvit_keep(x: Tensor, keep_scores: Tensor, num_keep: int) -> tuple[Tensor, Tensor]:
+    """DynamicViT's inference-time pruning step (``VisionTransformerDiffPruning.forward``, eval).
+
+    Args:
+        x: ``[B, 1 + M, C]`` tokens, CLS first.
+        keep_scores: ``[B, M]`` the predictor's keep score of each patch token
+            (``pred_score[..., 0]``).
+        num_keep: patch tokens to keep, in [0, M]; DynamicViT uses ``int(M0 * token_ratio)`` of
+            the initial patch count M0, computed by the caller.
+
+    Returns ``(x_kept [B, 1 + num_keep, C], keep_idx [B, num_keep])``: CLS then the num_keep
+    best patch tokens in descending score order (DynamicViT's ``now_policy`` order), via
+    :func:`~effkern.ops.topk_tokens` + :func:`~effkern.ops.token_gather`; ``keep_idx`` are the
+    kept patch positions, 0-based (DynamicViT's ``keep_policy``), for the caller's
+    ``prev_decision = token_gather(prev_decision, keep_idx)``. Ties: the lower position first
+    (DynamicViT's argsort leaves them unspecified). Differentiable in x.
+    """
+    if x.dim() != 3 or keep_scores.dim() != 2 or x.shape[1] != keep_scores.shape[1] + 1:
+        raise ValueError(f"dynamicvit_keep: x must be [B, 1 + M, C] and keep_scores [B, M], got "
+                         f"{tuple(x.shape)} and {tuple(keep_scores.shape)}")
+    keep, _ = topk_tokens(keep_scores, num_keep, keep_cls=True)
+    return token_gather(x, keep, validate=False), keep[:, 1:] - 1
+
+
+# ============================================================================================
+# EViT (youweiliang/evit, evit.py)
+# ============================================================================================
+
+
+def evit_left_tokens(num_tokens: int, keep_rate: float) -> int:
+    """EViT's count of patch tokens kept: ``ceil(keep_rate * (N - 1))`` for N tokens (CLS incl.)."""
+    return math.ceil(keep_rate * (num_tokens - 1))
+
+
+def _evit_prunes(num_tokens: int, keep_rate: float) -> bool:
+    if not keep_rate >= 0:
+        raise ValueError(f"EViT: keep_rate must be >= 0, got {keep_rate!r}")
+    return keep_rate < 1 and evit_left_tokens(num_tokens, keep_rate) < num_tokens - 1
+
+
+class EViTAttention(Attention):
+    """EViT's ``Attention`` as a timm Attention drop-in.
+
+    ``forward(x, keep_rate=1.0) -> (out, cls_attn)``: ``out`` is timm's fused attention output
+    ``[B, N, C]``; ``cls_attn`` ``[B, N - 1]`` is EViT's token score, the CLS query's softmax
+    attention to the patch keys averaged over heads (``attn[:, :, 0, 1:].mean(1)``), from
+    :func:`effkern.ops.cls_attention` (float32, float64 for float64; no N x N map), sliced
+    ``[:, 1:]``. As in EViT, ``cls_attn`` is None when nothing would be pruned (keep_rate >= 1
+    or ``ceil(keep_rate * (N - 1)) >= N - 1``). Differences: the score is taken before
+    attention dropout (EViT's after, identical at attn_drop = 0); EViT's ``tokens`` override
+    is the caller's business (:func:`evit_reorganize`).
+    """
+
+    def forward(self, x: Tensor, keep_rate: float = 1.0) -> tuple[Tensor, Tensor | None]:
+        q, k, v = self.qkv_heads(x)
+        out = self.project(self.attend(q, k, v))
+        if not _evit_prunes(x.shape[1], keep_rate):
+            return out, None
+        return out, cls_attention(q[:, :, 0], k, scale=self.scale)[:, 1:]
+
+
+def evit_reorganize(x: Tensor, cls_attn: Tensor | None, keep_rate: float, fuse_token: bool = False) -> Tensor:
+    """EViT's token reorganisation (``Block.forward`` between the attention and the MLP).
+
+    Args:
+        x: ``[B, N, C]`` tokens after the attention residual, CLS first.
+        cls_attn: ``[B, N - 1]`` the patch tokens' scores (:class:`EViTAttention`).
+        keep_rate: EViT keeps ``left = ceil(keep_rate * (N - 1))`` patch tokens.
+        fuse_token: append EViT's fused token, the sum of the dropped tokens weighted by their
+            cls_attn (not renormalised), via :func:`~effkern.ops.fuse_tokens`.
+
+    Returns ``[B, 1 + left (+ 1), C]``: CLS, the ``left`` best tokens in descending score order
+    (:func:`~effkern.ops.topk_tokens` + :func:`~effkern.ops.token_gather`), then the fused
+    token. x itself (unchanged) when keep_rate >= 1 or left >= N - 1, as EViT. keep_rate = 0
+    keeps only CLS (+ fused), where EViT asserts left >= 1. Ties: the lower position first.
+    Differentiable in x and, through the fused token, in cls_attn.
+    """
+    n = x.shape[1]
+    if not _evit_prunes(n, keep_rate):
+        return x
+    if cls_attn is None:
+        raise ValueError("evit_reorganize: cls_attn is None but keep_rate prunes tokens")
+    keep, drop = topk_tokens(cls_attn, evit_left_tokens(n, keep_rate), keep_cls=True)
+    out = token_gather(x, keep, validate=False)
+    if fuse_token:
+        weights = F.pad(cls_attn, (1, 0))  # CLS (never dropped) gets weight 0: x's positions
+        out = torch.cat([out, fuse_tokens(x, weights, drop, validate=False)], dim=1)
+    return out
+
+
+class EViTBlock(Block):
+    """EViT's ``Block``: timm's Block with the reorganisation between attention and MLP.
+
+    ``forward(x, keep_rate=None) -> x`` (keep_rate None: the block's ``keep_rate``; EViT's
+    Block also returns the token count and, on request, the kept indices, which here are the
+    shape and :func:`~effkern.ops.topk_tokens`' business). Applies ls1 / ls2 (Identity unless
+    ``init_values``; EViT's Block has none).
+    """
+
+    attn_layer = EViTAttention
+
+    def __init__(self, *args, keep_rate: float = 1.0, fuse_token: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_rate = keep_rate
+        self.fuse_token = fuse_token
+
+    def forward(self, x: Tensor, keep_rate: float | None = None) -> Tensor:
+        keep_rate = self.keep_rate if keep_rate is None else keep_rate
+        tmp, cls_attn = self.attn(self.norm1(x), keep_rate)
+        x = x + self.drop_path1(self.ls1(tmp))
+        x = evit_reorganize(x, cls_attn, keep_rate, self.fuse_token)
+        return self.mlp_residual(x)
+
+
+# ============================================================================================
+# IdleViT (Ackesnal/IdleViT, vit.py: Block.forward(test=True))
+# ============================================================================================
+
+
+def idle_select_compute_scatter(x: Tensor, scores: Tensor, num_keep: int,
+                                compute: Callable[[Tensor], Tensor]) -> Tensor:
+    """IdleViT's select / compute / scatter-back step: the idle tokens skip the layer.
+
+    Args:
+        x: ``[B, 1 + M, C]`` tokens, CLS first.
+        scores: ``[B, M]`` patch token scores (IdleViT: the head-mean of the CLS row's scaled
+            attention logits, see :meth:`IdleViTBlock.scores`).
+        num_keep: patch tokens to compute, in [0, M] (IdleViT: ``int(M * keep_ratio)``).
+        compute: the layer, ``[B, 1 + num_keep, C] -> [B, 1 + num_keep, C]`` (cast to x's dtype).
+
+    ``keep = topk_tokens(scores, num_keep, keep_cls=True)``; the CLS and kept tokens are
+    gathered, computed together and scattered back in place of their inputs
+    (``token_scatter(..., reduce="replace")``); the idle tokens pass through unchanged.
+    Returns a new ``[B, 1 + M, C]`` (IdleViT writes into x in place). Ties: the lower position
+    first. Differentiable in x and compute's parameters.
+    """
+    keep, _ = topk_tokens(scores, num_keep, keep_cls=True)
+    y = compute(token_gather(x, keep, validate=False)).to(x.dtype)  # e.g. under autocast
+    return token_scatter(x, y, keep, reduce="replace", validate=False)
+
+
+class IdleViTBlock(nn.Module):
+    """IdleViT's idle block around an existing timm-style block (norm1, attn.qkv, ...).
+
+    ``IdleViTBlock(block, keep_rate)``; ``forward(x, scores=None) -> x``: the CLS token and the
+    ``int(M * keep_rate)`` best-scored patch tokens go through ``block`` together, the others
+    idle (:func:`idle_select_compute_scatter`). Without ``scores``, IdleViT's own: see
+    :meth:`scores`.
+
+    The block's children and parameters are adopted under their own names, so this wrapper's
+    ``state_dict`` is the block's (timm's keys: a checkpoint loads either way); ``.block`` is
+    the wrapped module.
+    """
+
+    def __init__(self, block: nn.Module, keep_rate: float):
+        super().__init__()
+        if not 0 <= keep_rate <= 1:
+            raise ValueError(f"IdleViTBlock: keep_rate must be in [0, 1], got {keep_rate!r}")
+        self.keep_rate = keep_rate
+        self._wrapped = (block,)  # a tuple: not registered, its members are adopted below
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        for name, p in block.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, buf in block.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name not in block._non_persistent_buffers_set)
+
+    @property
+    def block(self) -> nn.Module:
+        return self._wrapped[0]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # direct parameters / buffers may have been replaced by new tensors: share them again
+        self.block._parameters.update({k: self._parameters[k] for k in self.block._parameters})
+        self.block._buffers.update({k: self._buffers[k] for k in self.block._buffers})
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.block.training = mode
+        return self
+
+    def num_keep(self, num_tokens: int) -> int:
+        """IdleViT's ``int(M * keep_ratio)`` for ``num_tokens`` = 1 + M tokens."""
+        return int((num_tokens - 1) * self.keep_rate)
+
+    @torch.no_grad()
+    def scores(self, x: Tensor) -> Tensor:
+        """IdleViT's token scores ``[B, M]``: the head-mean of the CLS query's attention logits
+        to the patch keys, from ``block.norm1`` and ``block.attn.qkv`` (only q_CLS and the keys
+        are projected): :func:`~effkern.ops.cls_attention` with ``softmax=False``. IdleViT
+        ranks the unscaled logits; scaled ones (by ``attn.scale`` > 0) rank the same. Not
+        differentiable (ranking only)."""
+        blk = self.block
+        attn = blk.attn
+        h = blk.norm1(x)
+        b, n, c = h.shape
+        heads = attn.num_heads
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(h[:, 0], w[:c], None if bias is None else bias[:c]).reshape(b, heads, c // heads)
+        k = F.linear(h, w[c: 2 * c], None if bias is None else bias[c: 2 * c])
+        k = k.reshape(b, n, heads, c // heads).transpose(1, 2)
+        q = getattr(attn, "q_norm", nn.Identity())(q)
+        k = getattr(attn, "k_norm", nn.Identity())(k)
+        scale = getattr(attn, "scale", (c // heads) ** -0.5)
+        return cls_attention(q, k, scale=scale, softmax=False)[:, 1:]
+
+    def forward(self, x: Tensor, scores: Tensor | None = None) -> Tensor:
+        if scores is None:
+            scores = self.scores(x)
+        return idle_select_compute_scatter(x, scores, self.num_keep(x.shape[1]), self.block)
+
+
+# ============================================================================================
+# ToMe (facebookresearch/ToMe, tome/merge.py and tome/patch/timm.py)
+# ============================================================================================
+
+
+class ToMeAttention(Attention):
+    """ToMe's ``ToMeAttention`` as a timm Attention drop-in.
+
+    ``forward(x, size=None) -> (out, metric)``: with token sizes ``[B, N, 1]`` (or ``[B, N]``),
+    proportional attention: ``log(size)`` is added to the logits as a per-key bias (ToMe's
+    ``attn + size.log()[:, None, None, :, 0]``), here an additive ``[B, 1, 1, N]`` mask of the
+    fused attention. ``metric = k.mean(1)`` ``[B, N, d]``, the head-mean of the keys, ToMe's
+    matching feature.
+    """
+
+    def forward(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        q, k, v = self.qkv_heads(x)
+        bias = None
+        if size is not None:
+            s = size[..., 0] if size.dim() == 3 else size
+            bias = s.log().to(q.dtype)[:, None, None, :]
+        return self.project(self.attend(q, k, v, bias)), k.mean(1)
+
+
+def tome_merge(x: Tensor, size: Tensor | None, metric: Tensor, r: int,
+               class_token: bool = True) -> tuple[Tensor, Tensor | None]:
+    """ToMe's merge: ``bipartite_soft_matching(metric, r, class_token)`` then ``merge_wavg``.
+
+    Args:
+        x: ``[B, N, C]`` tokens; size: ``[B, N, 1]`` token sizes or None (all 1).
+        metric: ``[B, N, *]`` matching features (:class:`ToMeAttention`'s k.mean(1)).
+        r: tokens to remove, >= 0; capped at ``(N - class_token) // 2`` as ToMe.
+        class_token: protect token 0 (it stays first).
+
+    Returns ``(x' [B, N - r, C], size' [B, N - r, 1])`` via
+    :func:`~effkern.ops.bipartite_matching` + :func:`~effkern.ops.merge_tokens` (size-weighted
+    mean, float32 accumulation): the kept a-tokens, then the b-tokens with their merged
+    sources. r = 0 returns the inputs (size may stay None), as ToMe's Block skips the merge; a
+    positive r capped to nothing returns x and all-ones sizes, as ToMe's merge_wavg. Ties (of
+    the matching scores): the lower position first. Differentiable in x and size (the
+    matching is not, as in ToMe).
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"tome_merge: r must be an integer >= 0, got {r!r}")
+    if r == 0:
+        return x, size
+    plan = bipartite_matching(metric, r, class_token=class_token)
+    if plan.num_merged == 0:
+        return x, (x.new_ones(x.shape[0], x.shape[1], 1) if size is None else size)
+    return merge_tokens(plan, x, size)
+
+
+class ToMeBlock(Block):
+    """ToMe's ``ToMeBlock`` (timm patch): timm's Block with the merge between attention and MLP.
+
+    ``forward(x, size=None) -> (x, size)``: ``x = x + drop_path1(ls1(attn(norm1(x), size)))``
+    (proportional attention when ``prop_attn``), then :func:`tome_merge` with the block's
+    ``r`` (attribute; ToMe pops it from a per-layer list) and ``class_token``, then the MLP
+    residual. Sizes accumulate: they sum to the input token count. Differs from ToMe in
+    applying ls1 / ls2 (timm's LayerScale; ToMe's block skips them, identical without
+    ``init_values``) and in tracing no sources.
+    """
+
+    attn_layer = ToMeAttention
+
+    def __init__(self, *args, r: int = 0, class_token: bool = True, prop_attn: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.r = r
+        self.class_token = class_token
+        self.prop_attn = prop_attn
+
+    def forward(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        x_attn, metric = self.attn(self.norm1(x), size if self.prop_attn else None)
+        x = x + self.drop_path1(self.ls1(x_attn))
+        x, size = tome_merge(x, size, metric, self.r, self.class_token)
+        return self.mlp_residual(x), size
