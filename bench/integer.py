@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import shutil
 import signal
 import sys
 import tempfile
@@ -186,16 +185,6 @@ def self_check_configs(quick: bool = False, ops: Sequence[str] | None = None) ->
 
 
 @dataclass
-class Baseline:
-    name: str
-    fn: Callable[[], object] | None  # one call on the next rotated input set; None: not applicable
-    bytes: int = 0
-    flops: int = 0
-    note: str = ""
-    na: str = ""  # why it is not applicable
-
-
-@dataclass
 class Case:
     cfg: Config
     sets: list[dict]  # rotated input sets (tensors and constants)
@@ -206,7 +195,7 @@ class Case:
     out_dtype: str
     bytes: int  # minimal bytes moved by one call: inputs read once + outputs written once
     flops: int = 0  # integer multiply-adds x 2 (GEMMs only)
-    baselines: list[Baseline] = field(default_factory=list)
+    baselines: list[common.Baseline] = field(default_factory=list)
 
 
 def _randint(shape, dtype: torch.dtype, gen, device, lo: int | None = None, hi: int | None = None) -> Tensor:
@@ -214,15 +203,6 @@ def _randint(shape, dtype: torch.dtype, gen, device, lo: int | None = None, hi: 
     lo = info.min if lo is None else lo
     hi = info.max if hi is None else hi
     return torch.randint(lo, hi + 1, shape, dtype=dtype, device=device, generator=gen)
-
-
-def _n_sets(set_bytes: int, rotate: bool) -> int:
-    return common.rotation_sets(set_bytes) if rotate else 1
-
-
-def _rotating(fn: Callable, sets: list) -> Callable[[], object]:
-    rot = common.Rotator(sets)
-    return lambda: fn(*rot.next())
 
 
 def build_case(cfg: Config, device, *, rotate: bool = True, seed: int = 0) -> Case:
@@ -240,7 +220,7 @@ def _build_softmax(cfg: Config, device, gen, rotate: bool) -> Case:
     esize = torch.empty((), dtype=dt).element_size()
     scale = SOFTMAX_SCALE[cfg.in_dtype]
     x0 = intops.shift_exp_x0(torch.tensor(scale, dtype=torch.float32))
-    n = _n_sets(numel * esize, rotate)
+    n = common.n_sets(numel * esize, rotate)
     sets = [{"x": _randint(cfg.shape, dt, gen, device)} for _ in range(n)]
     bf = [((s["x"].float() * scale).to(torch.bfloat16),) for s in sets]
     return Case(
@@ -249,7 +229,7 @@ def _build_softmax(cfg: Config, device, gen, rotate: bool) -> Case:
         call=lambda s, x: effkern.ops.int_softmax(x, scale, out_bits=OUT_BITS, n=SOFTMAX_N)[0],
         kernel_args=lambda s: (s["x"].reshape(-1, cfg.cols), x0, SOFTMAX_N, OUT_BITS),
         out_cols=cfg.cols, out_dtype="int8", bytes=numel * (esize + 1),
-        baselines=[Baseline("torch.softmax bf16", _rotating(lambda x: torch.softmax(x, dim=-1), bf), numel * 4)],
+        baselines=[common.Baseline("torch.softmax bf16", common.rotating(lambda x: torch.softmax(x, dim=-1), bf), numel * 4)],
     )
 
 
@@ -257,7 +237,7 @@ def _build_gelu(cfg: Config, device, gen, rotate: bool) -> Case:
     numel = math.prod(cfg.shape)
     scale = GELU_SCALE
     x0 = intops.shift_exp_x0(torch.tensor(scale, dtype=torch.float32).reshape(-1) * 1.702)
-    n = _n_sets(numel, rotate)
+    n = common.n_sets(numel, rotate)
     sets = [{"x": _randint(cfg.shape, torch.int8, gen, device)} for _ in range(n)]
     bf = [((s["x"].float() * scale).to(torch.bfloat16),) for s in sets]
     return Case(
@@ -266,7 +246,7 @@ def _build_gelu(cfg: Config, device, gen, rotate: bool) -> Case:
         call=lambda s, x: effkern.ops.int_gelu(x, scale, out_bits=OUT_BITS, n=GELU_N)[0],
         kernel_args=lambda s: (s["x"].reshape(-1, cfg.cols), x0, GELU_N, OUT_BITS),
         out_cols=cfg.cols, out_dtype="int32", bytes=numel * (1 + 4),
-        baselines=[Baseline("F.gelu bf16", _rotating(F.gelu, bf), numel * 4)],
+        baselines=[common.Baseline("F.gelu bf16", common.rotating(F.gelu, bf), numel * 4)],
     )
 
 
@@ -275,7 +255,7 @@ def _build_layernorm(cfg: Config, device, gen, rotate: bool) -> Case:
     weight = 1.0 + 0.1 * torch.randn(c, device=device, generator=gen)
     bias = 0.1 * torch.randn(c, device=device, generator=gen)
     bias_int, _ = intops.layernorm_constants(c, weight, bias)
-    n = _n_sets(numel, rotate)
+    n = common.n_sets(numel, rotate)
     sets = [{"x": _randint(cfg.shape, torch.int8, gen, device)} for _ in range(n)]
     wb, bb = weight.to(torch.bfloat16), bias.to(torch.bfloat16)
     bf = [(s["x"].to(torch.bfloat16),) for s in sets]  # LayerNorm is scale-invariant
@@ -285,7 +265,7 @@ def _build_layernorm(cfg: Config, device, gen, rotate: bool) -> Case:
         call=lambda s, x: effkern.ops.int_layernorm(x, weight, bias, iters=LN_ITERS)[0],
         kernel_args=lambda s: (s["x"].reshape(-1, c), bias_int, LN_ITERS),
         out_cols=c, out_dtype="int32", bytes=numel * (1 + 4) + c * 4,
-        baselines=[Baseline("F.layer_norm bf16", _rotating(lambda x: F.layer_norm(x, (c,), wb, bb), bf),
+        baselines=[common.Baseline("F.layer_norm bf16", common.rotating(lambda x: F.layer_norm(x, (c,), wb, bb), bf),
                             numel * 4 + c * 4)],
     )
 
@@ -301,7 +281,7 @@ def _build_requantize(cfg: Config, device, gen, rotate: bool) -> Case:
     in_scale = 2e-5 * (1.0 + torch.rand(c, generator=cpu_gen))  # per channel, float32 on the host
     out_scale = 0.05
     m, e = _dyadic(in_scale, out_scale, c, device)
-    n = _n_sets(numel * 4, rotate)
+    n = common.n_sets(numel * 4, rotate)
     sets = [{"x": _randint(cfg.shape, torch.int32, gen, device, -(2**17), 2**17)} for _ in range(n)]
     ratio = (in_scale / out_scale).to(device=device, dtype=torch.bfloat16)
     bf = [(s["x"].to(torch.bfloat16),) for s in sets]
@@ -311,9 +291,9 @@ def _build_requantize(cfg: Config, device, gen, rotate: bool) -> Case:
         call=lambda s, x: effkern.ops.requantize(x, in_scale, out_scale, out_bits=OUT_BITS),
         kernel_args=lambda s: (s["x"].reshape(-1, c), m, e, OUT_BITS),
         out_cols=c, out_dtype="int8", bytes=numel * (4 + 1) + c * 16,
-        baselines=[Baseline(
+        baselines=[common.Baseline(
             "torch bf16 x*s round clamp",
-            _rotating(lambda x: torch.round(x * ratio).clamp_(-128, 127).to(torch.int8), bf),
+            common.rotating(lambda x: torch.round(x * ratio).clamp_(-128, 127).to(torch.int8), bf),
             numel * (2 + 1) + c * 2,
             note="requantize baseline: eager torch on a bf16 copy of the input, round(x*s).clamp(-128,127)"
                  ".to(int8) (several kernels; not bit-equivalent to the dyadic requantisation)",
@@ -330,14 +310,14 @@ def _build_linear(cfg: Config, device, gen, rotate: bool) -> Case:
     out_scale = 3.0 / 127  # int8 outputs with a std of about 45
     mm, ee = _dyadic(in_scale, out_scale, n_out, device)
     bias = _randint((n_out,), torch.int32, gen, device, -(2**14), 2**14)
-    n = _n_sets(m_rows * k + n_out * k, rotate)
+    n = common.n_sets(m_rows * k + n_out * k, rotate)
     sets = [{"x": _randint((m_rows, k), torch.int8, gen, device), "w": _randint((n_out, k), torch.int8, gen, device)}
             for _ in range(n)]
     flops = 2 * m_rows * n_out * k
     baselines = []
     # torch._int_mm: int32 output, no bias or requantisation; cuBLASLt needs M > 16, K and N % 8 == 0.
     if k % 8 or n_out % 8:
-        baselines.append(Baseline("torch._int_mm", None, na=f"K={k} and N={n_out} must be multiples of 8"))
+        baselines.append(common.Baseline("torch._int_mm", None, na=f"K={k} and N={n_out} must be multiples of 8"))
     else:
         pad = 32 - m_rows if m_rows <= 16 else 0
         xs = [(torch.cat([s["x"], s["x"].new_zeros(pad, k)]) if pad else s["x"], s["w"].t()) for s in sets]
@@ -350,15 +330,15 @@ def _build_linear(cfg: Config, device, gen, rotate: bool) -> Case:
                 xs = [(x, w.contiguous()) for x, w in xs]
                 torch._int_mm(*xs[0])
                 na = ""
-                notes.append(f"_int_mm rejected w.t() ({_short_exc(e)}); timed with a row-major copy")
+                notes.append(f"_int_mm rejected w.t() ({common.short_exc(e)}); timed with a row-major copy")
             except RuntimeError as e2:
-                na = f"torch._int_mm failed: {_short_exc(e2)}"
-        baselines.append(Baseline("torch._int_mm", None if na else _rotating(torch._int_mm, xs),
+                na = f"torch._int_mm failed: {common.short_exc(e2)}"
+        baselines.append(common.Baseline("torch._int_mm", None if na else common.rotating(torch._int_mm, xs),
                                   (m_rows + pad) * k + n_out * k + 4 * (m_rows + pad) * n_out, flops,
                                   note="; ".join(notes), na=na))
     bb = bias.to(torch.bfloat16)
     bf = [(s["x"].to(torch.bfloat16), s["w"].to(torch.bfloat16)) for s in sets]
-    baselines.append(Baseline("F.linear bf16", _rotating(lambda x, w: F.linear(x, w, bb), bf),
+    baselines.append(common.Baseline("F.linear bf16", common.rotating(lambda x, w: F.linear(x, w, bb), bf),
                               2 * (m_rows * k + n_out * k + n_out + m_rows * n_out), flops))
     return Case(
         cfg, sets,
@@ -420,11 +400,6 @@ def verify(case: Case, impl, backend: str) -> tuple[bool, str]:
     return common.compare_exact({"kernel": out_kernel, "op": out_op}, case.x2d(s), reference(case, s), case.out_cols)
 
 
-def _short_exc(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
-
-
 # --------------------------------------------------------------------------------------------
 # Targets
 # --------------------------------------------------------------------------------------------
@@ -469,7 +444,7 @@ def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, fl
         case = build_case(cfg, "cuda")
     except Exception as e:
         traceback.print_exc()
-        return [dict(base, backend=b, status="ERROR", note=f"building inputs: {_short_exc(e)}")
+        return [dict(base, backend=b, status="ERROR", note=f"building inputs: {common.short_exc(e)}")
                 for b in registered_backends(cfg.op)]
     base.update(out_dtype=case.out_dtype, bytes=case.bytes, flops=case.flops or "", rot_sets=len(case.sets))
 
@@ -481,7 +456,7 @@ def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, fl
         try:
             baseline_t[bl.name] = (_time(bl.fn, timing).median_us, bl.note)
         except Exception as e:
-            baseline_t[bl.name] = (nan, f"baseline failed: {_short_exc(e)}")
+            baseline_t[bl.name] = (nan, f"baseline failed: {common.short_exc(e)}")
 
     rows = []
     for backend in registered_backends(cfg.op):
@@ -495,7 +470,7 @@ def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, fl
                 correct, note = verify(case, impl, backend)
             except Exception as e:
                 traceback.print_exc()
-                status, note = "ERROR", f"{backend} raised {_short_exc(e)}"
+                status, note = "ERROR", f"{backend} raised {common.short_exc(e)}"
             if status != "ERROR":
                 try:
                     args = common.Rotator([case.kernel_args(s) for s in case.sets])
@@ -503,7 +478,7 @@ def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, fl
                     t_kernel = _time(lambda: fn(*args.next()), timing)
                 except Exception as e:
                     traceback.print_exc()
-                    status, note = "ERROR", f"timing raised {_short_exc(e)}"
+                    status, note = "ERROR", f"timing raised {common.short_exc(e)}"
             if t_kernel is not None:
                 sets = common.Rotator(case.sets)
 
@@ -516,7 +491,7 @@ def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, fl
                         op_us = _time(op_once, timing).median_us
                 except Exception as e:
                     traceback.print_exc()
-                    note = "; ".join(x for x in (note, f"timing the public op raised {_short_exc(e)}") if x)
+                    note = "; ".join(x for x in (note, f"timing the public op raised {common.short_exc(e)}") if x)
         k_us = t_kernel.median_us if t_kernel else nan
         gbps = case.bytes / (k_us * 1e-6) / 1e9 if t_kernel else nan
         tops = case.flops / (k_us * 1e-6) / 1e12 if (t_kernel and case.flops) else nan
@@ -568,7 +543,7 @@ def run_gpu(args) -> int:
                 new = [dict(date=env["date"], gpu=env["gpu"], cc=env["cc"], torch=env["torch"],
                             triton=env["triton"], cuda=env["cuda"], commit=env["commit"], mode=mode, op=cfg.op,
                             model=cfg.model, batch=cfg.batch, shape=cfg.shape_str, in_dtype=cfg.in_dtype,
-                            backend=b, status="ERROR", note=f"benchmark raised {_short_exc(e)}")
+                            backend=b, status="ERROR", note=f"benchmark raised {common.short_exc(e)}")
                        for b in registered_backends(cfg.op)]
             rows.extend(new)
             try:  # the config's tensors went with bench_config's frame
@@ -589,7 +564,7 @@ def run_gpu(args) -> int:
             print()
             print(common.text_table(report.speedup_summary(rows), report.SUMMARY_HEADER))
             if not args.no_save:
-                save(rows, args.csv, args.out)
+                common.save(rows, args.csv, args.out)
     if interrupted is not None:
         raise interrupted
     bad = [r for r in rows if r.get("correct") is False or r.get("status") in ("ERROR", "WRONG")]
@@ -597,20 +572,6 @@ def run_gpu(args) -> int:
     n_miss = sum(r.get("status") == "MISS" for r in rows)
     print(f"\ntargets: {n_pass} PASS, {n_miss} MISS; {len(bad)} rows wrong or failed")
     return 1 if bad else 0
-
-
-def save(rows: list[dict], csv_path: Path, out_dir: Path | None) -> None:
-    csv_path = Path(csv_path)
-    report.append_rows(csv_path, rows)
-    md, png = report.regenerate(csv_path)
-    print(f"results: appended {len(rows)} rows to {csv_path}; regenerated {md}" + (f" and {png}" if png else ""))
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for p in (csv_path, md, png):
-            if p is not None and p.exists() and p.resolve().parent != out_dir.resolve():
-                shutil.copy2(p, out_dir / p.name)
-        print(f"results: copied to {out_dir}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,7 +599,7 @@ def self_check(args) -> int:
                     ok, note = verify(case, impl, backend)
                     status = "ok" if ok else "MISMATCH"
                 except Exception as e:
-                    status, note = "ERROR", _short_exc(e)
+                    status, note = "ERROR", common.short_exc(e)
             failures += status in ("ERROR", "MISMATCH")
             out.append([cfg.op, cfg.shape_str, cfg.in_dtype, backend, status, note[:160]])
         for bl in case.baselines:  # exercise the baseline code paths once (untimed)
@@ -649,7 +610,7 @@ def self_check(args) -> int:
                     bl.fn()
                     status, note = "ran", "untimed"
                 except Exception as e:
-                    status, note = "N/A on cpu", _short_exc(e)
+                    status, note = "N/A on cpu", common.short_exc(e)
             out.append([cfg.op, cfg.shape_str, cfg.in_dtype, f"baseline {bl.name}", status, note[:160]])
         print(f"  {cfg.op} {cfg.shape_str} {cfg.in_dtype}: {time.monotonic() - t0:.1f} s", flush=True)
     print()
@@ -682,7 +643,7 @@ def _check_report_pipeline() -> tuple[bool, str]:
             return True, "ok" + ("" if png else " (no plot: matplotlib missing)")
     except Exception as e:
         traceback.print_exc()
-        return False, f"FAILED: {_short_exc(e)}"
+        return False, f"FAILED: {common.short_exc(e)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,10 +665,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _sigterm(signum, frame):  # let `timeout` end a run through the finally that saves rows
-    raise SystemExit(128 + signum)
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point for ``python -m effkern bench integer``: ``args`` from a parser set up by
     :func:`add_arguments` (missing attributes take their defaults). Returns the exit status."""
@@ -719,7 +676,7 @@ def run(args: argparse.Namespace) -> int:
         args.csv = Path(args.csv)
     if common.cuda_available():
         try:
-            previous = signal.signal(signal.SIGTERM, _sigterm)
+            previous = signal.signal(signal.SIGTERM, common.exit_on_sigterm)
         except ValueError:  # not the main thread
             previous = None
         try:

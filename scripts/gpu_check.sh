@@ -13,14 +13,15 @@
 #   tests      python -m pytest tests/ --maxfail=25 -q -rs (CUDA tests included)                 tests.log
 #   memcheck   compute-sanitizer --tool memcheck on the three CUDA ops, long rows included    sanitizer.log
 #   racecheck  compute-sanitizer --tool racecheck on a smaller set (only if time allows)      sanitizer.log
-#   bench      python bench/integer.py --out OUTDIR (appends to bench/results/ in this tree   bench.log,
-#              and copies integer.csv/.md/.png to OUTDIR)                                     integer.*
-#   pytest-bench  pytest bench/ --benchmark-json=OUTDIR/bench.json                            pytest_bench.log
+#   bench-F    python bench/F.py --out OUTDIR for each benchmark family F       bench_F.log, F.csv/.md/.png
+#              (integer, tokens; appends to bench/results/ in this tree and copies F.csv/.md/.png to OUTDIR)
+#   pytest-bench-F  pytest bench/test_bench_F.py --benchmark-json=OUTDIR/bench_F.json   pytest_bench_F.log
 # and prints a short summary last (the device tool returns only the last 12,000 characters).
 #
 # The whole script keeps to a time budget (GPU_CHECK_BUDGET_S, default 540 s): each step gets
 # at most its cap and what the budget leaves after reserving time for the later steps; the
-# benchmarks fall back to --quick when little time is left, and a step with no time left is
+# benchmark families share the time left for them equally (each at most 240 s, the pytest-benchmark
+# runs 180 s together) and fall back to --quick when little time is left; a step with no time left is
 # reported as skipped. The exit status is non-zero when any step failed or timed out (steps
 # skipped for lack of time or tools are listed in the summary; missed benchmark targets are
 # reported, not failures; wrong benchmark results are failures).
@@ -30,7 +31,8 @@
 # OUTDIR/logs.tar.gz at the end.
 #
 # Environment: PYTHON (default python3), EFFKERN_COMMIT (recorded with the benchmark rows when
-# git is unavailable), GPU_CHECK_BUDGET_S, GPU_CHECK_MAX_FILES, TORCH_CUDA_ARCH_LIST.
+# git is unavailable), GPU_CHECK_BUDGET_S, GPU_CHECK_MAX_FILES, TORCH_CUDA_ARCH_LIST,
+# GPU_CHECK_BENCH (the benchmark families to run, in order; default "integer tokens").
 set -euo pipefail
 
 if [[ $# -lt 1 || -z "${1:-}" ]]; then
@@ -57,6 +59,7 @@ fi
 export EFFKERN_COMMIT
 
 STEPS=()    # "name|status|seconds|log" per step
+read -r -a FAMILIES <<<"${GPU_CHECK_BENCH:-integer tokens}"  # benchmark families: bench/<family>.py
 FAILED=0
 
 left() { echo $((START + BUDGET - $(date +%s))); }
@@ -167,21 +170,34 @@ EOF
         rm -f "$script"
     fi
 
-    # ---- benchmark --------------------------------------------------------------------------
-    local t quick=()
-    t=$(timeout_for 240 75)
-    ((t < 150)) && quick=(--quick)
-    run_step bench 240 75 45 "$OUTDIR/bench.log" -- \
-        "$PY" bench/integer.py --out "$OUTDIR" --time-budget $((t > 60 ? t - 40 : 20)) "${quick[@]}"
+    # ---- benchmarks: each family an equal share of the time left before pytest-benchmark -----
+    local t cap quick fam i n=${#FAMILIES[@]}
+    for ((i = 0; i < n; i++)); do
+        fam=${FAMILIES[i]}
+        cap=$((($(left) - 75) / (n - i)))
+        ((cap > 240)) && cap=240
+        t=$(timeout_for "$cap" 75)
+        quick=()
+        ((t < 150)) && quick=(--quick)
+        run_step "bench-$fam" "$cap" 75 45 "$OUTDIR/bench_$fam.log" -- \
+            "$PY" "bench/$fam.py" --out "$OUTDIR" --time-budget $((t > 60 ? t - 40 : 20)) "${quick[@]}"
+    done
 
-    # ---- pytest-benchmark -------------------------------------------------------------------
+    # ---- pytest-benchmark: one run per family, sharing 180 s --------------------------------
     t=$(timeout_for 180 15)
-    local bq=0
+    local bq=0 pstart
     ((t < 120)) && bq=1
-    export EFFKERN_BENCH_QUICK=$bq EFFKERN_BENCH_DEADLINE=$(($(date +%s) + t - 25))
-    run_step pytest-bench 180 15 40 "$OUTDIR/pytest_bench.log" -- \
-        "$PY" -m pytest bench/ -q -rs -p no:cacheprovider --benchmark-json="$OUTDIR/bench.json" \
-        --benchmark-group-by=group --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+    pstart=$(date +%s)
+    for ((i = 0; i < n; i++)); do
+        fam=${FAMILIES[i]}
+        cap=$(((180 - ($(date +%s) - pstart)) / (n - i)))
+        t=$(timeout_for "$cap" 15)
+        export EFFKERN_BENCH_QUICK=$bq EFFKERN_BENCH_DEADLINE=$(($(date +%s) + t - 25))
+        run_step "pytest-bench-$fam" "$cap" 15 40 "$OUTDIR/pytest_bench_$fam.log" -- \
+            "$PY" -m pytest "bench/test_bench_$fam.py" -q -rs -p no:cacheprovider \
+            --benchmark-json="$OUTDIR/bench_$fam.json" --benchmark-group-by=group \
+            --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+    done
     unset EFFKERN_BENCH_QUICK EFFKERN_BENCH_DEADLINE
 
     summary
@@ -273,13 +289,17 @@ EOF
 summary() {
     echo
     echo "=================================== SUMMARY ==================================="
-    if [[ -s "$OUTDIR/integer.csv" ]]; then
-        "$PY" bench/report.py --csv "$OUTDIR/integer.csv" --compact --last 2>&1 || echo "(no benchmark table)"
-        grep -E "^targets:|rows wrong" "$OUTDIR/bench.log" 2>/dev/null | tail -n 2 || true
-    else
-        echo "(no benchmark results)"
-        tail -n 15 "$OUTDIR/bench.log" 2>/dev/null || true
-    fi
+    local fam
+    for fam in "${FAMILIES[@]}"; do
+        echo "-- benchmark $fam (bench_$fam.log, $fam.md):"
+        if [[ -s "$OUTDIR/$fam.csv" ]]; then
+            bench_summary "$OUTDIR/$fam.csv" 2>&1 || echo "(no benchmark table)"
+            grep -E "^targets:|rows wrong" "$OUTDIR/bench_$fam.log" 2>/dev/null | tail -n 2 || true
+        else
+            echo "(no benchmark results)"
+            tail -n 15 "$OUTDIR/bench_$fam.log" 2>/dev/null || true
+        fi
+    done
     echo
     echo "-- tests (tests.log):"
     grep -E "^(SKIPPED|FAILED|ERROR)" "$OUTDIR/tests.log" 2>/dev/null | cut -c1-160 | head -n 10 || true
@@ -287,24 +307,50 @@ summary() {
     echo "-- sanitizer:"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize: [0-9]|MISMATCH" "$OUTDIR/sanitizer.log" 2>/dev/null | head -n 8 || true
     echo "-- pytest bench:"
-    tail -n 1 "$OUTDIR/pytest_bench.log" 2>/dev/null || true
+    for fam in "${FAMILIES[@]}"; do
+        tail -n 1 "$OUTDIR/pytest_bench_$fam.log" 2>/dev/null || true
+    done
     echo
-    printf "%-13s %-48s %6s  %s\n" step status sec log
+    printf "%-21s %-48s %6s  %s\n" step status sec log
     local s name status secs log
     for s in "${STEPS[@]}"; do
         IFS='|' read -r name status secs log <<<"$s"
-        printf "%-13s %-48s %6s  %s\n" "$name" "$status" "$secs" "$log"
+        printf "%-21s %-48s %6s  %s\n" "$name" "$status" "$secs" "$log"
     done
     echo "total $(($(date +%s) - START))s of ${BUDGET}s budget; commit $EFFKERN_COMMIT; outputs in $OUTDIR"
     if ((FAILED)); then echo "GPU CHECK: FAILED"; else echo "GPU CHECK: OK"; fi
+}
+
+bench_summary() {
+    # The latest run in CSV $1: its compact table when short, else the rows off target (MISS,
+    # WRONG, ERROR, N/A; at most 25) and the speedup summary (the tool returns the last 12,000 chars).
+    "$PY" - "$1" <<'EOF'
+import sys
+sys.path.insert(0, ".")
+from bench import report
+from bench.common import fmt_num, text_table
+runs = report.latest_runs(report.read_rows(sys.argv[1]))
+gpu = max(runs, key=lambda g: runs[g][0].get("date", ""))
+rows = runs[gpu]
+r0 = rows[0]
+print(f"== {gpu}  {r0.get('date')}  commit {r0.get('commit')}  mode {r0.get('mode')}  "
+      f"copy {fmt_num(report._f(r0.get('copy_gbps')))} GB/s  {len(rows)} rows")
+if len(rows) <= 40:
+    print(report.table(rows, compact=True))
+else:
+    off = [r for r in rows if r.get("status") not in ("PASS", "-", "")]
+    print(f"{len(off)} rows off target or failed{' (first 25)' if len(off) > 25 else ''}:")
+    if off:
+        print(report.table(off[:25], compact=True))
+print(text_table(report.speedup_summary(rows), report.SUMMARY_HEADER))
+EOF
 }
 
 pack_outdir() {
     # Keep at most MAX_FILES plain files in OUTDIR (the device tool returns 8): the most useful
     # stay loose, the rest go into logs.tar.gz.
     ((MAX_FILES > 0)) || return 0
-    local keep=(gpu_check.log tests.log integer.csv integer.md integer.png bench.json build.log info.txt
-        bench.log sanitizer.log pytest_bench.log)
+    local keep=(gpu_check.log tests.log integer.csv tokens.csv integer.md tokens.md build.log info.txt)
     local files n
     mapfile -t files < <(cd "$OUTDIR" && find . -maxdepth 1 -type f ! -name logs.tar.gz -printf '%f\n' | sort)
     n=${#files[@]}

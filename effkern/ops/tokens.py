@@ -72,6 +72,8 @@ def scatter_plan(idx: Tensor, n: int) -> tuple[Tensor, Tensor]:
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     """out[b, k] = x[b, idx[b, k]] for x [B, N, C]; an out-of-range index gives a zero row."""
     b, n, c = x.shape
+    if n == 0:  # nothing to gather from: every index is out of range
+        return x.new_zeros(b, idx.shape[1], c)
     valid = (idx >= 0) & (idx < n)
     safe = torch.where(valid, idx, 0).to(torch.int64)
     out = torch.gather(x, 1, safe[:, :, None].expand(b, idx.shape[1], c))
@@ -432,7 +434,18 @@ def token_scatter(x: Tensor, y: Tensor, idx: Tensor, *, reduce: str = "replace",
 
 _topk_dispatch = op_dispatcher("topk_tokens", "top-k token positions (stable, ties to the lower)")
 _topk_dispatch.register("torch", topk_rank, dtypes=TORCH_DTYPES)
-_topk_dispatch.register("triton", triton_impl("tokens", "topk_rank"), dtypes=FLOAT_DTYPES)
+# The Triton kernel ranks by all-pairs comparison, O(M^2) per row: beyond a few thousand tokens
+# a sort (the torch backend) is faster.
+TRITON_TOPK_MAX_M = 4096
+
+
+def _triton_topk_limit(scores: Tensor, k: int, keep_cls: bool) -> list[str]:
+    m = scores.shape[1]
+    return [f"M = {m} > {TRITON_TOPK_MAX_M}: the all-pairs ranking kernel is slower than a sort"] if m > TRITON_TOPK_MAX_M else []
+
+
+_topk_dispatch.register("triton", triton_impl("tokens", "topk_rank"), dtypes=FLOAT_DTYPES,
+                        check=_triton_topk_limit)
 
 
 def _check_topk(scores: Tensor, k: int, keep_cls: bool) -> None:
