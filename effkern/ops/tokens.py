@@ -600,9 +600,21 @@ def _cls_attention_setup(ctx, inputs, output):
     ctx.scale, ctx.softmax = scale, softmax
 
 
+# The backward formulas call their kernels through custom ops too, so that torch.compile traces
+# them with fake tensors instead of running a kernel on them.
+@torch.library.custom_op("effkern::cls_attention_backward", mutates_args=())
+def _cls_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, scale: float, softmax: bool) -> tuple[Tensor, Tensor]:
+    return _cls_bwd_dispatch(grad.contiguous(), q.contiguous(), k.contiguous(), scale, softmax)
+
+
+@_cls_attention_backward_op.register_fake
+def _(grad, q, k, scale, softmax):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+
+
 def _cls_attention_backward(ctx, grad):
     q, k = ctx.saved_tensors
-    dq, dk = _cls_bwd_dispatch(grad.contiguous(), q.contiguous(), k.contiguous(), ctx.scale, ctx.softmax)
+    dq, dk = torch.ops.effkern.cls_attention_backward(grad, q, k, ctx.scale, ctx.softmax)
     return dq, dk, None, None
 
 
@@ -633,7 +645,17 @@ def cls_attention(q: Tensor, k: Tensor, *, scale: float | None = None, softmax: 
 
 _msoftmax_dispatch = op_dispatcher("masked_softmax", "DynamicViT's policy-masked softmax")
 _msoftmax_dispatch.register("torch", masked_softmax_fwd, dtypes=TORCH_DTYPES)
-_msoftmax_dispatch.register("triton", triton_impl("token_attention", "masked_softmax_fwd"), dtypes=FLOAT_DTYPES)
+# The Triton forward numbers rows (B * H * N of them) in int32.
+TRITON_MASKED_SOFTMAX_MAX_ROWS = 2**31 - 1 - 4096
+
+
+def _triton_masked_softmax_rows(logits: Tensor, policy: Tensor, eps: float) -> list[str]:
+    rows = logits.shape[0] * logits.shape[1] * logits.shape[2]
+    return [f"{rows} rows exceed {TRITON_MASKED_SOFTMAX_MAX_ROWS}"] if rows > TRITON_MASKED_SOFTMAX_MAX_ROWS else []
+
+
+_msoftmax_dispatch.register("triton", triton_impl("token_attention", "masked_softmax_fwd"), dtypes=FLOAT_DTYPES,
+                            check=_triton_masked_softmax_rows)
 _msoftmax_bwd_dispatch = op_dispatcher("masked_softmax_backward", "gradient of masked_softmax")
 _msoftmax_bwd_dispatch.register("torch", masked_softmax_bwd, dtypes=TORCH_DTYPES)
 _msoftmax_bwd_dispatch.register("triton", triton_impl("token_attention", "masked_softmax_bwd"),
@@ -672,10 +694,20 @@ def _masked_softmax_setup(ctx, inputs, output):
     ctx.eps = eps
 
 
+@torch.library.custom_op("effkern::masked_softmax_backward", mutates_args=())
+def _masked_softmax_backward_op(grad: Tensor, logits: Tensor, policy: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return _msoftmax_bwd_dispatch(grad.contiguous(), logits.contiguous(), policy.contiguous(), eps)
+
+
+@_masked_softmax_backward_op.register_fake
+def _(grad, logits, policy, eps):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format), torch.empty_like(policy)
+
+
 def _masked_softmax_backward(ctx, grad):
     logits, policy = ctx.saved_tensors
-    d_logits, d_policy = _msoftmax_bwd_dispatch(
-        grad.contiguous(), logits.contiguous(), policy.to(_acc_dtype(logits.dtype)).contiguous(), ctx.eps)
+    d_logits, d_policy = torch.ops.effkern.masked_softmax_backward(
+        grad, logits, policy.to(_acc_dtype(logits.dtype)), ctx.eps)
     return d_logits, d_policy.to(policy.dtype), None
 
 
@@ -853,11 +885,25 @@ def _merge_tokens_setup(ctx, inputs, output):
     ctx.save_for_backward(x, size, dest, out, size_out)
 
 
+@torch.library.custom_op("effkern::merge_tokens_backward", mutates_args=())
+def _merge_tokens_backward_op(grad_out: Tensor, grad_size: Tensor | None, x: Tensor, size: Tensor | None,
+                              out: Tensor, size_out: Tensor, dest: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dsize); dsize is an empty tensor when size is None (custom ops return no None)."""
+    dx, dsize = _merge_bwd_dispatch(grad_out.contiguous(), None if grad_size is None else grad_size.contiguous(),
+                                    x.contiguous(), size, out.contiguous(), size_out.contiguous(), dest.contiguous())
+    return dx, size_out.new_empty(0) if dsize is None else dsize
+
+
+@_merge_tokens_backward_op.register_fake
+def _(grad_out, grad_size, x, size, out, size_out, dest):
+    dsize = size_out.new_empty(0) if size is None else size_out.new_empty(dest.shape)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dsize
+
+
 def _merge_tokens_backward(ctx, grad_out, grad_size):
     x, size, dest, out, size_out = ctx.saved_tensors
-    size32 = size.to(_acc_dtype(x.dtype)).contiguous() if ctx.has_size else None
-    dx, dsize = _merge_bwd_dispatch(grad_out.contiguous(), None if grad_size is None else grad_size.contiguous(),
-                                    x.contiguous(), size32, out, size_out, dest)
+    size_acc = size.to(_acc_dtype(x.dtype)).contiguous() if ctx.has_size else None
+    dx, dsize = torch.ops.effkern.merge_tokens_backward(grad_out, grad_size, x, size_acc, out, size_out, dest)
     return dx, (dsize.to(size.dtype) if ctx.has_size else None), None, None, None
 
 
