@@ -11,7 +11,7 @@
 #   build      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=8.0;9.0a)  build.log
 #   info       python -m effkern info                                                        info.txt
 #   tests      python -m pytest tests/ --maxfail=25 -q -rs (CUDA tests included)                 tests.log
-#   memcheck   compute-sanitizer --tool memcheck on the three CUDA ops, long rows included    sanitizer.log
+#   memcheck   compute-sanitizer --tool memcheck on the CUDA ops, long rows included           sanitizer.log
 #   racecheck  compute-sanitizer --tool racecheck on a smaller set (only if time allows)      sanitizer.log
 #   bench-F    python bench/F.py --out OUTDIR for each benchmark family F       bench_F.log, F.csv/.md/.png
 #              (integer, tokens; appends to bench/results/ in this tree and copies F.csv/.md/.png to OUTDIR)
@@ -239,7 +239,7 @@ sanitize() {
 
 write_sanitizer_script() {
     cat >"$1" <<'EOF'
-# The three CUDA ops on a few shapes, long rows included, each compared with the torch reference.
+# The CUDA ops on a few shapes, long rows included, each compared with the torch reference.
 import sys
 import torch
 import effkern
@@ -280,6 +280,27 @@ for rows, c in shapes:
         check(f"int_softmax out16 {tag}", int_softmax, x, s_soft, out_bits=16)
         check(f"int_gelu {tag}", int_gelu, x, s_gelu)
         check(f"int_layernorm {tag}", int_layernorm, x, w, b)
+
+# The token gather/scatter pair: every vector width (C), both index dtypes, out-of-range indices
+# (validate=False: gathered as zero rows, scattered nowhere) and repeated ones (reduce="add").
+from effkern.ops import token_gather, token_scatter  # noqa: E402
+
+for b_, n_ in ((2, 197), (1, 785)) if small else ((1, 1), (2, 197), (3, 785), (64, 197)):
+    for c in (1024, 384, 67, 3):
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            x = torch.randn(b_, n_, c, device="cuda", generator=gen).to(dt)
+            k = max(1, int(0.7 * n_))
+            idx = torch.randint(-3, n_ + 3, (b_, k), device="cuda", generator=gen)
+            y = torch.randn(b_, k, c, device="cuda", generator=gen).to(dt)
+            tag = f"{str(dt)[6:]} {b_}x{n_}x{c}"
+            wrap = lambda f: (lambda *a, **kw: (f(*a, **kw),))  # noqa: E731  (check() compares [0])
+            for i in (idx, idx.int()):
+                check(f"token_gather {tag} {str(i.dtype)[6:]}", wrap(token_gather), x, i, validate=False)
+            check(f"token_scatter replace {tag}", wrap(token_scatter), x, y, idx, validate=False)
+            # unique targets for "add": sums of repeats may be ordered differently by the torch
+            # backend's atomics on the GPU, while x + y rounded once is the same everywhere
+            uniq = torch.stack([torch.randperm(n_, device="cuda", generator=gen)[:k] for _ in range(b_)])
+            check(f"token_scatter add {tag}", wrap(token_scatter), x, y, uniq, reduce="add", validate=False)
 torch.cuda.synchronize()
 print(f"sanitize: {ran} CUDA-op calls checked, {bad} mismatches, {declined} declined by the cuda backend")
 sys.exit(1 if bad else 3 if ran == 0 else 0)
