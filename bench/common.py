@@ -291,7 +291,8 @@ def _numeric(s: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Shared by the family benchmarks (bench/integer.py, bench/tokens.py)
+# Building the cases of the family benchmarks (bench/integer.py, bench/tokens.py; the run
+# loop, self-check and command line they share are in bench/runner.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -319,26 +320,3 @@ def rotating(fn: Callable, sets: list) -> Callable[[], object]:
 def short_exc(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
-
-
-def save(rows: list[dict], csv_path: Path, out_dir: Path | None) -> None:
-    """Append ``rows`` to ``csv_path``, regenerate its markdown and plot, copy all to out_dir."""
-    import shutil
-
-    from bench import report
-
-    csv_path = Path(csv_path)
-    report.append_rows(csv_path, rows)
-    md, png = report.regenerate(csv_path)
-    print(f"results: appended {len(rows)} rows to {csv_path}; regenerated {md}" + (f" and {png}" if png else ""))
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for p in (csv_path, md, png):
-            if p is not None and p.exists() and p.resolve().parent != out_dir.resolve():
-                shutil.copy2(p, out_dir / p.name)
-        print(f"results: copied to {out_dir}")
-
-
-def exit_on_sigterm(signum, frame):  # let `timeout` end a run through the finally that saves rows
-    raise SystemExit(128 + signum)

@@ -39,13 +39,9 @@ versions of the same shapes, and exits non-zero if anything mismatches or fails.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
-import signal
 import sys
-import tempfile
-import time
 import traceback
 import zlib
 from dataclasses import dataclass, field, replace
@@ -64,7 +60,19 @@ from effkern import BackendNotSupported  # noqa: E402
 from effkern._dispatch import OPS  # noqa: E402
 from effkern.ops import integer as intops  # noqa: E402
 
-from bench import common, report  # noqa: E402
+from bench import common, report, runner  # noqa: E402
+
+# What bench/runner.py, which runs the benchmark and the self-check, needs to know of this family.
+NAME = "integer"
+TITLE = "integer benchmark"
+QUICK_HELP = "smoke run: batch 64, ViT-B shapes, short timing"
+FAMILY_COLUMNS: dict = {}  # no "family" column: bench/report.py renders such rows with INTEGER_TEXT
+REPORT_TEXT = report.INTEGER_TEXT
+REPORT_SAMPLE = {"op": "int_softmax", "shape": "1x6x197x197", "in_dtype": "int8", "out_dtype": "int8",
+                 "backend": "triton", "correct": True, "kernel_us": 10.0, "baseline": "torch.softmax bf16",
+                 "baseline_us": 15.0, "gbps": 100.0, "bw_frac": 0.05, "copy_gbps": 2000.0,
+                 "matmul_tflops": 700.0, "target": "", "status": "-"}
+SELF_CHECK_TEXT = {"dtype": "in", "summary": "{n_ok} backend checks bit-exact, {failures} failed"}
 
 # --------------------------------------------------------------------------------------------
 # Configs
@@ -150,12 +158,12 @@ def configs(quick: bool = False, ops: Sequence[str] | None = None) -> list[Confi
     for (model, k, n), b in itertools.product(LINEAR_KN, batches):
         if model in names:
             out.append(Config("int8_linear", model, b, (b * TOKENS, k), "int8", n_out=n))
-    if ops:
-        unknown = set(ops) - set(OPS_BENCHED)
-        if unknown:
-            raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(OPS_BENCHED)}")
-        out = [c for c in out if c.op in ops]
-    return out
+    return runner.only_ops(out, ops, OPS_BENCHED)
+
+
+def run_order(cfgs: list[Config]) -> list[Config]:
+    """The order to run the configs in: report order."""
+    return cfgs
 
 
 def self_check_configs(quick: bool = False, ops: Sequence[str] | None = None) -> list[Config]:
@@ -426,7 +434,7 @@ def status_for(cfg: Config, target: str, correct: bool, speedup: float, bw_frac:
 
 
 # --------------------------------------------------------------------------------------------
-# GPU benchmark
+# GPU benchmark (bench/runner.py runs the configs; this fills in the rows of one)
 # --------------------------------------------------------------------------------------------
 
 
@@ -434,30 +442,11 @@ def _time(fn, timing) -> common.Timing:
     return common.do_bench_us(fn, *timing)
 
 
-def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, float], mode: str) -> list[dict]:
-    """All rows of one config: every non-reference backend x every baseline."""
-    nan = math.nan
-    base = {k: env.get(k, "") for k in ("date", "gpu", "cc", "torch", "triton", "cuda", "commit")}
-    base.update(mode=mode, op=cfg.op, model=cfg.model, batch=cfg.batch, shape=cfg.shape_str,
-                in_dtype=cfg.in_dtype, copy_gbps=ceilings["copy_gbps"], matmul_tflops=ceilings["matmul_tflops"])
-    try:
-        case = build_case(cfg, "cuda")
-    except Exception as e:
-        traceback.print_exc()
-        return [dict(base, backend=b, status="ERROR", note=f"building inputs: {common.short_exc(e)}")
-                for b in registered_backends(cfg.op)]
+def backend_rows(case: Case, base: dict, baseline_t: dict[str, tuple[float, str]], ceilings: dict,
+                 timing: tuple[float, float]) -> list[dict]:
+    """The rows of one config, whose baselines are timed: every non-reference backend x every baseline."""
+    cfg, nan = case.cfg, math.nan
     base.update(out_dtype=case.out_dtype, bytes=case.bytes, flops=case.flops or "", rot_sets=len(case.sets))
-
-    baseline_t: dict[str, tuple[float, str]] = {}
-    for bl in case.baselines:
-        if bl.fn is None:
-            baseline_t[bl.name] = (nan, bl.na)
-            continue
-        try:
-            baseline_t[bl.name] = (_time(bl.fn, timing).median_us, bl.note)
-        except Exception as e:
-            baseline_t[bl.name] = (nan, f"baseline failed: {common.short_exc(e)}")
-
     rows = []
     for backend in registered_backends(cfg.op):
         impl, why = select(case, backend)
@@ -513,184 +502,29 @@ def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, fl
     return rows
 
 
-def run_gpu(args) -> int:
-    timing = common.QUICK_TIMING if args.quick else common.FULL_TIMING
-    mode = "quick" if args.quick else "full"
-    deadline = time.monotonic() + args.time_budget if args.time_budget else math.inf
-    env = common.environment()
-    print(f"effkern integer benchmark ({mode}) on {env['gpu']} (cc {env['cc']}, {env.get('sms')} SMs, "
-          f"L2 {env.get('l2_mb')} MB); torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-          f"commit {env['commit']}, {env['date']}", flush=True)
-    ceilings = common.measure_ceilings(*timing)
-    print(f"measured ceilings: copy {ceilings['copy_gbps']:.0f} GB/s (read + write), "
-          f"bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s", flush=True)
-    rows: list[dict] = []
-    cfgs = configs(args.quick, args.ops)
-    interrupted = None
-    try:
-        for i, cfg in enumerate(cfgs):
-            if time.monotonic() > deadline:
-                print(f"time budget of {args.time_budget:.0f} s spent: skipping {len(cfgs) - i} configs", flush=True)
-                mode_note = f"{mode}, stopped by time budget after {i} of {len(cfgs)} configs"
-                for r in rows:
-                    r["mode"] = mode_note
-                break
-            t0 = time.monotonic()
-            try:
-                new = bench_config(cfg, env, ceilings, timing, mode)
-            except Exception as e:  # e.g. a CUDA error that poisoned the context
-                traceback.print_exc()
-                new = [dict(date=env["date"], gpu=env["gpu"], cc=env["cc"], torch=env["torch"],
-                            triton=env["triton"], cuda=env["cuda"], commit=env["commit"], mode=mode, op=cfg.op,
-                            model=cfg.model, batch=cfg.batch, shape=cfg.shape_str, in_dtype=cfg.in_dtype,
-                            backend=b, status="ERROR", note=f"benchmark raised {common.short_exc(e)}")
-                       for b in registered_backends(cfg.op)]
-            rows.extend(new)
-            try:  # the config's tensors went with bench_config's frame
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-            except Exception:  # a sticky CUDA error: later configs will report it too
-                traceback.print_exc()
-            print(f"[{i + 1}/{len(cfgs)}] {cfg.name}: {time.monotonic() - t0:.1f} s", flush=True)
-            print(report.table(new, compact=True).split("\n", 2)[-1], flush=True)
-    except (KeyboardInterrupt, SystemExit) as e:
-        interrupted = e
-        for r in rows:
-            r["mode"] = f"{mode}, interrupted"
-    finally:
-        if rows:
-            print()
-            print(report.table(rows))
-            print()
-            print(common.text_table(report.speedup_summary(rows), report.SUMMARY_HEADER))
-            if not args.no_save:
-                common.save(rows, args.csv, args.out)
-    if interrupted is not None:
-        raise interrupted
-    bad = [r for r in rows if r.get("correct") is False or r.get("status") in ("ERROR", "WRONG")]
-    n_pass = sum(r.get("status") == "PASS" for r in rows)
-    n_miss = sum(r.get("status") == "MISS" for r in rows)
-    print(f"\ntargets: {n_pass} PASS, {n_miss} MISS; {len(bad)} rows wrong or failed")
-    return 1 if bad else 0
-
-
 # --------------------------------------------------------------------------------------------
-# CPU self-check
+# CPU self-check (bench/runner.py checks the backends; this runs the baselines)
 # --------------------------------------------------------------------------------------------
 
 
-def self_check(args) -> int:
-    cfgs = self_check_configs(args.quick, args.ops)
-    interp = effkern._dispatch.triton_interpreter_enabled()
-    print(f"No CUDA device: nothing is timed (timings need a GPU). Running the correctness self-check on "
-          f"small versions of the benchmark shapes: {len(cfgs)} cases, triton "
-          f"{'under TRITON_INTERPRET=1' if interp else 'skipped (set TRITON_INTERPRET=1 to include it)'}.",
-          flush=True)
-    out, failures = [], 0
-    for cfg in cfgs:
-        t0 = time.monotonic()
-        case = build_case(cfg, "cpu", rotate=False)
-        for backend in registered_backends(cfg.op, include_reference=True):
-            impl, why = select(case, backend)
-            if impl is None:
-                status, note = why
-            else:
-                try:
-                    ok, note = verify(case, impl, backend)
-                    status = "ok" if ok else "MISMATCH"
-                except Exception as e:
-                    status, note = "ERROR", common.short_exc(e)
-            failures += status in ("ERROR", "MISMATCH")
-            out.append([cfg.op, cfg.shape_str, cfg.in_dtype, backend, status, note[:160]])
-        for bl in case.baselines:  # exercise the baseline code paths once (untimed)
-            if bl.fn is None:
-                status, note = "N/A", bl.na
-            else:
-                try:
-                    bl.fn()
-                    status, note = "ran", "untimed"
-                except Exception as e:
-                    status, note = "N/A on cpu", common.short_exc(e)
-            out.append([cfg.op, cfg.shape_str, cfg.in_dtype, f"baseline {bl.name}", status, note[:160]])
-        print(f"  {cfg.op} {cfg.shape_str} {cfg.in_dtype}: {time.monotonic() - t0:.1f} s", flush=True)
-    print()
-    print(common.text_table(out, ["op", "shape", "in", "backend", "result", "note"]))
-    rep_ok, rep_msg = _check_report_pipeline()
-    failures += not rep_ok
-    print(f"\nreport pipeline (synthetic rows in a temporary directory, deleted): {rep_msg}")
-    n_ok = sum(r[4] == "ok" for r in out)
-    print(f"\nself-check: {n_ok} backend checks bit-exact, {failures} failed; "
-          "timings need a GPU (run on a CUDA machine).")
-    return 1 if failures else 0
-
-
-def _check_report_pipeline() -> tuple[bool, str]:
-    """CSV append -> markdown -> plot on two synthetic runs, in a temporary directory only."""
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            csv_path = Path(tmp) / "integer.csv"
-            fake = {"gpu": "synthetic-gpu", "mode": "selfcheck", "op": "int_softmax", "shape": "1x6x197x197",
-                    "in_dtype": "int8", "out_dtype": "int8", "backend": "triton", "correct": True,
-                    "kernel_us": 10.0, "baseline": "torch.softmax bf16", "baseline_us": 15.0, "speedup": 1.5,
-                    "gbps": 100.0, "bw_frac": 0.05, "copy_gbps": 2000.0, "matmul_tflops": 700.0,
-                    "target": "", "status": "-"}
-            report.append_rows(csv_path, [dict(fake, date="2000-01-01T00:00:00Z")])
-            report.append_rows(csv_path, [dict(fake, date="2000-01-02T00:00:00Z", speedup=2.0)])
-            rows = report.read_rows(csv_path)
-            md, png = report.regenerate(csv_path)
-            text = md.read_text()
-            assert len(rows) == 2 and "2.00x" in text and "1.50x" not in text, "latest-run selection"
-            return True, "ok" + ("" if png else " (no plot: matplotlib missing)")
-    except Exception as e:
-        traceback.print_exc()
-        return False, f"FAILED: {common.short_exc(e)}"
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--quick", action="store_true", help="smoke run: batch 64, ViT-B shapes, short timing")
-    p.add_argument("--csv", type=Path, default=common.RESULTS_DIR / "integer.csv",
-                   help="results CSV to append to; .md and .png beside it are regenerated "
-                        "(default: bench/results/integer.csv)")
-    p.add_argument("--out", type=Path, default=None, help="also copy the CSV, markdown and plot into this directory")
-    p.add_argument("--ops", type=lambda s: [o.strip() for o in s.split(",") if o.strip()], default=None,
-                   help=f"comma-separated subset of {','.join(OPS_BENCHED)}")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; configs not started by then are skipped (the rows so far are saved)")
-    p.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point for ``python -m effkern bench integer``: ``args`` from a parser set up by
-    :func:`add_arguments` (missing attributes take their defaults). Returns the exit status."""
-    defaults = add_arguments(argparse.ArgumentParser()).parse_args([])
-    for k, v in vars(defaults).items():
-        if not hasattr(args, k) or getattr(args, k) is None and v is not None:
-            setattr(args, k, v)
-    if args.csv is not None:
-        args.csv = Path(args.csv)
-    if common.cuda_available():
+def check_baselines(case: Case) -> list[tuple[str, str, str]]:
+    """(name, status, note) of each baseline run once, untimed; one that cannot run on the CPU
+    (torch._int_mm) is reported, not counted as a failure."""
+    out = []
+    for bl in case.baselines:
+        if bl.fn is None:
+            out.append((bl.name, "N/A", bl.na))
+            continue
         try:
-            previous = signal.signal(signal.SIGTERM, common.exit_on_sigterm)
-        except ValueError:  # not the main thread
-            previous = None
-        try:
-            return run_gpu(args)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-    return self_check(args)
+            bl.fn()
+            out.append((bl.name, "ran", "untimed"))
+        except Exception as e:
+            out.append((bl.name, "N/A on cpu", common.short_exc(e)))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/integer.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    return run(add_arguments(p).parse_args(argv))
+    return runner.main(sys.modules[__name__], argv)  # this module is the family runner.main drives
 
 
 if __name__ == "__main__":

@@ -18,101 +18,32 @@ timed. Without CUDA every benchmark is skipped (the CPU self-check is ``python b
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import time
-
 import pytest
-import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from bench import common, integer  # noqa: E402
+from bench import common, integer, runner  # noqa: E402
 
-QUICK = os.environ.get("EFFKERN_BENCH_QUICK", "0") not in ("", "0")
-OPS_SUBSET = [o for o in os.environ.get("EFFKERN_BENCH_OPS", "").split(",") if o.strip()] or None
-DEADLINE = float(os.environ.get("EFFKERN_BENCH_DEADLINE", "inf"))
-TIMING = common.QUICK_TIMING if QUICK else common.FULL_TIMING
-ROUNDS, WARMUP_ROUNDS = (30, 3) if QUICK else (100, 5)
-
-CLOCK = common.GpuClock()
-_NO_GPU = ("GPU benchmarks need CUDA and triton; on CPU run `python bench/integer.py` for the correctness "
-           "self-check")
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None, reason=_NO_GPU),
-    pytest.mark.benchmark(timer=CLOCK, warmup=False, disable_gc=True),
-]
+BENCH = runner.PytestBench(integer)  # settings (EFFKERN_BENCH_*), GPU clock, case cache, measurement
+pytestmark = BENCH.marks()
 
 
-def _params():
-    params = []
-    for cfg in integer.configs(QUICK, OPS_SUBSET):
-        impls = [f"baseline:{b}" for b in integer.BASELINES[cfg.op]] + integer.registered_backends(cfg.op)
-        for impl in impls:
-            ident = f"{cfg.name}-{impl.replace('baseline:', 'base-').replace(' ', '_')}"
-            params.append(pytest.param(cfg, impl, id=ident))
-    return params
+def _impls(cfg) -> list[str]:
+    """Each baseline, then each non-reference effkern backend."""
+    return [f"baseline:{b}" for b in integer.BASELINES[cfg.op]] + integer.registered_backends(cfg.op)
 
 
-_cache: dict = {}  # the current config's case and baseline medians (params are config-major)
-
-
-def _case(cfg):
-    if _cache.get("cfg") != cfg:
-        _cache.clear()
-        torch.cuda.empty_cache()
-        _cache.update(cfg=cfg, case=integer.build_case(cfg, "cuda"), baseline_us={})
-    return _cache["case"]
-
-
-def _flusher():
-    if "flusher" not in _flusher.__dict__:
-        _flusher.flusher = common.L2Flusher()
-    return _flusher.flusher
-
-
-@pytest.mark.parametrize("cfg, impl", _params())
+@pytest.mark.parametrize("cfg, impl", BENCH.params(_impls))
 def test_integer(benchmark, cfg, impl):
-    if time.time() > DEADLINE:
-        pytest.skip("time budget (EFFKERN_BENCH_DEADLINE) spent")
-    case = _case(cfg)
+    case = BENCH.case(cfg)
     benchmark.group = f"{cfg.op} {cfg.model} B{cfg.batch} {cfg.shape_str} {cfg.in_dtype}"
     info = {"op": cfg.op, "model": cfg.model, "batch": cfg.batch, "shape": cfg.shape_str,
             "in_dtype": cfg.in_dtype, "impl": impl, "rot_sets": len(case.sets)}
     if impl.startswith("baseline:"):
-        bl = next(b for b in case.baselines if b.name == impl.removeprefix("baseline:"))
-        if bl.fn is None:
-            pytest.skip(f"{bl.name}: {bl.na}")
+        bl = BENCH.baseline(case, impl, info)
         fn, nbytes, flops = bl.fn, bl.bytes, bl.flops
-        if bl.note:
-            info["note"] = bl.note
     else:
-        chosen, why = integer.select(case, impl)
-        if chosen is None:
-            status, reason = why
-            if status == "N/A":
-                pytest.skip(f"{impl} not available: {reason}")
-            pytest.fail(reason)
-        ok, note = integer.verify(case, chosen, impl)
-        assert ok, f"{impl} differs from the torch reference: {note}"
+        kernel = BENCH.verified(case, impl).fn
         args = common.Rotator([case.kernel_args(s) for s in case.sets])
-        kernel = chosen.fn
         fn, nbytes, flops = (lambda: kernel(*args.next())), case.bytes, case.flops
-
-    t = common.do_bench_us(fn, *TIMING)
-    flush = _flusher()
-
-    def one_round():
-        CLOCK.advance(common.cuda_event_time_s(fn, flush))
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
-    info.update(do_bench_median_us=t.median_us, do_bench_p20_us=t.p20_us, do_bench_p80_us=t.p80_us,
-                bytes=nbytes, gbps=nbytes / (t.median_us * 1e-6) / 1e9)
-    if flops:
-        info.update(flops=flops, tops=flops / (t.median_us * 1e-6) / 1e12)
-    if impl.startswith("baseline:"):
-        _cache["baseline_us"][impl.removeprefix("baseline:")] = t.median_us
-    else:
-        for name, b_us in _cache["baseline_us"].items():
-            info[f"speedup_vs_{name}"] = b_us / t.median_us
-    benchmark.extra_info.update(info)
+    BENCH.measure(benchmark, impl, fn, nbytes, info, flops)

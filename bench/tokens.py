@@ -64,14 +64,10 @@ backend whose module cannot be imported yet is reported as unavailable, not as a
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import itertools
 import math
-import signal
 import sys
-import tempfile
-import time
 import traceback
 import zlib
 from dataclasses import dataclass, field, replace
@@ -89,9 +85,18 @@ from effkern import BackendNotSupported  # noqa: E402
 from effkern._dispatch import BACKENDS, OPS  # noqa: E402
 from effkern.ops import tokens as tokops  # noqa: E402
 
-from bench import common, report  # noqa: E402
+from bench import common, runner  # noqa: E402
 
-FAMILY = "tokens"
+# What bench/runner.py, which runs the benchmark and the self-check, needs to know of this family.
+NAME = "tokens"
+TITLE = "token-op benchmark"
+QUICK_HELP = "smoke run: DeiT-B, B=256, N=197, one config per op, short timing"
+FAMILY_COLUMNS = {"family": NAME}  # bench/report.py renders these rows with REPORT_TEXT below
+REPORT_SAMPLE = {**FAMILY_COLUMNS, "op": "token_gather", "shape": "64x197x768 k138", "in_dtype": "bf16",
+                 "out_dtype": "bf16", "backend": "triton", "correct": True, "kernel_us": 10.0,
+                 "baseline": "torch.gather", "baseline_us": 15.0, "gbps": 100.0, "bw_frac": 0.05,
+                 "copy_gbps": 2000.0, "target": "", "status": "-"}
+SELF_CHECK_TEXT = {"dtype": "dtype", "summary": "{n_ok} backend checks passed, {n_na} unavailable, {failures} failed"}
 
 # --------------------------------------------------------------------------------------------
 # Configs
@@ -178,6 +183,10 @@ class Config:
     def name(self) -> str:
         return f"{self.op}-{self.model}-{self.shape_str.replace(' ', '-')}-{self.dtype}"
 
+    @property
+    def in_dtype(self) -> str:  # the rows' name for it (bench/runner.py)
+        return self.dtype
+
     def small(self) -> "Config":
         """The self-check version: batch 2, at most 2 heads, the same N, C, ratio and r."""
         return replace(self, model="small", batch=2, heads=min(self.heads, 2))
@@ -209,12 +218,7 @@ def configs(quick: bool = False, ops: Sequence[str] | None = None) -> list[Confi
     if quick:
         out = [c for c in out if c.batch == BIG_BATCH and c.tokens == TARGET_N and c.model in ("DeiT-B", "-")
                and c.ratio in (0.0, 0.7) and c.dtype == ("fp32" if c.op == "topk_tokens" else "bf16")]
-    if ops:
-        unknown = set(ops) - set(OPS_BENCHED)
-        if unknown:
-            raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(OPS_BENCHED)}")
-        out = [c for c in out if c.op in ops]
-    return out
+    return runner.only_ops(out, ops, OPS_BENCHED)
 
 
 def run_order(cfgs: list[Config]) -> list[Config]:
@@ -807,31 +811,15 @@ def status_for(cfg: Config, target: str, correct: bool, speedup: float, op_speed
 
 
 # --------------------------------------------------------------------------------------------
-# GPU benchmark
+# GPU benchmark (bench/runner.py runs the configs; this fills in the rows of one)
 # --------------------------------------------------------------------------------------------
 
 
-def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, float], mode: str) -> list[dict]:
-    """All rows of one config: every non-reference backend x every baseline."""
-    nan = math.nan
-    base = {k: env.get(k, "") for k in ("date", "gpu", "cc", "torch", "triton", "cuda", "commit")}
-    base.update(family=FAMILY, mode=mode, op=cfg.op, model=cfg.model, batch=cfg.batch, shape=cfg.shape_str,
-                in_dtype=cfg.dtype, copy_gbps=ceilings["copy_gbps"], matmul_tflops=ceilings["matmul_tflops"])
-    try:
-        case = build_case(cfg, "cuda")
-    except Exception as e:
-        traceback.print_exc()
-        return [dict(base, backend=b, status="ERROR", note=f"building inputs: {common.short_exc(e)}")
-                for b in registered_backends(cfg.op)]
+def backend_rows(case: Case, base: dict, baseline_t: dict[str, tuple[float, str]], ceilings: dict,
+                 timing: tuple[float, float]) -> list[dict]:
+    """The rows of one config, whose baselines are timed: every non-reference backend x every baseline."""
+    cfg, nan = case.cfg, math.nan
     base.update(out_dtype=case.out_dtype, bytes=case.bytes, rot_sets=len(case.sets))
-
-    baseline_t: dict[str, tuple[float, str]] = {}
-    for bl in case.baselines:
-        try:
-            baseline_t[bl.name] = (common.do_bench_us(bl.fn, *timing).median_us, bl.note)
-        except Exception as e:
-            baseline_t[bl.name] = (nan, f"baseline failed: {common.short_exc(e)}")
-
     rows = []
     for backend in registered_backends(cfg.op):
         fns, why = select(case, backend)
@@ -872,152 +860,31 @@ def bench_config(cfg: Config, env: dict, ceilings: dict, timing: tuple[float, fl
     return rows
 
 
-def run_gpu(args) -> int:
-    timing = common.QUICK_TIMING if args.quick else common.FULL_TIMING
-    mode = "quick" if args.quick else "full"
-    deadline = time.monotonic() + args.time_budget if args.time_budget else math.inf
-    env = common.environment()
-    print(f"effkern token-op benchmark ({mode}) on {env['gpu']} (cc {env['cc']}, {env.get('sms')} SMs, "
-          f"L2 {env.get('l2_mb')} MB); torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-          f"commit {env['commit']}, {env['date']}", flush=True)
-    ceilings = common.measure_ceilings(*timing)
-    print(f"measured ceilings: copy {ceilings['copy_gbps']:.0f} GB/s (read + write), "
-          f"bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s", flush=True)
-    cfgs = configs(args.quick, args.ops)
-    rank = {c: i for i, c in enumerate(cfgs)}
-    done: list[tuple[Config, list[dict]]] = []
-    interrupted = None
-    try:
-        for i, cfg in enumerate(run_order(cfgs)):
-            if time.monotonic() > deadline:
-                print(f"time budget of {args.time_budget:.0f} s spent: skipping {len(cfgs) - i} configs", flush=True)
-                mode = f"{mode}, stopped by time budget after {i} of {len(cfgs)} configs"
-                break
-            t0 = time.monotonic()
-            try:
-                new = bench_config(cfg, env, ceilings, timing, mode)
-            except Exception as e:  # e.g. a CUDA error that poisoned the context
-                traceback.print_exc()
-                new = [dict(date=env["date"], gpu=env["gpu"], cc=env["cc"], torch=env["torch"], triton=env["triton"],
-                            cuda=env["cuda"], commit=env["commit"], family=FAMILY, mode=mode, op=cfg.op,
-                            model=cfg.model, batch=cfg.batch, shape=cfg.shape_str, in_dtype=cfg.dtype, backend=b,
-                            status="ERROR", note=f"benchmark raised {common.short_exc(e)}")
-                       for b in registered_backends(cfg.op)]
-            done.append((cfg, new))
-            try:  # the config's tensors went with bench_config's frame
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-            except Exception:  # a sticky CUDA error: later configs will report it too
-                traceback.print_exc()
-            print(f"[{i + 1}/{len(cfgs)}] {cfg.name}: {time.monotonic() - t0:.1f} s", flush=True)
-            print(report.table(new, compact=True).split("\n", 2)[-1], flush=True)
-    except (KeyboardInterrupt, SystemExit) as e:
-        interrupted = e
-        mode = f"{mode}, interrupted"
-    finally:
-        rows = [r for _, new in sorted(done, key=lambda d: rank[d[0]]) for r in new]
-        for r in rows:
-            r["mode"] = mode
-        if rows:
-            print()
-            print(report.table(rows))
-            print()
-            print(common.text_table(report.speedup_summary(rows), report.SUMMARY_HEADER))
-            if not args.no_save:
-                common.save(rows, args.csv, args.out)
-    if interrupted is not None:
-        raise interrupted
-    bad = [r for r in rows if r.get("correct") is False or r.get("status") in ("ERROR", "WRONG")]
-    n_pass = sum(r.get("status") == "PASS" for r in rows)
-    n_miss = sum(r.get("status") == "MISS" for r in rows)
-    print(f"\ntargets: {n_pass} PASS, {n_miss} MISS; {len(bad)} rows wrong or failed")
-    return 1 if bad else 0
-
-
 # --------------------------------------------------------------------------------------------
-# CPU self-check
+# CPU self-check (bench/runner.py checks the backends; this runs the baselines)
 # --------------------------------------------------------------------------------------------
 
 
-def self_check(args) -> int:
-    cfgs = self_check_configs(args.quick, args.ops)
-    interp = effkern._dispatch.triton_interpreter_enabled()
-    print(f"No CUDA device: nothing is timed (timings need a GPU). Running the correctness self-check on "
-          f"small versions of the benchmark shapes: {len(cfgs)} cases, triton "
-          f"{'under TRITON_INTERPRET=1' if interp else 'skipped (set TRITON_INTERPRET=1 to include it)'}.",
-          flush=True)
-    out, failures = [], 0
-    for cfg in cfgs:
-        t0 = time.monotonic()
+def check_baselines(case: Case) -> list[tuple[str, str, str]]:
+    """(name, status, note) of each baseline run once, untimed; the ones that compute the same
+    thing as the op are checked against the torch backend's output."""
+    with effkern.backend("torch"):
+        ref = case.op(case.sets[0])
+    out = []
+    for bl in case.baselines:
         try:
-            case = build_case(cfg, "cpu", rotate=False)
+            got = bl.fn()
+            check = case.baseline_checks.get(bl.name)
+            if check is None:
+                status, note = "ran", "untimed; not an exact equivalent of the op"
+            else:
+                ok, note = check(got, ref)
+                status, note = ("agrees", "with the torch op") if ok else ("MISMATCH", note)
         except Exception as e:
             traceback.print_exc()
-            failures += 1
-            out.append([cfg.op, cfg.shape_str, cfg.dtype, "-", "ERROR", f"building inputs: {common.short_exc(e)}"[:160]])
-            continue
-        for backend in registered_backends(cfg.op, include_reference=True):
-            fns, why = select(case, backend)
-            if fns is None:
-                status, note = why
-            else:
-                try:
-                    ok, note = verify(case, fns, backend)
-                    status = "ok" if ok else "MISMATCH"
-                except Exception as e:
-                    traceback.print_exc()
-                    status, note = "ERROR", common.short_exc(e)
-            failures += status in ("ERROR", "MISMATCH")
-            out.append([cfg.op, cfg.shape_str, cfg.dtype, backend, status, note[:160]])
-        with effkern.backend("torch"):
-            ref = case.op(case.sets[0])
-        for bl in case.baselines:  # each baseline once (untimed); equivalent ones checked
-            try:
-                got = bl.fn()
-                check = case.baseline_checks.get(bl.name)
-                if check is None:
-                    status, note = "ran", "untimed; not an exact equivalent of the op"
-                else:
-                    ok, note = check(got, ref)
-                    status, note = ("agrees", "with the torch op") if ok else ("MISMATCH", note)
-            except Exception as e:
-                traceback.print_exc()
-                status, note = "ERROR", common.short_exc(e)
-            failures += status in ("ERROR", "MISMATCH")
-            out.append([cfg.op, cfg.shape_str, cfg.dtype, f"baseline {bl.name}", status, note[:160]])
-        print(f"  {cfg.op} {cfg.shape_str} {cfg.dtype}: {time.monotonic() - t0:.1f} s", flush=True)
-    print()
-    print(common.text_table(out, ["op", "shape", "dtype", "backend", "result", "note"]))
-    rep_ok, rep_msg = _check_report_pipeline()
-    failures += not rep_ok
-    print(f"\nreport pipeline (synthetic rows in a temporary directory, deleted): {rep_msg}")
-    n_ok = sum(r[4] == "ok" for r in out)
-    n_na = sum(r[4] == "N/A" for r in out)
-    print(f"\nself-check: {n_ok} backend checks passed, {n_na} unavailable, {failures} failed; "
-          "timings need a GPU (run on a CUDA machine).")
-    return 1 if failures else 0
-
-
-def _check_report_pipeline() -> tuple[bool, str]:
-    """CSV append -> markdown (this family's text) -> plot on two synthetic runs, in a temporary
-    directory only."""
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            csv_path = Path(tmp) / "synthetic.csv"
-            fake = {"family": FAMILY, "gpu": "synthetic-gpu", "mode": "selfcheck", "op": "token_gather",
-                    "shape": "64x197x768 k138", "in_dtype": "bf16", "out_dtype": "bf16", "backend": "triton",
-                    "correct": True, "kernel_us": 10.0, "baseline": "torch.gather", "baseline_us": 15.0,
-                    "speedup": 1.5, "gbps": 100.0, "bw_frac": 0.05, "copy_gbps": 2000.0, "target": "", "status": "-"}
-            report.append_rows(csv_path, [dict(fake, date="2000-01-01T00:00:00Z")])
-            report.append_rows(csv_path, [dict(fake, date="2000-01-02T00:00:00Z", speedup=2.0)])
-            md, png = report.regenerate(csv_path)
-            text = md.read_text()
-            assert "2.00x" in text and "1.50x" not in text, "latest-run selection"
-            assert REPORT_TEXT["title"] in text, "the token family's report text"
-            return True, "ok" + ("" if png else " (no plot: matplotlib missing)")
-    except Exception as e:
-        traceback.print_exc()
-        return False, f"FAILED: {common.short_exc(e)}"
+            status, note = "ERROR", common.short_exc(e)
+        out.append((bl.name, status, note))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1065,46 +932,8 @@ REPORT_TEXT = {
 # --------------------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--quick", action="store_true", help="smoke run: DeiT-B, B=256, N=197, one config per op, "
-                                                         "short timing")
-    p.add_argument("--csv", type=Path, default=common.RESULTS_DIR / "tokens.csv",
-                   help="results CSV to append to; .md and .png beside it are regenerated "
-                        "(default: bench/results/tokens.csv)")
-    p.add_argument("--out", type=Path, default=None, help="also copy the CSV, markdown and plot into this directory")
-    p.add_argument("--ops", type=lambda s: [o.strip() for o in s.split(",") if o.strip()], default=None,
-                   help=f"comma-separated subset of {','.join(OPS_BENCHED)}")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; configs not started by then are skipped (the rows so far are saved)")
-    p.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point with ``args`` from a parser set up by :func:`add_arguments` (missing
-    attributes take their defaults). Returns the exit status."""
-    defaults = add_arguments(argparse.ArgumentParser()).parse_args([])
-    for k, v in vars(defaults).items():
-        if not hasattr(args, k) or getattr(args, k) is None and v is not None:
-            setattr(args, k, v)
-    args.csv = Path(args.csv)
-    if not common.cuda_available():
-        return self_check(args)
-    try:
-        previous = signal.signal(signal.SIGTERM, common.exit_on_sigterm)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        return run_gpu(args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/tokens.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    return run(add_arguments(p).parse_args(argv))
+    return runner.main(sys.modules[__name__], argv)  # this module is the family runner.main drives
 
 
 if __name__ == "__main__":
