@@ -8,21 +8,15 @@ reference bit for bit, and bad arguments raise errors that name them.
 """
 
 import ctypes
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
 
 from effkern import _cuda_lib
 from effkern.ops.integer import ref_int_gelu_rows, ref_int_layernorm_rows, ref_int_softmax_rows
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOADED, REASON = _cuda_lib.load()
-needs_lib = pytest.mark.skipif(not LOADED, reason=f"effkern CUDA library {REASON}")
-HAS_CUDA = torch.cuda.is_available()
+from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_schema, build_host_check, case_id, needs_lib,
+                                    poison_allocator, require_cuda)
 
 SCHEMAS = {
     "cuda_int_softmax": "effkern::cuda_int_softmax(Tensor x, int x0, int n, int out_bits) -> Tensor",
@@ -67,10 +61,6 @@ def make_rows(gen, rows, length, dtype):
     return x.to(dtype)
 
 
-def case_id(v):
-    return str(v).replace("torch.", "").replace(" ", "")
-
-
 # --------------------------------------------------------------------------------------------
 # the library: built, loadable with this (possibly CPU-only) torch, ops registered
 # --------------------------------------------------------------------------------------------
@@ -87,8 +77,7 @@ def test_load_reports_reason():
 @needs_lib
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_library_registers_ops(name):
-    op = getattr(torch.ops.effkern, name)
-    assert str(op.default._schema) == SCHEMAS[name]
+    assert_schema(name, SCHEMAS)
 
 
 @needs_lib
@@ -102,14 +91,11 @@ def test_build_info():
 @needs_lib
 def test_cpu_tensors_are_refused():
     x = torch.zeros(2, 5, dtype=torch.int8)
-    calls = {
+    assert_cpu_tensors_refused({
         "cuda_int_softmax": lambda: torch.ops.effkern.cuda_int_softmax(x, -10, 15, 8),
         "cuda_int_gelu": lambda: torch.ops.effkern.cuda_int_gelu(x, -10, 15, 8),
         "cuda_int_layernorm": lambda: torch.ops.effkern.cuda_int_layernorm(x, torch.zeros(5, dtype=torch.int32), 8),
-    }
-    for name, call in calls.items():
-        with pytest.raises((NotImplementedError, RuntimeError), match=name):
-            call()
+    })
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,13 +105,7 @@ def test_cpu_tensors_are_refused():
 
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to build kernels/integer/host_check.cpp")
-    out = tmp_path_factory.mktemp("host_check") / "libhost_check.so"
-    src = os.path.join(ROOT, "kernels", "integer", "host_check.cpp")
-    subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", src, "-o", str(out)], check=True)
-    lib = ctypes.CDLL(str(out))
+    lib = build_host_check(tmp_path_factory, "integer")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ek_int_softmax_rows.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr]
     lib.ek_int_gelu_rows.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr]
@@ -179,15 +159,9 @@ def test_host_layernorm_math(host_lib, gen, dtype, length):
 # the CUDA kernels against the torch reference (GPU only)
 # --------------------------------------------------------------------------------------------
 
-def _poison(nbytes):
-    """Leave a block of 0x5b bytes in the caching allocator so that an output allocated right
-    after (same size) starts as garbage, not as zeros or an earlier correct result."""
-    torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda").fill_(0x5B)
-
-
 def _on_cuda(fn, x, *args, out_elem_size):
     xc = x.cuda()
-    _poison(x.numel() * out_elem_size)
+    poison_allocator(x.numel() * out_elem_size)
     y = fn(xc, *args)
     torch.cuda.synchronize()
     return y.cpu()
@@ -197,7 +171,7 @@ def _on_cuda(fn, x, *args, out_elem_size):
 @pytest.mark.parametrize("length", LENGTHS + [100000], ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32], ids=case_id)
 def test_cuda_softmax(gen, dtype, length):
-    _require_cuda()
+    require_cuda()
     x = make_rows(gen, 16, length, dtype)
     for x0, n, out_bits in SOFTMAX_ARGS:
         got = _on_cuda(torch.ops.effkern.cuda_int_softmax, x, x0, n, out_bits, out_elem_size=out_bits // 8)
@@ -209,7 +183,7 @@ def test_cuda_softmax(gen, dtype, length):
 @pytest.mark.parametrize("length", LENGTHS, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)
 def test_cuda_gelu(gen, dtype, length):
-    _require_cuda()
+    require_cuda()
     x = make_rows(gen, 16, length, dtype)
     for x0, n, out_bits in GELU_ARGS:
         got = _on_cuda(torch.ops.effkern.cuda_int_gelu, x, x0, n, out_bits, out_elem_size=4)
@@ -221,12 +195,12 @@ def test_cuda_gelu(gen, dtype, length):
 @pytest.mark.parametrize("length", LENGTHS, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)
 def test_cuda_layernorm(gen, dtype, length):
-    _require_cuda()
+    require_cuda()
     x = make_rows(gen, 16, length, dtype)
     bias = torch.randint(-(2**30), 2**30 + 1, (length,), generator=gen).to(torch.int32)
     xc, bc = x.cuda(), bias.cuda()
     for iters in (0, 1, 10, 16):
-        _poison(x.numel() * 4)
+        poison_allocator(x.numel() * 4)
         got = torch.ops.effkern.cuda_int_layernorm(xc, bc, iters).cpu()
         ref = ref_int_layernorm_rows(x, bias, iters)
         assert got.dtype == torch.int32 and torch.equal(got, ref), iters
@@ -234,7 +208,7 @@ def test_cuda_layernorm(gen, dtype, length):
 
 @pytest.mark.cuda
 def test_cuda_empty_and_many_rows(gen):
-    _require_cuda()
+    require_cuda()
     for shape in [(0, 197), (0, 1)]:
         x = torch.zeros(shape, dtype=torch.int8, device="cuda")
         assert torch.ops.effkern.cuda_int_softmax(x, -10, 15, 8).shape == shape
@@ -250,7 +224,7 @@ def test_cuda_empty_and_many_rows(gen):
 def test_cuda_current_stream(gen):
     """The kernels run on the current stream: on a (non-blocking) side stream held up by a
     sleep, the op must see the copy queued before it, not the tensor's older contents."""
-    _require_cuda()
+    require_cuda()
     old, new = make_rows(gen, 64, 785, torch.int16), make_rows(gen, 64, 785, torch.int16)
     xc, new_c = old.cuda(), new.cuda()
     torch.cuda.synchronize()
@@ -282,15 +256,8 @@ def test_cuda_current_stream(gen):
     ],
 )
 def test_cuda_bad_arguments(call, match):
-    _require_cuda()
+    require_cuda()
     x = torch.zeros(4, 6, dtype=torch.int8, device="cuda")
     b = torch.zeros(6, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match=match):
         call(x, b)
-
-
-def _require_cuda():
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-    if not LOADED:
-        pytest.skip(f"effkern CUDA library {REASON}")

@@ -18,20 +18,13 @@ shapes (``-k sanitizer_smoke``).
 """
 
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 
-from effkern import _cuda_lib
 from effkern.ops.tokens import gather_rows, scatter_plan, scatter_rows
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOADED, REASON = _cuda_lib.load()
-needs_lib = pytest.mark.skipif(not LOADED, reason=f"effkern CUDA library {REASON}")
-HAS_CUDA = torch.cuda.is_available()
+from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_schema, build_host_check, case_id, needs_lib,
+                                    poison_allocator, require_cuda)
 
 SCHEMAS = {
     "cuda_token_gather": "effkern::cuda_token_gather(Tensor x, Tensor idx) -> Tensor",
@@ -48,10 +41,6 @@ CS = [1, 3, 67, 384, 1024]
 OFFSETS = [0, 1, 2, 4]
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 TYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # token_launch.h FloatType
-
-
-def case_id(v):
-    return str(v).replace("torch.", "").replace(" ", "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +158,34 @@ def idx_cases(n):
     return cases
 
 
+def check_gather_cases(run, gen, x):
+    """run (a gather) on every idx_cases index set, in both index dtypes."""
+    b, n, _ = x.shape
+    for idx_dtype in IDX_DTYPES:
+        for kind, k in idx_cases(n):
+            idx = make_idx(gen, b, n, k, kind, idx_dtype)
+            check_gather(run, x, idx, f"{case_id(idx_dtype)} {kind} k={k}")
+
+
+def check_scatter_cases(run, gen, x):
+    """run (a scatter, both modes) on every idx_cases index set, the index dtypes alternating
+    (the kernels see int64 plans only)."""
+    b, n, c = x.shape
+    for i, (kind, k) in enumerate(idx_cases(n)):
+        idx_dtype = IDX_DTYPES[i % 2]
+        idx = make_idx(gen, b, n, k, kind, idx_dtype)
+        y = make_x(gen, (b, k, c), x.dtype)
+        what = f"{case_id(idx_dtype)} {kind} k={k}"
+        check_scatter(run, x, y, idx, what, repeats=kind.startswith("repeats"))
+
+
+def over_shapes(test):
+    """Parametrizes ``test`` over dtype (DTYPES) x n rows (NS) x row length c (CS)."""
+    for name, values in (("dtype", DTYPES), ("n", NS), ("c", CS)):
+        test = pytest.mark.parametrize(name, values, ids=case_id)(test)
+    return test
+
+
 # --------------------------------------------------------------------------------------------
 # the library: ops registered, CPU tensors refused
 # --------------------------------------------------------------------------------------------
@@ -177,8 +194,7 @@ def idx_cases(n):
 @needs_lib
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_library_registers_ops(name):
-    op = getattr(torch.ops.effkern, name)
-    assert str(op.default._schema) == SCHEMAS[name]
+    assert_schema(name, SCHEMAS)
 
 
 @needs_lib
@@ -186,13 +202,10 @@ def test_cpu_tensors_are_refused():
     x = torch.zeros(2, 5, 4)
     idx = torch.zeros(2, 3, dtype=torch.int64)
     order, starts = scatter_plan(idx, 5)
-    calls = {
+    assert_cpu_tensors_refused({
         "cuda_token_gather": lambda: torch.ops.effkern.cuda_token_gather(x, idx),
         "cuda_token_scatter": lambda: torch.ops.effkern.cuda_token_scatter(x, x[:, :3], order, starts, True),
-    }
-    for name, call in calls.items():
-        with pytest.raises((NotImplementedError, RuntimeError), match=name):
-            call()
+    })
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,13 +215,7 @@ def test_cpu_tensors_are_refused():
 
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to build kernels/tokens/host_check.cpp")
-    out = tmp_path_factory.mktemp("host_check_tokens") / "libhost_check_tokens.so"
-    src = os.path.join(ROOT, "kernels", "tokens", "host_check.cpp")
-    subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", src, "-o", str(out)], check=True)
-    lib = ctypes.CDLL(str(out))
+    lib = build_host_check(tmp_path_factory, "tokens")
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ek_token_gather_plan.argtypes = [ptr, ptr, i64, i64, i64, ptr]
     lib.ek_token_scatter_plan.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr]
@@ -300,17 +307,11 @@ def test_host_scatter_plan(host_lib):
     assert p["lanes"] == 1 and p["grid"] == 65536  # capped: grid-strided
 
 
-@pytest.mark.parametrize("c", CS, ids=case_id)
-@pytest.mark.parametrize("n", NS, ids=case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@over_shapes
 def test_host_gather(host_lib, gen, dtype, n, c):
     b = 3
     x = make_x(gen, (b, n, c), dtype)
-    for idx_dtype in IDX_DTYPES:
-        for kind, k in idx_cases(n):
-            idx = make_idx(gen, b, n, k, kind, idx_dtype)
-            what = f"{case_id(idx_dtype)} {kind} k={k}"
-            check_gather(host_gather(host_lib), x, idx, what)
+    check_gather_cases(host_gather(host_lib), gen, x)
     idx = make_idx(gen, b, n, n + 2, "repeats_oob", torch.int64)
     for off in OFFSETS[1:]:
         check_gather(host_gather(host_lib, x_offset=off), x, idx, f"x offset {off}")
@@ -319,18 +320,11 @@ def test_host_gather(host_lib, gen, dtype, n, c):
     check_gather(host_gather(host_lib, max_grid=3), x, idx, "grid of 3 blocks")
 
 
-@pytest.mark.parametrize("c", CS, ids=case_id)
-@pytest.mark.parametrize("n", NS, ids=case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@over_shapes
 def test_host_scatter(host_lib, gen, dtype, n, c):
     b = 3
     x = make_x(gen, (b, n, c), dtype)
-    for i, (kind, k) in enumerate(idx_cases(n)):  # the kernels see int64 plans only
-        idx_dtype = IDX_DTYPES[i % 2]
-        idx = make_idx(gen, b, n, k, kind, idx_dtype)
-        y = make_x(gen, (b, k, c), dtype)
-        what = f"{case_id(idx_dtype)} {kind} k={k}"
-        check_scatter(host_scatter(host_lib), x, y, idx, what, repeats=kind.startswith("repeats"))
+    check_scatter_cases(host_scatter(host_lib), gen, x)
     idx = make_idx(gen, b, n, 2 * n + 1, "repeats_oob", torch.int64)
     y = make_x(gen, (b, 2 * n + 1, c), dtype)
     for off in OFFSETS[1:]:
@@ -377,23 +371,10 @@ def test_host_malformed_plan_stays_in_bounds(host_lib, gen):
 # --------------------------------------------------------------------------------------------
 
 
-def _require_cuda():
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-    if not LOADED:
-        pytest.skip(f"effkern CUDA library {REASON}")
-
-
-def _poison(nbytes):
-    """Leave a block of 0x5b bytes in the caching allocator so that an output allocated right
-    after (same size) starts as garbage, not as zeros or an earlier correct result."""
-    torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda").fill_(0x5B)
-
-
 def cuda_gather(x_offset=0):
     def run(x, idx):
         xc, ic = placed(x, x_offset, "cuda"), idx.cuda()
-        _poison(x.shape[0] * idx.shape[1] * x.shape[2] * x.element_size())
+        poison_allocator(x.shape[0] * idx.shape[1] * x.shape[2] * x.element_size())
         out = torch.ops.effkern.cuda_token_gather(xc, ic)
         torch.cuda.synchronize()
         return out.cpu()
@@ -405,7 +386,7 @@ def cuda_scatter(x_offset=0, y_offset=0):
     def run(x, y, order, starts, add):
         xc, yc = placed(x, x_offset, "cuda"), placed(y, y_offset, "cuda")
         oc, sc = order.cuda(), starts.cuda()
-        _poison(x.numel() * x.element_size())
+        poison_allocator(x.numel() * x.element_size())
         out = torch.ops.effkern.cuda_token_scatter(xc, yc, oc, sc, add)
         torch.cuda.synchronize()
         return out.cpu()
@@ -414,36 +395,24 @@ def cuda_scatter(x_offset=0, y_offset=0):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("c", CS, ids=case_id)
-@pytest.mark.parametrize("n", NS, ids=case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@over_shapes
 def test_cuda_gather(gen, dtype, n, c):
-    _require_cuda()
+    require_cuda()
     b = 3
     x = make_x(gen, (b, n, c), dtype)
-    for idx_dtype in IDX_DTYPES:
-        for kind, k in idx_cases(n):
-            idx = make_idx(gen, b, n, k, kind, idx_dtype)
-            check_gather(cuda_gather(), x, idx, f"{case_id(idx_dtype)} {kind} k={k}")
+    check_gather_cases(cuda_gather(), gen, x)
     idx = make_idx(gen, b, n, n + 2, "repeats_oob", torch.int32)
     for off in OFFSETS[1:]:
         check_gather(cuda_gather(x_offset=off), x, idx, f"x offset {off}")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("c", CS, ids=case_id)
-@pytest.mark.parametrize("n", NS, ids=case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@over_shapes
 def test_cuda_scatter(gen, dtype, n, c):
-    _require_cuda()
+    require_cuda()
     b = 3
     x = make_x(gen, (b, n, c), dtype)
-    for i, (kind, k) in enumerate(idx_cases(n)):  # the kernels see int64 plans only
-        idx_dtype = IDX_DTYPES[i % 2]
-        idx = make_idx(gen, b, n, k, kind, idx_dtype)
-        y = make_x(gen, (b, k, c), dtype)
-        what = f"{case_id(idx_dtype)} {kind} k={k}"
-        check_scatter(cuda_scatter(), x, y, idx, what, repeats=kind.startswith("repeats"))
+    check_scatter_cases(cuda_scatter(), gen, x)
     idx = make_idx(gen, b, n, 2 * n + 1, "repeats_oob", torch.int64)
     y = make_x(gen, (b, 2 * n + 1, c), dtype)
     for off in OFFSETS[1:]:
@@ -456,7 +425,7 @@ def test_cuda_scatter(gen, dtype, n, c):
 def test_cuda_empty(gen, dtype):
     """Empty inputs give correctly shaped outputs; N = 0 with K > 0 gathers zero rows; K = 0
     scatters nothing (a copy of x)."""
-    _require_cuda()
+    require_cuda()
     gather, scatter = torch.ops.effkern.cuda_token_gather, torch.ops.effkern.cuda_token_scatter
     for b, n, k, c in [(0, 5, 3, 8), (2, 5, 0, 8), (2, 0, 3, 8), (2, 5, 3, 0), (0, 0, 0, 0)]:
         x = make_x(gen, (b, n, c), dtype).cuda()
@@ -476,7 +445,7 @@ def test_cuda_empty(gen, dtype):
 @pytest.mark.cuda
 def test_cuda_many_rows_grid_stride(gen):
     """More rows than one grid covers (65536 blocks of 256 one-vector rows): grid-strided."""
-    _require_cuda()
+    require_cuda()
     rows = (1 << 24) + 5
     x = make_x(gen, (1, 7, 1), torch.float32)
     idx = torch.randint(-1, 8, (1, rows), generator=gen, dtype=torch.int32)
@@ -498,7 +467,7 @@ def test_cuda_many_rows_grid_stride(gen):
 def test_cuda_64bit_offsets(gen):
     """Outputs of more than 2^31 elements: element offsets past int32, and (an odd C, so
     2-byte vectors) vector offsets too."""
-    _require_cuda()
+    require_cuda()
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs 40 GiB of GPU memory")
     rows, c = (1 << 21) + (1 << 16) + 3, 1023  # rows * c > 2^31
@@ -533,7 +502,7 @@ def test_cuda_64bit_offsets(gen):
 def test_cuda_current_stream(gen):
     """The kernels run on the current stream: on a side stream held up by a sleep, the op must
     see the copy queued before it, not the tensor's older contents."""
-    _require_cuda()
+    require_cuda()
     old, new = make_x(gen, (64, 197, 384), torch.bfloat16), make_x(gen, (64, 197, 384), torch.bfloat16)
     idx = make_idx(gen, 64, 197, 150, "perm", torch.int64)
     y = make_x(gen, (64, 150, 384), torch.bfloat16)
@@ -555,7 +524,7 @@ def test_cuda_current_stream(gen):
 def test_cuda_sanitizer_smoke(gen):
     """Every kernel instantiation once, small shapes, out-of-range indices included: the test
     to run under compute-sanitizer (memcheck / racecheck)."""
-    _require_cuda()
+    require_cuda()
     for dtype in DTYPES:
         for c, off in [(1024, 0), (384, 4), (384, 2), (67, 1), (3, 0)]:  # 16/8/4/2-byte vectors
             x = make_x(gen, (2, 197, c), dtype)
@@ -601,7 +570,7 @@ def _bad_calls():
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", range(len(_bad_calls())))
 def test_cuda_bad_arguments(case):
-    _require_cuda()
+    require_cuda()
     call, match = _bad_calls()[case]
     x = torch.zeros(2, 5, 4, device="cuda")
     y = torch.zeros(2, 3, 4, device="cuda")

@@ -9,28 +9,20 @@ complementary fill patterns.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import zlib
-
 import pytest
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if not (_INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+from tests.conftest import DEVICE
+from tests.triton_helpers import GarbageBytes, PoisonedEmpty, skip_module_unless_triton_runs
 
-import effkern
-from effkern.ops import integer as ref
-from effkern.triton import integer as tri
+skip_module_unless_triton_runs()
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+import effkern  # noqa: E402  (after the skip)
+from effkern.ops import integer as ref  # noqa: E402
+from effkern.triton import integer as tri  # noqa: E402
+
 INT32_MAX = 2**31 - 1
 INT_RANGE = {torch.int8: (-128, 127), torch.int16: (-(2**15), 2**15 - 1), torch.int32: (-(2**31), 2**31 - 1)}
-
-_real_empty = torch.empty
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,35 +30,12 @@ _real_empty = torch.empty
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A CPU generator seeded from the test's id: fresh, reproducible values per case."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-class _Poison:
-    """Replaces torch.empty: integer tensors come back filled with garbage bytes (random, or a
-    fixed byte pattern when ``pattern`` is set)."""
-
-    def __init__(self, gen: torch.Generator):
-        self.gen = gen
-        self.pattern: int | None = None
-
-    def __call__(self, *args, **kwargs):
-        t = _real_empty(*args, **kwargs)
-        if t.numel() and t.dtype in INT_RANGE and t.is_contiguous():
-            raw = t.view(torch.uint8)
-            if self.pattern is None:
-                raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=self.gen))
-            else:
-                raw.fill_(self.pattern)
-        return t
-
-
 @pytest.fixture(autouse=True)
-def poison(monkeypatch, gen) -> _Poison:
-    p = _Poison(gen)
-    monkeypatch.setattr(torch, "empty", p)
+def poison(monkeypatch, gen) -> GarbageBytes:
+    """torch.empty poisoned for the whole test: int8/int16/int32 tensors come back filled with
+    garbage bytes (random, or a fixed byte pattern once the test sets ``poison.pattern``)."""
+    p = GarbageBytes(gen, dtypes=tuple(INT_RANGE))
+    monkeypatch.setattr(torch, "empty", PoisonedEmpty(p))
     return p
 
 

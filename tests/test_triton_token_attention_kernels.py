@@ -14,28 +14,21 @@ shows up as a mismatch.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import zlib
 
 import pytest
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if not (_INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+from tests.conftest import DEVICE
+from tests.triton_helpers import INTERPRET, nan_or_garbage, poisoned_empty, skip_module_unless_triton_runs
 
-from effkern.ops import tokens as ref
-from effkern.triton import token_attention as tri
+skip_module_unless_triton_runs()
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from effkern.ops import tokens as ref  # noqa: E402  (after the skip)
+from effkern.triton import token_attention as tri  # noqa: E402
+
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 REL_TOL = 1e-5
-
-_real_empty = torch.empty
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,23 +36,9 @@ _real_empty = torch.empty
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A CPU generator seeded from the test's id: fresh, reproducible values per case."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def _poisoned_empty(*args, **kwargs):
-    t = _real_empty(*args, **kwargs)
-    if t.numel():
-        t.fill_(math.nan if t.is_floating_point() else -(2**31) + 7)
-    return t
-
-
 def run(fn, *args, **kwargs):
-    """fn(*args, **kwargs) with torch.empty poisoned."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", _poisoned_empty)
+    """fn(*args, **kwargs) with torch.empty poisoned: NaN (float) or garbage (integer) filled."""
+    with poisoned_empty(nan_or_garbage):
         return fn(*args, **kwargs)
 
 
@@ -84,7 +63,7 @@ def check(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor, what: str,
     err_torch = (lowp.double() - exact).abs().max().item()
     scale = max(scale, exact.abs().max().item())
     tol = torch.full_like(exact, 2 * err_torch + REL_TOL * scale + 1e-30)
-    if _INTERPRET and out.dtype == torch.bfloat16:
+    if INTERPRET and out.dtype == torch.bfloat16:
         # The interpreter converts float32 to bfloat16 by truncation (GPUs round to nearest):
         # up to one more bfloat16 ulp.
         tol += 2.0**-7 * exact.abs()
@@ -287,7 +266,7 @@ def test_tome_match(dtype, shape, class_token, gen):
 @pytest.mark.parametrize("values", [
     "integer",
     pytest.param("real", marks=pytest.mark.skipif(
-        _INTERPRET, reason="the interpreter's tl.dot is numpy's matmul, which may round equal columns differently")),
+        INTERPRET, reason="the interpreter's tl.dot is numpy's matmul, which may round equal columns differently")),
 ])
 @pytest.mark.parametrize("class_token", [True, False])
 @pytest.mark.parametrize("dtype", FLOATS)

@@ -16,30 +16,22 @@ the tolerance honest.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import zlib
-
 import pytest
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if not (_INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+from tests.conftest import DEVICE
+from tests.triton_helpers import GarbageBytes, poisoned_empty, skip_module_unless_triton_runs
 
-from effkern.ops import tokens as ref
-from effkern.triton import tokens as tri
+skip_module_unless_triton_runs()
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from effkern.ops import tokens as ref  # noqa: E402  (after the skip)
+from effkern.triton import tokens as tri  # noqa: E402
+
 FLOATS = [torch.float16, torch.bfloat16, torch.float32]
 INDEX_DTYPES = [torch.int64, torch.int32]
 # Relative rounding slack of one output value: an ulp (half an ulp is the rounding, doubled).
 REL = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}
 ACC_REL = 1e-5  # float32 accumulation error, relative to the sum of the terms' magnitudes
-
-_real_empty = torch.empty
 
 # The interpreter runs kernels as numpy code, which warns on the NaNs and infinities the tests
 # feed it on purpose (0 / 0 for an empty merge segment, inf - inf, overflow to inf).
@@ -52,37 +44,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A CPU generator seeded from the test's id: fresh, reproducible values per case."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-class _Poison:
-    """Stands in for torch.empty: every tensor comes back filled with garbage bytes (random, or
-    the byte ``pattern``): NaNs, infinities and huge values in floats, garbage in integers."""
-
-    def __init__(self, gen: torch.Generator, pattern: int | None = None):
-        self.gen, self.pattern = gen, pattern
-
-    def __call__(self, *args, **kwargs):
-        t = _real_empty(*args, **kwargs)
-        if t.numel() and t.is_contiguous() and t.dtype != torch.bool:
-            raw = t.view(torch.uint8)
-            if self.pattern is None:
-                raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=self.gen).to(raw.device))
-            else:
-                raw.fill_(self.pattern)
-        return t
-
-
 def call(fn, *args, gen: torch.Generator, pattern: int | None = None):
-    """fn(*args) with torch.empty poisoned for the duration of the call only."""
-    torch.empty = _Poison(gen, pattern)
-    try:
+    """fn(*args) with torch.empty poisoned for the duration of the call only: every tensor but
+    bool ones comes back filled with garbage bytes (random from ``gen``, or the byte
+    ``pattern``)."""
+    with poisoned_empty(GarbageBytes(gen, pattern)):
         return fn(*args)
-    finally:
-        torch.empty = _real_empty
 
 
 def randn(shape, dtype, gen: torch.Generator) -> torch.Tensor:

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "csrc/common/cuda_stream.h"
+#include "csrc/common/dtype_name.h"
 #include "kernels/integer/int_launch.h"
 
 namespace effkern {
@@ -25,22 +26,6 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 namespace ki = effkern::integer;
-
-const char* dtype_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Char: return "int8";
-    case ScalarType::Short: return "int16";
-    case ScalarType::Int: return "int32";
-    case ScalarType::Long: return "int64";
-    case ScalarType::Byte: return "uint8";
-    case ScalarType::Bool: return "bool";
-    case ScalarType::Half: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Float: return "float32";
-    case ScalarType::Double: return "float64";
-    default: return "an unsupported dtype";
-  }
-}
 
 // x must be a contiguous 2-D CUDA tensor of int8/int16 (int32 if allow_i32).
 ki::IntType check_rows_input(const Tensor& x, const char* op, bool allow_i32) {

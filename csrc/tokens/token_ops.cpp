@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "csrc/common/cuda_stream.h"
+#include "csrc/common/dtype_name.h"
 #include "kernels/tokens/token_launch.h"
 
 namespace effkern {
@@ -23,22 +24,6 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 namespace kt = effkern::tokens;
-
-const char* dtype_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Char: return "int8";
-    case ScalarType::Short: return "int16";
-    case ScalarType::Int: return "int32";
-    case ScalarType::Long: return "int64";
-    case ScalarType::Byte: return "uint8";
-    case ScalarType::Bool: return "bool";
-    case ScalarType::Half: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Float: return "float32";
-    case ScalarType::Double: return "float64";
-    default: return "an unsupported dtype";
-  }
-}
 
 // x: a contiguous 3-D [B, N, C] CUDA tensor of float16, bfloat16 or float32.
 kt::FloatType check_x(const Tensor& x, const char* op) {

@@ -1,5 +1,6 @@
 // Shared device pieces of the integer row kernels: block-wide all-reduce and
-// the row-length -> launch-configuration rule.  CUDA only (no torch).
+// the row-length -> launch-configuration rule (last_launch_error comes from
+// kernels/common/launch_error.cuh).  CUDA only (no torch).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,6 +10,7 @@
 
 #include "int_math.cuh"
 #include "int_launch.h"
+#include "kernels/common/launch_error.cuh"
 
 namespace effkern {
 namespace integer {
@@ -66,11 +68,6 @@ inline void dispatch_row_config(int64_t L, F&& f) {
   } else {
     f(std::integral_constant<int, kLargeBlock>{}, std::integral_constant<int, 0>{});
   }
-}
-
-inline const char* last_launch_error() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 }  // namespace integer

@@ -2,6 +2,7 @@
 // (1..32, a power of two) per output row, kBlock / G rows per block,
 // grid-strided over the rows.  The row code, the thread -> row mapping and the
 // launch plan are in token_rows.cuh (shared with the host check).
+#include "kernels/common/launch_error.cuh"
 #include "token_launch.h"
 #include "token_rows.cuh"
 
@@ -56,11 +57,6 @@ bool dispatch_vec(int vb, F&& f) {
     case 2: f(VbTag<2>{}); return true;
     default: return false;
   }
-}
-
-inline const char* last_launch_error() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 template <typename T>
