@@ -75,7 +75,7 @@ def ksh_hash_fwd(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> Tensor
             - 2 * torch.einsum("bhnd,hmd->bhnm", xn, a)).clamp_min(0)
     sigma = dist.mean(dim=(-1, -2), keepdim=True)
     k = torch.exp(-dist / (2 * sigma)) - mu.to(acc)[None, :, None, :]
-    return torch.einsum("bhnm,hkm->bhnk", k, proj.to(acc))
+    return torch.einsum("bhnm,hkm->bhnk", k, proj.to(acc)).contiguous()
 
 
 def ksh_hash_bwd(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> Tensor:
@@ -99,7 +99,7 @@ def ksh_hash_bwd(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: T
     g_xn = 2 * g_dist.sum(-1, keepdim=True) * xn - 2 * torch.einsum("bhnm,hmd->bhnd", g_dist, a)
     projected = (g_xn - (g_xn * xn).sum(-1, keepdim=True) * xn) / nrm.clamp_min(NORM_EPS)
     g_x = torch.where(nrm > NORM_EPS, projected, g_xn / NORM_EPS)
-    return g_x.to(x.dtype)
+    return g_x.to(x.dtype).contiguous()
 
 
 def pack_codes(h: Tensor) -> Tensor:
@@ -144,7 +144,7 @@ def binary_attention_fwd(v: Tensor, q_codes: Tensor, k_codes: Tensor, nbits: int
     acc = _acc_dtype(v.dtype)
     signed = SIGNED[form]
     hq, hk = (unpack_codes(c, nbits, signed, acc) for c in (q_codes, k_codes))
-    return _attention_parts(hq, hk, v, form)[2].to(v.dtype)
+    return _attention_parts(hq, hk, v, form)[2].to(v.dtype).contiguous()
 
 
 def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int,
@@ -181,7 +181,7 @@ def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: 
         d_kv = torch.einsum("bhnk,bhnd->bhkd", hq, g_t) / math.pi
         d_hk = torch.einsum("bhnd,bhkd->bhnk", vf, d_kv)
         dv = torch.einsum("bhnk,bhkd->bhnd", hk, d_kv) + g_t / 2
-    return d_hq, d_hk, dv.to(v.dtype)
+    return d_hq.contiguous(), d_hk.contiguous(), dv.to(v.dtype).contiguous()
 
 
 # ============================================================================================
