@@ -4,6 +4,8 @@
     python -m effkern bench integer [...]  the integer-op benchmark (bench/integer.py; on a machine
                                            without a GPU: the correctness self-check)
     python -m effkern bench tokens [...]   the sparse token-op benchmark (bench/tokens.py; likewise)
+    python -m effkern bench binary_hash [...]  the binary-hash attention benchmark (bench/binary_hash.py;
+                                           likewise)
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _bench(argv: list[str]) -> int:
         return 2
     sys.path.insert(0, str(root))
     parser = argparse.ArgumentParser(prog="python -m effkern bench")
-    parser.add_argument("family", choices=["integer", "tokens"], help="kernel family to benchmark")
+    parser.add_argument("family", choices=["integer", "tokens", "binary_hash"], help="kernel family to benchmark")
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(f"bench.{args.family}")
     return int(module.main(rest) or 0)

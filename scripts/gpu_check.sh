@@ -14,7 +14,7 @@
 #   memcheck   compute-sanitizer --tool memcheck on the CUDA ops, long rows included           sanitizer.log
 #   racecheck  compute-sanitizer --tool racecheck on a smaller set (only if time allows)      sanitizer.log
 #   bench-F    python bench/F.py --out OUTDIR for each benchmark family F       bench_F.log, F.csv/.md/.png
-#              (integer, tokens; appends to bench/results/ in this tree and copies F.csv/.md/.png to OUTDIR)
+#              (integer, tokens, binary_hash; appends to bench/results/ in this tree and copies F.csv/.md/.png to OUTDIR)
 #   pytest-bench-F  pytest bench/test_bench_F.py --benchmark-json=OUTDIR/bench_F.json   pytest_bench_F.log
 # and prints a short summary last (the device tool returns only the last 12,000 characters).
 #
@@ -32,7 +32,7 @@
 #
 # Environment: PYTHON (default python3), EFFKERN_COMMIT (recorded with the benchmark rows when
 # git is unavailable), GPU_CHECK_BUDGET_S, GPU_CHECK_MAX_FILES, TORCH_CUDA_ARCH_LIST,
-# GPU_CHECK_BENCH (the benchmark families to run, in order; default "integer tokens").
+# GPU_CHECK_BENCH (the benchmark families to run, in order; default "integer tokens binary_hash").
 set -euo pipefail
 
 if [[ $# -lt 1 || -z "${1:-}" ]]; then
@@ -59,7 +59,7 @@ fi
 export EFFKERN_COMMIT
 
 STEPS=()    # "name|status|seconds|log" per step
-read -r -a FAMILIES <<<"${GPU_CHECK_BENCH:-integer tokens}"  # benchmark families: bench/<family>.py
+read -r -a FAMILIES <<<"${GPU_CHECK_BENCH:-integer tokens binary_hash}"  # benchmark families: bench/<family>.py
 FAILED=0
 
 left() { echo $((START + BUDGET - $(date +%s))); }
@@ -371,7 +371,7 @@ pack_outdir() {
     # Keep at most MAX_FILES plain files in OUTDIR (the device tool returns 8): the most useful
     # stay loose, the rest go into logs.tar.gz.
     ((MAX_FILES > 0)) || return 0
-    local keep=(gpu_check.log tests.log integer.csv tokens.csv integer.md tokens.md build.log info.txt)
+    local keep=(gpu_check.log tests.log integer.csv tokens.csv binary_hash.csv integer.md tokens.md binary_hash.md build.log info.txt)
     local files n
     mapfile -t files < <(cd "$OUTDIR" && find . -maxdepth 1 -type f ! -name logs.tar.gz -printf '%f\n' | sort)
     n=${#files[@]}

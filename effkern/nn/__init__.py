@@ -1,5 +1,6 @@
 """Thin nn.Module wrappers over effkern's ops, drop-in for the modules they replace."""
 
+from effkern.nn.binary_hash import BinaryHashAttention, TokenDWConv, fit_ksh_head, ksh_code_loss, ksh_similarity_targets
 from effkern.nn.integer import IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantLinear, QuantMatMul
 from effkern.nn.tokens import (
     DynamicViTAttention,
@@ -18,6 +19,7 @@ from effkern.nn.tokens import (
 )
 
 __all__ = [
+    "BinaryHashAttention",
     "DynamicViTAttention",
     "DynamicViTBlock",
     "DynamicViTPredictor",
@@ -32,9 +34,13 @@ __all__ = [
     "QuantMatMul",
     "ToMeAttention",
     "ToMeBlock",
+    "TokenDWConv",
     "dynamicvit_keep",
     "evit_left_tokens",
     "evit_reorganize",
+    "fit_ksh_head",
     "idle_select_compute_scatter",
+    "ksh_code_loss",
+    "ksh_similarity_targets",
     "tome_merge",
 ]

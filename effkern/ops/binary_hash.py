@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from effkern._dispatch import op_dispatcher
+from effkern._dispatch import op_dispatcher, triton_impl
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -383,6 +383,19 @@ def unpack_bits(codes: Tensor, b: int, *, signed: bool = False, dtype: torch.dty
 
 _attn_dispatch = op_dispatcher("binary_attention", "linear attention from packed binary codes")
 _attn_dispatch.register("torch", binary_attention_fwd, dtypes=TORCH_DTYPES)
+CUDA_HEAD_DIMS = (32, 64, 128)  # the CUDA kernels are specialised on d
+
+
+def _cuda_head_dim(v: Tensor, q_codes: Tensor, k_codes: Tensor, nbits: int, form: str) -> list[str]:
+    return [] if v.shape[-1] in CUDA_HEAD_DIMS else [f"head dim d = {v.shape[-1]} is not one of {CUDA_HEAD_DIMS}"]
+
+
+def _cuda_binary_attention(v, q_codes, k_codes, nbits, form):
+    return torch.ops.effkern.cuda_binary_attention(v, q_codes, k_codes, nbits, FORMS.index(form))
+
+
+_cuda_binary_attention.__name__ = "torch.ops.effkern.cuda_binary_attention"
+_attn_dispatch.register("cuda", _cuda_binary_attention, dtypes=FLOAT_DTYPES, check=_cuda_head_dim)
 _attn_bwd_dispatch = op_dispatcher("binary_attention_backward", "gradient of binary_attention")
 _attn_bwd_dispatch.register("torch", binary_attention_bwd, dtypes=TORCH_DTYPES)
 
@@ -456,16 +469,28 @@ def _ste_mask(y: Tensor, form: str) -> Tensor:
     return (y.abs() < 1) if SIGNED[form] else ((y > 0) & (y < 1))
 
 
+def _check_hashed_attention(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> None:
+    op = "binary_hash_attention"
+    _check_form(op, form)
+    _check_float(op, "v", v, 4)
+    for name, y in (("the query hashes", y_q), ("the key hashes", y_k)):
+        _check_float(op, name, y, 4)
+        _check_device(op, name, y, v)
+    if y_q.shape != y_k.shape or y_q.shape[:3] != v.shape[:3] or not 1 <= y_q.shape[-1] <= MAX_NBITS:
+        raise ValueError(f"{op}: the query and key hashes must both be [B, H, N, b] with 1 <= b <= {MAX_NBITS} and "
+                         f"v [B, H, N, d], got {tuple(y_q.shape)}, {tuple(y_k.shape)} and {tuple(v.shape)}")
+
+
 @torch.library.custom_op("effkern::hashed_attention", mutates_args=())
 def _hashed_attention_op(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> Tensor:
-    _check_form("binary_hash_attention", form)
-    nbits = y_q.shape[-1]
-    q_codes, k_codes = pack_codes(y_q), pack_codes(y_k)
-    return _attn_dispatch(v.contiguous(), q_codes, k_codes, nbits, form)
+    _check_hashed_attention(y_q, y_k, v, form)
+    q_codes, k_codes = _pack_dispatch(y_q.contiguous()), _pack_dispatch(y_k.contiguous())
+    return _attn_dispatch(v.contiguous(), q_codes, k_codes, y_q.shape[-1], form)
 
 
 @_hashed_attention_op.register_fake
 def _(y_q, y_k, v, form):
+    _check_hashed_attention(y_q, y_k, v, form)
     return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
@@ -519,6 +544,8 @@ class RandomProjection:
         if x.dim() != 4 or self.weight.dim() != 3 or self.weight.shape[:2] != (x.shape[1], x.shape[3]):
             raise ValueError(f"RandomProjection: x must be [B, H, N, d] and the projection [H, d, b], "
                              f"got {tuple(x.shape)} and {tuple(self.weight.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"RandomProjection: x is on {x.device} but the projection on {self.weight.device}")
         acc = _acc_dtype(x.dtype)
         return torch.einsum("bhnd,hdk->bhnk", x.to(acc), self.weight.to(acc))
 

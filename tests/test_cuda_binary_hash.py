@@ -1,0 +1,303 @@
+"""The CUDA backend of binary-hash attention (csrc/binary_hash, kernels/binary_hash):
+``effkern::cuda_binary_attention`` against the torch backend
+(:func:`effkern.ops.binary_hash.binary_attention_fwd`, run in float64 as the reference).
+
+CPU (always): the library, when built, registers the op with the expected schema and refuses
+CPU tensors; the kernels' per-thread code (kernels/binary_hash/binary_attention.cuh), compiled
+for the host through kernels/binary_hash/host_check.cpp and run thread by thread over the
+launchers' grids (with the warp's xor-butterfly norm), matches the float64 reference. CUDA
+(marked): the kernels themselves, over forms x nbits x d x N x odd B/H and the three dtypes,
+with outputs poisoned beforehand; empty shapes, grid striding, 64-bit offsets, the current
+stream, determinism and bad arguments.
+
+Tolerances: float32 rtol 1e-5 with an atol of 1e-5 of the output's largest magnitude
+(float32 accumulation of up to N * nbits terms against float64). float16 / bfloat16: at most
+twice the torch primitive's own error in that dtype (float32 math, rounded once) plus that
+same small atol.
+"""
+
+import ctypes
+
+import pytest
+import torch
+
+from effkern.ops.binary_hash import binary_attention_fwd, num_words, pack_codes
+from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_schema, build_host_check, case_id, needs_lib,
+                                    poison_allocator, require_cuda)
+
+SCHEMAS = {
+    "cuda_binary_attention": (
+        "effkern::cuda_binary_attention(Tensor v, Tensor q_codes, Tensor k_codes, int nbits, int form) -> Tensor"
+    ),
+}
+FORMS = {"ecoformer": 0, "shiftadd": 1}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+TYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # binary_launch.h FloatType
+NBITS = [8, 16, 32, 64]
+DS = [32, 64, 128]
+NS = [1, 7, 197, 785, 3136]
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+# --------------------------------------------------------------------------------------------
+# inputs and references
+# --------------------------------------------------------------------------------------------
+
+
+def make_inputs(gen, b, h, n, d, nbits, dtype):
+    v = torch.randn((b, h, n, d), generator=gen).to(dtype)
+    q = pack_codes(torch.randn((b, h, n, nbits), generator=gen))
+    k = pack_codes(torch.randn((b, h, n, nbits), generator=gen))
+    return v, q, k
+
+
+def bh_for(n):
+    """Odd B and H, fewer heads for long sequences (the host check runs thread by thread)."""
+    return (3, 5) if n <= 7 else (1, 3) if n <= 197 else (1, 1)
+
+
+def check_close(got, v, q, k, nbits, form, what=""):
+    """got (v's dtype) against binary_attention_fwd in float64; see the module docstring."""
+    assert got.shape == v.shape and got.dtype == v.dtype, (what, got.shape, got.dtype)
+    ref = binary_attention_fwd(v.cpu().double(), q.cpu(), k.cpu(), nbits, form)
+    got64 = got.cpu().double()
+    assert torch.isfinite(got64).all(), what
+    scale = ref.abs().max().item()
+    atol = 1e-5 * scale
+    if v.dtype == torch.float32:
+        torch.testing.assert_close(got64, ref, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
+        return
+    prim = binary_attention_fwd(v.cpu(), q.cpu(), k.cpu(), nbits, form).double()
+    prim_err = (prim - ref).abs().max().item()
+    err = (got64 - ref).abs().max().item()
+    assert err <= 2 * prim_err + atol, f"{what}: max error {err:.3g}, torch {v.dtype} primitive {prim_err:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# the library: schema, CPU refusal
+# --------------------------------------------------------------------------------------------
+
+
+@needs_lib
+def test_schema():
+    assert_schema("cuda_binary_attention", SCHEMAS)
+
+
+@needs_lib
+def test_cpu_tensors_are_refused():
+    v = torch.zeros(1, 2, 5, 32)
+    c = torch.zeros(1, 2, 5, 1, dtype=torch.int32)
+    assert_cpu_tensors_refused({
+        "cuda_binary_attention": lambda: torch.ops.effkern.cuda_binary_attention(v, c, c, 8, 0),
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# the per-thread code, compiled for the host, against the float64 reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    lib = build_host_check(tmp_path_factory, "binary_hash")
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.ek_binary_attention.argtypes = [ptr, ptr, ptr, cint, cint, i64, ptr, ptr, i64, i64, i64]
+    lib.ek_binary_attention.restype = cint
+    return lib
+
+
+def host_run(lib, v, q, k, nbits, form):
+    b, h, n, d = v.shape
+    bh = b * h
+    out = torch.empty_like(v)
+    out.view(BITS[v.dtype]).fill_(0x5B5B if v.dtype != torch.float32 else 0x5B5B5B5B)
+    ws = torch.full((max(bh * nbits * (d + 1), 1),), float("nan"))
+    rc = lib.ek_binary_attention(v.data_ptr(), q.data_ptr(), k.data_ptr(), TYPE_CODE[v.dtype], FORMS[form], nbits,
+                                 ws.data_ptr(), out.data_ptr(), bh, n, d)
+    assert rc == 0
+    return out
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("nbits", NBITS)
+@pytest.mark.parametrize("d", DS)
+@pytest.mark.parametrize("n", NS)
+def test_host_binary_attention(host_lib, gen, form, nbits, d, n):
+    b, h = bh_for(n)
+    for dtype in DTYPES if n <= 785 else [torch.float32, torch.bfloat16]:
+        v, q, k = make_inputs(gen, b, h, n, d, nbits, dtype)
+        check_close(host_run(host_lib, v, q, k, nbits, form), v, q, k, nbits, form,
+                    f"{form} nbits={nbits} d={d} n={n} {case_id(dtype)}")
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("nbits", [1, 5, 33, 100, 1024])
+def test_host_odd_nbits_and_padding_bits(host_lib, gen, form, nbits):
+    """nbits not a multiple of 8 / 32, up to 1024; garbage bits beyond nbits are ignored."""
+    v, q, k = make_inputs(gen, 1, 3, 41, 64, nbits, torch.float32)
+    out = host_run(host_lib, v, q, k, nbits, form)
+    check_close(out, v, q, k, nbits, form, f"{form} nbits={nbits}")
+    if nbits % 32:
+        junk = torch.tensor(-(1 << (nbits % 32)), dtype=torch.int32)  # every bit above nbits
+        qj, kj = q.clone(), k.clone()
+        qj[..., -1] |= junk
+        kj[..., -1] |= junk
+        assert torch.equal(host_run(host_lib, v, qj, kj, nbits, form), out)
+
+
+def test_host_shiftadd_zero_t(host_lib):
+    """t = 0 (v = 0, no bits): out = 0 / max(0, eps) = 0, not NaN."""
+    v = torch.zeros(1, 1, 3, 32)
+    c = torch.zeros(1, 1, 3, 1, dtype=torch.int32)
+    assert torch.equal(host_run(host_lib, v, c, c, 8, "shiftadd"), torch.zeros_like(v))
+
+
+def test_host_rejects(host_lib):
+    v = torch.zeros(1, 1, 3, 48)
+    c = torch.zeros(1, 1, 3, 1, dtype=torch.int32)
+    out, ws = torch.empty_like(v), torch.empty(1000)
+    f = host_lib.ek_binary_attention
+    assert f(v.data_ptr(), c.data_ptr(), c.data_ptr(), 2, 0, 8, ws.data_ptr(), out.data_ptr(), 1, 3, 48) == 3
+    assert f(v.data_ptr(), c.data_ptr(), c.data_ptr(), 2, 2, 8, ws.data_ptr(), out.data_ptr(), 1, 3, 32) == 2
+    assert f(v.data_ptr(), c.data_ptr(), c.data_ptr(), 2, 0, 0, ws.data_ptr(), out.data_ptr(), 1, 3, 32) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# the kernels (GPU)
+# --------------------------------------------------------------------------------------------
+
+
+def cuda_run(v, q, k, nbits, form):
+    vc, qc, kc = v.cuda(), q.cuda(), k.cuda()
+    poison_allocator(v.numel() * v.element_size())
+    return torch.ops.effkern.cuda_binary_attention(vc, qc, kc, nbits, FORMS[form])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("nbits", NBITS)
+@pytest.mark.parametrize("d", DS)
+@pytest.mark.parametrize("n", NS)
+def test_cuda_binary_attention(gen, dtype, form, nbits, d, n):
+    require_cuda()
+    b, h = (3, 5) if n <= 785 else (3, 3)
+    v, q, k = make_inputs(gen, b, h, n, d, nbits, dtype)
+    got = cuda_run(v, q, k, nbits, form)
+    check_close(got, v, q, k, nbits, form, f"{form} nbits={nbits} d={d} n={n} {case_id(dtype)}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("nbits", [1, 5, 33, 100, 1024])
+def test_cuda_odd_nbits_and_padding_bits(gen, form, nbits):
+    require_cuda()
+    v, q, k = make_inputs(gen, 3, 1, 41, 64, nbits, torch.float32)
+    out = cuda_run(v, q, k, nbits, form)
+    check_close(out, v, q, k, nbits, form, f"{form} nbits={nbits}")
+    if nbits % 32:
+        junk = torch.tensor(-(1 << (nbits % 32)), dtype=torch.int32)
+        q[..., -1] |= junk
+        k[..., -1] |= junk
+        assert torch.equal(cuda_run(v, q, k, nbits, form), out)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_host_check_and_is_deterministic(host_lib, gen):
+    """Same inputs twice: bit-identical outputs (no atomics); close to the host transcription
+    (the device may contract multiply-adds into FMAs)."""
+    require_cuda()
+    for form in FORMS:
+        v, q, k = make_inputs(gen, 1, 3, 785, 128, 64, torch.float32)
+        a, b2 = cuda_run(v, q, k, 64, form), cuda_run(v, q, k, 64, form)
+        assert torch.equal(a, b2)
+        torch.testing.assert_close(a.cpu(), host_run(host_lib, v, q, k, 64, form), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+def test_cuda_empty(dtype):
+    require_cuda()
+    for shape in [(0, 3, 5, 32), (2, 0, 5, 64), (2, 3, 0, 128)]:
+        v = torch.zeros(shape, dtype=dtype, device="cuda")
+        c = torch.zeros(shape[:3] + (2,), dtype=torch.int32, device="cuda")
+        out = torch.ops.effkern.cuda_binary_attention(v, c, c, 40, 1)
+        assert out.shape == shape and out.dtype == dtype
+
+
+@pytest.mark.cuda
+def test_cuda_grid_stride(gen):
+    """More (head, word) blocks and token tiles than one grid covers (kMaxGrid = 2^20)."""
+    require_cuda()
+    bh = (1 << 20) + 3
+    v, q, k = make_inputs(gen, bh, 1, 2, 32, 8, torch.float32)
+    for form in FORMS:
+        got = cuda_run(v, q, k, 8, form).cpu()
+        ref = binary_attention_fwd(v.double(), q, k, 8, form)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_64bit_offsets(gen):
+    """v and out of more than 2^31 elements: element offsets past int32."""
+    require_cuda()
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    b, h, n, d, nbits = 1, 5, (1 << 22) + 7, 128, 8  # 5 * n * 128 > 2^31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    v = torch.randn((b, h, n, d), generator=g, device="cuda", dtype=torch.float16)
+    q = torch.randint(0, 256, (b, h, n, 1), generator=g, device="cuda", dtype=torch.int32)
+    k = torch.randint(0, 256, (b, h, n, 1), generator=g, device="cuda", dtype=torch.int32)
+    for form in FORMS:
+        got = torch.ops.effkern.cuda_binary_attention(v, q, k, nbits, FORMS[form])
+        ref = binary_attention_fwd(v[:, -1:], q[:, -1:], k[:, -1:], nbits, form)  # the last head, float32 math
+        torch.testing.assert_close(got[:, -1:, -1000:].float(), ref[..., -1000:, :].float(), rtol=2e-3, atol=2e-3)
+        del got
+
+
+@pytest.mark.cuda
+def test_cuda_current_stream(gen):
+    """The kernels run on the current stream: on a side stream held up by a sleep, the op must
+    see the copy queued before it."""
+    require_cuda()
+    old, q, k = make_inputs(gen, 4, 6, 197, 64, 16, torch.float32)
+    new = torch.randn(old.shape, generator=gen)
+    vc, new_c, qc, kc = old.cuda(), new.cuda(), q.cuda(), k.cuda()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(200_000_000)
+        vc.copy_(new_c)
+        out = torch.ops.effkern.cuda_binary_attention(vc, qc, kc, 16, 0)
+    s.synchronize()
+    check_close(out, new, q, k, 16, "ecoformer", "side stream")
+
+
+def _bad_calls():
+    f = torch.ops.effkern.cuda_binary_attention
+    return [
+        (lambda v, q, k: f(v.cpu(), q, k, 40, 0), "'v' must be a CUDA tensor"),
+        (lambda v, q, k: f(v.double(), q, k, 40, 0), "'v' must be float16, bfloat16 or float32, got float64"),
+        (lambda v, q, k: f(v[0], q, k, 40, 0), "'v' must be 4-D"),
+        (lambda v, q, k: f(v.transpose(1, 2), q, k, 40, 0), "'v' must be contiguous"),
+        (lambda v, q, k: f(v[..., :48].contiguous(), q, k, 40, 0), "head dim d = v.size\\(3\\) must be 32, 64 or 128, got 48"),
+        (lambda v, q, k: f(v, q, k, 0, 0), "'nbits' must be in \\[1, 1024\\], got 0"),
+        (lambda v, q, k: f(v, q, k, 1025, 0), "'nbits' must be in \\[1, 1024\\], got 1025"),
+        (lambda v, q, k: f(v, q, k, 40, 2), "'form' must be 0 \\(ecoformer\\) or 1 \\(shiftadd\\), got 2"),
+        (lambda v, q, k: f(v, q.cpu(), k, 40, 0), "'q_codes' must be on the same CUDA device"),
+        (lambda v, q, k: f(v, q, k.long(), 40, 0), "'k_codes' must be int32, got int64"),
+        (lambda v, q, k: f(v, q, k, 64, 0), "'q_codes' must be \\[B, H, N, ceil\\(nbits / 32\\)\\]"),
+        (lambda v, q, k: f(v, q, k[:, :, :-1], 40, 0), "'k_codes' must be \\[B, H, N, ceil\\(nbits / 32\\)\\]"),
+        (lambda v, q, k: f(v, q.transpose(0, 1).contiguous().transpose(0, 1), k, 40, 0), "'q_codes' must be contiguous"),
+    ]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
+def test_cuda_bad_arguments(i):
+    require_cuda()
+    call, msg = _bad_calls()[i]
+    v = torch.randn(2, 3, 5, 64, device="cuda")
+    q = torch.zeros(2, 3, 5, 2, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=msg):
+        call(v, q, q.clone())
