@@ -279,8 +279,10 @@ def _check_code_padding(op: str, nbits: int, **codes: Tensor) -> None:
 
 _hash_dispatch = op_dispatcher("ksh_hash", "fused KSH hash: normalise, RBF to anchors, centre, project")
 _hash_dispatch.register("torch", ksh_hash_fwd, dtypes=TORCH_DTYPES)
+_hash_dispatch.register("triton", triton_impl("ksh_hash", "ksh_hash_fwd"), dtypes=FLOAT_DTYPES)
 _hash_bwd_dispatch = op_dispatcher("ksh_hash_backward", "gradient of ksh_hash")
 _hash_bwd_dispatch.register("torch", ksh_hash_bwd, dtypes=TORCH_DTYPES)
+_hash_bwd_dispatch.register("triton", triton_impl("ksh_hash", "ksh_hash_bwd"), dtypes=FLOAT_DTYPES)
 
 
 @torch.library.custom_op("effkern::ksh_hash", mutates_args=())

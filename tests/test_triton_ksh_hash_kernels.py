@@ -1,0 +1,168 @@
+"""The Triton backend of the KSH hash primitives (effkern.triton.ksh_hash) against the torch
+primitives of effkern.ops.binary_hash.
+
+Runs on CUDA when available, else on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
+set by conftest.py before triton is imported); skipped otherwise. Every Triton result is compared
+with the torch primitive run in float64 on the same values. The tolerance comes from the dtype:
+the Triton error may be at most twice the error of the torch primitive run on the test dtype
+(which computes in float32 and rounds to the output dtype), plus 1e-5 of the result's scale (and,
+under the interpreter, which truncates float32 to bfloat16, one bfloat16 ulp). While a wrapper
+runs, ``torch.empty`` returns NaN-filled tensors, so an output or scratch element that a kernel
+fails to write shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tests.triton_helpers import (
+    INTERPRET,
+    nan_or_garbage,
+    poisoned_empty,
+    skip_module_unless_triton_runs,
+)
+
+skip_module_unless_triton_runs()
+
+from effkern.ops import binary_hash as ref
+from effkern.triton import ksh_hash as tri
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+REL_TOL = 1e-5
+
+# (B, H, N, d, m, b): one token; d off the power-of-two grid (masked lanes); m = 25 (the
+# published models) and 7 (BLOCK_M = 16); several token blocks at N = 197 (BLOCK_N = 64, a
+# partial last block); b = 8, 16, 64, and b = 200 with d = 80 (several b chunks and d chunks).
+SHAPES = [(1, 1, 1, 32, 25, 8), (3, 3, 7, 17, 7, 16), (1, 3, 197, 64, 25, 64), (3, 1, 197, 17, 25, 8),
+          (1, 3, 7, 64, 7, 64), (3, 3, 197, 32, 7, 16), (1, 2, 70, 80, 25, 200)]
+
+
+def run(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with torch.empty poisoned: NaN (float) or garbage (integer) filled."""
+    with poisoned_empty(nan_or_garbage):
+        return fn(*args, **kwargs)
+
+
+def randn(shape, gen, dtype=torch.float32, std: float = 1.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen) * std).to(dtype).to(DEVICE)
+
+
+def f64(*ts):
+    return tuple(t.double() for t in ts)
+
+
+def check(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor, what: str) -> None:
+    """Triton's ``out`` against the float64 result ``exact``, allowed twice the error of the
+    torch primitive's result ``lowp`` on the same inputs (and dtype), plus REL_TOL of the
+    result's magnitude."""
+    assert out.dtype == lowp.dtype, f"{what}: dtype {out.dtype} != {lowp.dtype}"
+    assert out.shape == exact.shape, f"{what}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
+    if out.numel() == 0:
+        return
+    exact = exact.double()
+    err = (out.double() - exact).abs()
+    err_torch = (lowp.double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    tol = torch.full_like(exact, 2 * err_torch + REL_TOL * scale + 1e-30)
+    if INTERPRET and out.dtype == torch.bfloat16:
+        # The interpreter converts float32 to bfloat16 by truncation (GPUs round to nearest).
+        tol += 2.0**-7 * exact.abs()
+    bad = ~(err <= tol)  # also catches NaN (unwritten elements)
+    if bool(bad.any()):
+        i = tuple(torch.nonzero(bad)[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {out.numel()} elements off; first at {i}: got "
+                             f"{out[i].item()}, expected {exact[i].item()}, error {err[i].item():.3g} > "
+                             f"{tol[i].item():.3g} (torch {out.dtype} max error {err_torch:.3g})")
+
+
+def _inputs(shape, dtype, gen, param_dtype=torch.float32):
+    """x, anchors (norms ~1, like normalised queries), mu (~ the mean of K), proj."""
+    b, h, n, d, m, nb = shape
+    x = randn((b, h, n, d), gen, dtype)
+    anchors = randn((h, m, d), gen, param_dtype, 1.0 / math.sqrt(d))
+    mu = (0.3 + randn((h, m), gen, std=0.1)).to(param_dtype)
+    proj = randn((h, nb, m), gen, param_dtype)
+    return x, anchors, mu, proj
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_ksh_hash_fwd(dtype, shape, gen):
+    args = _inputs(shape, dtype, gen)
+    y = run(tri.ksh_hash_fwd, *args)
+    assert y.dtype == torch.float32
+    check(y, ref.ksh_hash_fwd(*f64(*args)), ref.ksh_hash_fwd(*args), "ksh_hash_fwd")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_ksh_hash_bwd(dtype, shape, gen):
+    args = _inputs(shape, dtype, gen)
+    grad = randn((*shape[:3], shape[5]), gen)
+    gx = run(tri.ksh_hash_bwd, grad, *args)
+    check(gx, ref.ksh_hash_bwd(*f64(grad, *args)), ref.ksh_hash_bwd(grad, *args), "ksh_hash_bwd")
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_ksh_hash_param_dtypes(param_dtype, gen):
+    """anchors / mu / proj of another float dtype are loaded and converted to float32."""
+    shape = (2, 3, 37, 32, 25, 16)
+    args = _inputs(shape, torch.float16, gen, param_dtype)
+    grad = randn((*shape[:3], shape[5]), gen, torch.bfloat16)
+    lowp_args = (args[0], *(t.float() for t in args[1:]))  # the torch primitive, float32 parameters
+    check(run(tri.ksh_hash_fwd, *args), ref.ksh_hash_fwd(*f64(*args)), ref.ksh_hash_fwd(*lowp_args),
+          "ksh_hash_fwd")
+    check(run(tri.ksh_hash_bwd, grad, *args), ref.ksh_hash_bwd(*f64(grad, *args)),
+          ref.ksh_hash_bwd(grad.float(), *lowp_args), "ksh_hash_bwd")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the float16 inf, interpreted
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_ksh_hash_zero_row(dtype, gen):
+    """A zero row of x stays zero after the norm guard (D = ||a||^2); its gradient is
+    g_xn / eps (huge: inf in float16, as in the torch primitive)."""
+    shape = (2, 2, 70, 17, 25, 16)
+    x, anchors, mu, proj = _inputs(shape, dtype, gen)
+    x[1, 0, 3] = 0
+    x[0, 1, 69] = 0
+    args = (x, anchors, mu, proj)
+    check(run(tri.ksh_hash_fwd, *args), ref.ksh_hash_fwd(*f64(*args)), ref.ksh_hash_fwd(*args), "ksh_hash_fwd")
+    grad = randn((*shape[:3], shape[5]), gen)
+    gx = run(tri.ksh_hash_bwd, grad, *args)
+    exact = ref.ksh_hash_bwd(*f64(grad, *args))
+    lowp = ref.ksh_hash_bwd(grad, *args)
+    zero = (x == 0).all(-1)
+    check(gx[~zero], exact[~zero], lowp[~zero], "ksh_hash_bwd (other rows)")
+    if dtype == torch.float16:
+        assert torch.equal(gx[zero].isinf(), lowp[zero].isinf())
+        fin = ~gx[zero].isinf()
+        assert torch.equal(gx[zero][~fin], lowp[zero][~fin])
+        assert bool(gx[zero][fin].isfinite().all())
+    else:
+        check(gx[zero], exact[zero], lowp[zero], "ksh_hash_bwd (zero rows)")
+
+
+def test_ksh_hash_deterministic(gen):
+    shape = (2, 3, 197, 32, 25, 64)
+    args = _inputs(shape, torch.float32, gen)
+    grad = randn((*shape[:3], shape[5]), gen)
+    assert torch.equal(tri.ksh_hash_fwd(*args), tri.ksh_hash_fwd(*args))
+    assert torch.equal(tri.ksh_hash_bwd(grad, *args), tri.ksh_hash_bwd(grad, *args))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 32, 25, 8), (2, 3, 5, 32, 0, 8), (2, 3, 5, 32, 25, 0)])
+def test_ksh_hash_degenerate(shape, gen):
+    """No tokens, no anchors or no bits: the torch primitive's result (empty, or zeros)."""
+    args = _inputs(shape, torch.float32, gen)
+    grad = randn((*shape[:3], shape[5]), gen)
+    y = run(tri.ksh_hash_fwd, *args)
+    assert y.shape == (*shape[:3], shape[5]) and y.dtype == torch.float32
+    if shape[4] == 0:
+        assert bool((y == 0).all())
+    gx = run(tri.ksh_hash_bwd, grad, *args)
+    assert gx.shape == args[0].shape
+    assert torch.equal(gx, ref.ksh_hash_bwd(grad, *args))
