@@ -115,7 +115,7 @@ def unpack_codes(codes: Tensor, nbits: int, signed: bool, dtype: torch.dtype) ->
     """[..., nbits] of {0, 1} ({-1, +1} when signed) from packed int32 codes."""
     shifts = torch.arange(32, device=codes.device, dtype=torch.int64)
     bits = (codes.to(torch.int64)[..., None] >> shifts) & 1
-    bits = bits.reshape(*codes.shape[:-1], -1)[..., :nbits]
+    bits = bits.reshape(*codes.shape[:-1], 32 * codes.shape[-1])[..., :nbits]
     return (2 * bits - 1 if signed else bits).to(dtype)
 
 
@@ -343,6 +343,7 @@ def ksh_hash(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, *, validate: 
 
 _pack_dispatch = op_dispatcher("pack_bits", "binary codes -> packed int32 words")
 _pack_dispatch.register("torch", pack_codes, dtypes=TORCH_DTYPES + (torch.int8, torch.int32, torch.int64, torch.bool))
+_pack_dispatch.register("triton", triton_impl("binary_hash", "pack_codes"), dtypes=FLOAT_DTYPES)
 
 
 def _check_pack(h: Tensor) -> None:
@@ -385,6 +386,7 @@ def unpack_bits(codes: Tensor, b: int, *, signed: bool = False, dtype: torch.dty
 
 _attn_dispatch = op_dispatcher("binary_attention", "linear attention from packed binary codes")
 _attn_dispatch.register("torch", binary_attention_fwd, dtypes=TORCH_DTYPES)
+_attn_dispatch.register("triton", triton_impl("binary_hash", "binary_attention_fwd"), dtypes=FLOAT_DTYPES)
 CUDA_HEAD_DIMS = (32, 64, 128)  # the CUDA kernels are specialised on d
 
 
@@ -400,6 +402,7 @@ _cuda_binary_attention.__name__ = "torch.ops.effkern.cuda_binary_attention"
 _attn_dispatch.register("cuda", _cuda_binary_attention, dtypes=FLOAT_DTYPES, check=_cuda_head_dim)
 _attn_bwd_dispatch = op_dispatcher("binary_attention_backward", "gradient of binary_attention")
 _attn_bwd_dispatch.register("torch", binary_attention_bwd, dtypes=TORCH_DTYPES)
+_attn_bwd_dispatch.register("triton", triton_impl("binary_hash", "binary_attention_bwd"), dtypes=FLOAT_DTYPES)
 
 
 @torch.library.custom_op("effkern::binary_attention", mutates_args=())

@@ -1,0 +1,395 @@
+"""Triton backend of the binary-hash attention primitives of :mod:`effkern.ops.binary_hash`:
+``pack_codes``, ``binary_attention_fwd`` and ``binary_attention_bwd``.
+
+The host wrappers have the names and signatures of the torch primitives and take contiguous,
+already validated inputs: v (and grad_out) float16 / bfloat16 / float32, codes int32
+[B, H, N, ceil(nbits / 32)]. Everything is accumulated in float32. Offsets are int64. No
+atomics: reductions across programs go through fp32 scratch summed in a fixed order, so
+results are deterministic.
+
+The codes are never unpacked to memory: a kernel loads, for a tile of tokens and a block of
+BLOCK_K bits (BLOCK_K = 16 or 32, inside one 32-bit word), the word of each (token, bit) and
+extracts the bit in registers; the code values ({-1, +1} for "ecoformer", {0, 1} for
+"shiftadd") are exact in fp32, so the products with them are additions / subtractions of v.
+
+Kernels.
+
+* ``_codes_outer_partial_kernel``: one program per (b * h, chunk of tokens, block of bits)
+  sums h[n, k] x[n, :] (and h[n, k] w[n], or h[n, k] when there is no w) over its chunk:
+  KV / ksum in the forward (x = v), dKV / dksum in the backward (x = the per-token gradient
+  G, w = the denominator gradient). Splitting N into chunks fills the GPU at small B * H.
+* ``_chunk_sum_kernel``: the deterministic second stage, summing the chunk partials in order
+  (skipped when there is a single chunk).
+* ``_attention_fwd_kernel``: one program per (b * h, block of query tokens): num = h_q . KV
+  and den = h_q . ksum over blocks of bits, then the form's output.
+* ``_attention_bwd_query_kernel``: recomputes num / den (or t) per query token and writes
+  G (= g / den for ecoformer, g_t / pi for shiftadd), the denominator gradient
+  g_den = -(g . out) / den (ecoformer) and d h_q = G KV^T (+ g_den ksum).
+* ``_attention_bwd_key_kernel``: one program per (b * h, block of tokens): d h_k = v dKV^T
+  (+ dksum) and dv = h_k dKV + c G (ecoformer) or (pi / 2) G (shiftadd, = g_t / 2).
+* ``_pack_codes_kernel``: one program per (block of rows, word): 32 comparisons, shifted and
+  summed into an int32 word (two's complement).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Programs the chunked reductions aim for (enough to fill an H100's 132 SMs several times).
+# Under Triton's interpreter every program costs milliseconds of Python: few there (still
+# several chunks at B * H = 1 and N >= 128, so the two-stage sum is exercised).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+FILL_PROGRAMS = 4 if _INTERPRET else 528
+# Tokens per step of the chunked reductions.
+REDUCE_BLOCK_N = 32
+# Elements per program of the chunk sum.
+SUM_BLOCK = 1024
+# Rows per program of pack_codes.
+PACK_BLOCK_R = 64
+
+# Constants used inside kernels must be tl.constexpr globals (compiled Triton rejects others).
+_SHIFTADD_EPS = tl.constexpr(1e-12)  # effkern.ops.binary_hash.SHIFTADD_EPS
+_PI = tl.constexpr(math.pi)
+_HALF_PI = tl.constexpr(math.pi / 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_code_values(codes_ptr, base, n, n_mask, k, k_mask, W, SIGNED: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] fp32 code values of tokens n and bits k ({-1, +1} when SIGNED, else
+    {0, 1}; 0 outside the masks). base: int64 offset of the (b, h) codes; n: int64."""
+    word = k // 32
+    shift = k % 32
+    mask = n_mask[:, None] & k_mask[None, :]
+    w = tl.load(codes_ptr + base + n[:, None] * W + word[None, :], mask=mask, other=0)
+    bit = ((w >> shift[None, :]) & 1).to(tl.float32)
+    if SIGNED:
+        bit = 2.0 * bit - 1.0
+    return tl.where(mask, bit, 0.0)
+
+
+@triton.jit
+def _query_num_den(q_codes_ptr, kv_ptr, ks_ptr, bh, n, n_mask, dd, d_mask, N, D, W, NBITS,
+                   SIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """(num [BLOCK_M, BLOCK_D] = h_q . KV, den0 [BLOCK_M] = h_q . ksum) for tokens n."""
+    code_base = bh * N * W
+    kv_base = bh * NBITS * D
+    ks_base = bh * NBITS
+    num = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, NBITS, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < NBITS
+        h = _load_code_values(q_codes_ptr, code_base, n, n_mask, k, k_mask, W, SIGNED)
+        kv = tl.load(kv_ptr + kv_base + k.to(tl.int64)[:, None] * D + dd[None, :],
+                     mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+        ks = tl.load(ks_ptr + ks_base + k, mask=k_mask, other=0.0)
+        num += tl.dot(h, kv, input_precision="ieee")
+        den += tl.sum(h * ks[None, :], axis=1)
+    return num, den
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _codes_outer_partial_kernel(codes_ptr, x_ptr, w_ptr, part_ptr, ks_part_ptr, N, D, W, NBITS, CHUNK, NC,
+                                SIGNED: tl.constexpr, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """part[bh, c, k, :] = sum_{n in chunk c} h[n, k] x[n, :]; ks_part[bh, c, k] = sum h[n, k]
+    w[n] (w = 1 without HAS_W)."""
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < NBITS
+    dd = tl.arange(0, BLOCK_D)
+    d_mask = dd < D
+    code_base = bh * N * W
+    x_base = bh * N * D
+    acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+    ks = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    n_start = c * CHUNK
+    for i in range(0, CHUNK, BLOCK_N):
+        n = n_start + i + tl.arange(0, BLOCK_N).to(tl.int64)
+        n_mask = n < N
+        h = _load_code_values(codes_ptr, code_base, n, n_mask, k, k_mask, W, SIGNED)
+        x = tl.load(x_ptr + x_base + n[:, None] * D + dd[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(h), x, input_precision="ieee")
+        if HAS_W:
+            w = tl.load(w_ptr + bh * N + n, mask=n_mask, other=0.0)
+            ks += tl.sum(h * w[:, None], axis=0)
+        else:
+            ks += tl.sum(h, axis=0)
+    out_row = (bh * NC + c) * NBITS + k.to(tl.int64)
+    tl.store(part_ptr + out_row[:, None] * D + dd[None, :], acc, mask=k_mask[:, None] & d_mask[None, :])
+    tl.store(ks_part_ptr + out_row, ks, mask=k_mask)
+
+
+@triton.jit
+def _chunk_sum_kernel(part_ptr, out_ptr, NC, L, BLOCK: tl.constexpr):
+    """out[bh, :] = sum_c part[bh, c, :] (c in increasing order) over rows of length L."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(NC):
+        acc += tl.load(part_ptr + (bh * NC + c) * L + j, mask=mask, other=0.0)
+    tl.store(out_ptr + bh * L + j, acc, mask=mask)
+
+
+@triton.jit
+def _attention_fwd_kernel(v_ptr, q_codes_ptr, kv_ptr, ks_ptr, out_ptr, N, D, W, NBITS, C,
+                          ECO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = n < N
+    dd = tl.arange(0, BLOCK_D)
+    d_mask = dd < D
+    num, den0 = _query_num_den(q_codes_ptr, kv_ptr, ks_ptr, bh, n, n_mask, dd, d_mask, N, D, W, NBITS,
+                               ECO, BLOCK_M, BLOCK_K, BLOCK_D)
+    offs = bh * N * D + n[:, None] * D + dd[None, :]
+    mask = n_mask[:, None] & d_mask[None, :]
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ECO:
+        den = den0 + N * C
+        out = tl.math.div_rn(num + C * v, den[:, None])
+    else:
+        t = v * 0.5 + tl.math.div_rn(num, tl.full(num.shape, _PI, tl.float32))
+        t = tl.where(mask, t, 0.0)
+        nt = tl.math.sqrt_rn(tl.sum(t * t, axis=1))
+        out = tl.math.div_rn(t, tl.maximum(nt, _SHIFTADD_EPS)[:, None])
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attention_bwd_query_kernel(g_ptr, v_ptr, q_codes_ptr, kv_ptr, ks_ptr, gq_ptr, gden_ptr, dhq_ptr,
+                                N, D, W, NBITS, C, ECO: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """G = g / den (ecoformer) or g_t / pi (shiftadd), g_den (ecoformer) and d h_q."""
+    bh = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = n < N
+    dd = tl.arange(0, BLOCK_D)
+    d_mask = dd < D
+    num, den0 = _query_num_den(q_codes_ptr, kv_ptr, ks_ptr, bh, n, n_mask, dd, d_mask, N, D, W, NBITS,
+                               ECO, BLOCK_M, BLOCK_K, BLOCK_D)
+    offs = bh * N * D + n[:, None] * D + dd[None, :]
+    mask = n_mask[:, None] & d_mask[None, :]
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ECO:
+        den = den0 + N * C
+        out = tl.math.div_rn(num + C * v, den[:, None])
+        gq = tl.math.div_rn(g, den[:, None])
+        gden = -tl.math.div_rn(tl.sum(g * out, axis=1), den)
+        tl.store(gden_ptr + bh * N + n, gden, mask=n_mask)
+    else:
+        t = v * 0.5 + tl.math.div_rn(num, tl.full(num.shape, _PI, tl.float32))
+        t = tl.where(mask, t, 0.0)
+        nt = tl.math.sqrt_rn(tl.sum(t * t, axis=1))
+        ntc = tl.maximum(nt, _SHIFTADD_EPS)[:, None]
+        out = tl.math.div_rn(t, ntc)
+        gt = tl.math.div_rn(g - tl.sum(g * out, axis=1)[:, None] * out, ntc)
+        gt = tl.where(nt[:, None] > _SHIFTADD_EPS, gt, tl.math.div_rn(g, tl.full(g.shape, _SHIFTADD_EPS, tl.float32)))
+        gq = tl.math.div_rn(gt, tl.full(gt.shape, _PI, tl.float32))
+        gden = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    gq = tl.where(mask, gq, 0.0)
+    tl.store(gq_ptr + offs, gq, mask=mask)
+    # d h_q[n, k] = G[n] . KV[k] (+ g_den[n] ksum[k])
+    kv_base = bh * NBITS * D
+    for k0 in range(0, NBITS, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < NBITS
+        kv = tl.load(kv_ptr + kv_base + k.to(tl.int64)[:, None] * D + dd[None, :],
+                     mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+        dh = tl.dot(gq, tl.trans(kv), input_precision="ieee")
+        if ECO:
+            ks = tl.load(ks_ptr + bh * NBITS + k, mask=k_mask, other=0.0)
+            dh += gden[:, None] * ks[None, :]
+        tl.store(dhq_ptr + bh * N * NBITS + n[:, None] * NBITS + k[None, :], dh,
+                 mask=n_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _attention_bwd_key_kernel(v_ptr, k_codes_ptr, gq_ptr, dkv_ptr, dks_ptr, dhk_ptr, dv_ptr, N, D, W, NBITS,
+                              GCOEF, ECO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    """d h_k = v dKV^T (+ dksum); dv = h_k dKV + GCOEF G."""
+    bh = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = n < N
+    dd = tl.arange(0, BLOCK_D)
+    d_mask = dd < D
+    offs = bh * N * D + n[:, None] * D + dd[None, :]
+    mask = n_mask[:, None] & d_mask[None, :]
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dv = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    kv_base = bh * NBITS * D
+    code_base = bh * N * W
+    for k0 in range(0, NBITS, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < NBITS
+        dkv = tl.load(dkv_ptr + kv_base + k.to(tl.int64)[:, None] * D + dd[None, :],
+                      mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+        dh = tl.dot(v, tl.trans(dkv), input_precision="ieee")
+        if ECO:
+            dks = tl.load(dks_ptr + bh * NBITS + k, mask=k_mask, other=0.0)
+            dh += dks[None, :]
+        tl.store(dhk_ptr + bh * N * NBITS + n[:, None] * NBITS + k[None, :], dh,
+                 mask=n_mask[:, None] & k_mask[None, :])
+        h = _load_code_values(k_codes_ptr, code_base, n, n_mask, k, k_mask, W, ECO)
+        dv += tl.dot(h, dkv, input_precision="ieee")
+    gq = tl.load(gq_ptr + offs, mask=mask, other=0.0)
+    dv += GCOEF * gq
+    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pack_codes_kernel(h_ptr, out_ptr, R, B, WORDS, BLOCK_R: tl.constexpr):
+    """out[r, w] = sum_{j < 32} 1[h[r, 32 w + j] > 0] << j (int32, two's complement)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    w = tl.program_id(1)
+    j = tl.arange(0, 32)
+    col = w * 32 + j
+    r_mask = r < R
+    mask = r_mask[:, None] & (col < B)[None, :]
+    h = tl.load(h_ptr + r[:, None] * B + col[None, :], mask=mask, other=0.0)
+    if h.dtype == tl.bfloat16:
+        h = h.to(tl.float32)  # the interpreter compares bfloat16 wrongly; exact widening
+    bits = tl.where(mask & (h > 0), 1, 0).to(tl.int32)
+    word = tl.sum(bits << j[None, :], axis=1)
+    tl.store(out_ptr + r * WORDS + w, word, mask=r_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _num_words(nbits: int) -> int:
+    return (nbits + 31) // 32
+
+
+def _block_k(nbits: int) -> int:
+    return 16 if nbits <= 16 else 32
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _block_m(block_d: int) -> int:
+    return 64 if block_d <= 64 else (32 if block_d <= 256 else 16)
+
+
+def _warps(block_d: int) -> int:
+    return 4 if block_d <= 128 else 8
+
+
+def pack_codes(h: Tensor) -> Tensor:
+    """int32 [..., ceil(b / 32)]: bit j of word j // 32 is 1[h[..., j] > 0]."""
+    b = h.shape[-1]
+    words = _num_words(b)
+    out = torch.empty(tuple(h.shape[:-1]) + (words,), dtype=torch.int32, device=h.device)
+    if out.numel() == 0:
+        return out
+    h = h.contiguous()
+    rows = h.numel() // b
+    _pack_codes_kernel[(triton.cdiv(rows, PACK_BLOCK_R), words)](h, out, rows, b, words, BLOCK_R=PACK_BLOCK_R,
+                                                                 num_warps=4)
+    return out
+
+
+def _codes_outer(codes: Tensor, x: Tensor, w: Tensor | None, nbits: int, signed: bool) -> tuple[Tensor, Tensor]:
+    """(sum_n h[n] x[n]^T [BH, nbits, d], sum_n h[n] w[n] [BH, nbits]) in fp32 for codes
+    [B, H, N, W] and x [B, H, N, d] (w [B, H, N] or None: 1)."""
+    bsz, heads, n, d = x.shape
+    bh = bsz * heads
+    words = codes.shape[-1]
+    block_k, block_d = _block_k(nbits), _block_d(d)
+    kb = triton.cdiv(nbits, block_k)
+    steps = triton.cdiv(n, REDUCE_BLOCK_N)
+    nc = min(steps, max(1, triton.cdiv(FILL_PROGRAMS, bh * kb)))
+    steps_per_chunk = triton.cdiv(steps, nc)
+    nc = triton.cdiv(steps, steps_per_chunk)
+    chunk = steps_per_chunk * REDUCE_BLOCK_N
+    part = torch.empty((bh, nc, nbits, d), dtype=torch.float32, device=x.device)
+    ks_part = torch.empty((bh, nc, nbits), dtype=torch.float32, device=x.device)
+    has_w = w is not None
+    _codes_outer_partial_kernel[(bh, nc, kb)](
+        codes, x, w if has_w else ks_part, part, ks_part, n, d, words, nbits, chunk, nc,
+        SIGNED=bool(signed), HAS_W=has_w, BLOCK_N=REDUCE_BLOCK_N, BLOCK_K=block_k, BLOCK_D=block_d,
+        num_warps=_warps(block_d))
+    if nc == 1:
+        return part.view(bh, nbits, d), ks_part.view(bh, nbits)
+    kv = torch.empty((bh, nbits, d), dtype=torch.float32, device=x.device)
+    ks = torch.empty((bh, nbits), dtype=torch.float32, device=x.device)
+    for src, dst in ((part, kv), (ks_part, ks)):
+        length = dst.shape[1] * (d if dst is kv else 1)
+        _chunk_sum_kernel[(bh, triton.cdiv(length, SUM_BLOCK))](src, dst, nc, length, BLOCK=SUM_BLOCK, num_warps=4)
+    return kv, ks
+
+
+def binary_attention_fwd(v: Tensor, q_codes: Tensor, k_codes: Tensor, nbits: int, form: str) -> Tensor:
+    """out [B, H, N, d] in v's dtype from v [B, H, N, d] and packed codes [B, H, N, W]."""
+    bsz, heads, n, d = v.shape
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if out.numel() == 0:
+        return out
+    eco = form == "ecoformer"
+    kv, ks = _codes_outer(k_codes, v, None, nbits, eco)
+    block_k, block_d = _block_k(nbits), _block_d(d)
+    block_m = _block_m(block_d)
+    _attention_fwd_kernel[(bsz * heads, triton.cdiv(n, block_m))](
+        v, q_codes, kv, ks, out, n, d, q_codes.shape[-1], nbits, float(nbits + 1),
+        ECO=eco, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_warps(block_d))
+    return out
+
+
+def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int,
+                         form: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(d h_q [B, H, N, nbits] fp32, d h_k [B, H, N, nbits] fp32, dv in v's dtype), recomputing KV
+    and ksum; see :func:`effkern.ops.binary_hash.binary_attention_bwd` for the formulas."""
+    bsz, heads, n, d = v.shape
+    code_shape = (bsz, heads, n, nbits)
+    if v.numel() == 0:
+        # d = 0 (or nothing at all): KV, g and hence every gradient are zero.
+        return (torch.zeros(code_shape, dtype=torch.float32, device=v.device),
+                torch.zeros(code_shape, dtype=torch.float32, device=v.device),
+                torch.zeros(v.shape, dtype=v.dtype, device=v.device))
+    eco = form == "ecoformer"
+    words = q_codes.shape[-1]
+    kv, ks = _codes_outer(k_codes, v, None, nbits, eco)
+    block_k, block_d = _block_k(nbits), _block_d(d)
+    block_m = _block_m(block_d)
+    warps = _warps(block_d)
+    grid = (bsz * heads, triton.cdiv(n, block_m))
+    gq = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    gden = torch.empty((bsz, heads, n) if eco else (1,), dtype=torch.float32, device=v.device)
+    d_hq = torch.empty(code_shape, dtype=torch.float32, device=v.device)
+    c = float(nbits + 1)
+    _attention_bwd_query_kernel[grid](
+        grad_out, v, q_codes, kv, ks, gq, gden, d_hq, n, d, words, nbits, c,
+        ECO=eco, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps)
+    dkv, dks = _codes_outer(q_codes, gq, gden if eco else None, nbits, eco)
+    d_hk = torch.empty(code_shape, dtype=torch.float32, device=v.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _attention_bwd_key_kernel[grid](
+        v, k_codes, gq, dkv, dks, d_hk, dv, n, d, words, nbits, c if eco else math.pi / 2,
+        ECO=eco, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps)
+    return d_hq, d_hk, dv
