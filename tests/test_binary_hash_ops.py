@@ -134,7 +134,7 @@ def test_ksh_hash_gradcheck_and_zero_row(gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("form", bh.FORMS)
 @pytest.mark.parametrize("nbits", [8, 16, 32, 64])
-@pytest.mark.parametrize("b,h,n,d", [(1, 1, 1, 32), (3, 1, 7, 64), (1, 3, 197, 32), (1, 1, 785, 128)])
+@pytest.mark.parametrize("b,h,n,d", [(1, 1, 1, 32), (3, 1, 7, 64), (1, 3, 197, 32), (1, 1, 785, 128), (1, 1, 3136, 64)])
 def test_binary_attention_matches_transcription(gen, backend, form, nbits, b, h, n, d):
     require_backend("binary_attention", backend)
     qc, kc = random_codes(gen, (b, h, n), nbits), random_codes(gen, (b, h, n), nbits)
