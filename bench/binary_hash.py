@@ -54,7 +54,6 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-import traceback
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,12 +66,10 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import effkern  # noqa: E402
-from effkern import BackendNotSupported  # noqa: E402
 from effkern._dispatch import BACKENDS, OPS  # noqa: E402
 from effkern.ops import binary_hash as bh  # noqa: E402
 
 from bench import common, runner  # noqa: E402
-from bench.tokens import _import_reason, _mismatch  # noqa: E402  (shared availability / comparison helpers)
 
 NAME = "binary_hash"
 TITLE = "binary-hash attention benchmark"
@@ -390,40 +387,14 @@ def select(case: Case, backend: str):
     missing = [p for p in PRIMITIVES[case.cfg.op] if backend not in OPS[p].impls]
     if missing:
         return None, ("N/A", f"no {backend} implementation registered yet for {', '.join(missing)}")
-    fns = {}
-    for prim in PRIMITIVES[case.cfg.op]:
-        try:
-            with effkern.backend(backend):
-                impl = OPS[prim].select(*recorded[prim])
-        except BackendNotSupported as e:
-            lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
-            return None, ("N/A", f"{prim}: " + (" ".join(lines) or str(e)))
-        except Exception as e:
-            return None, ("ERROR", f"{prim} availability check raised {common.short_exc(e)}")
-        why = _import_reason(impl.fn)
-        if why is not None:
-            return None, ("N/A", why)
-        fns[prim] = impl.fn
-    return fns, None
+    return runner.select_primitives(sys.modules[__name__], case, backend, recorded)
 
 
 def verify(case: Case, fns: dict, backend: str) -> tuple[bool, str]:
     """The backend once at kernel level and once through the public op(s), each compared with
     the torch backend. Raises if the backend raises."""
-    s = case.sets[0]
-    ref_kernel = case.kernel(s, torch_fns(case.cfg.op))
-    with effkern.backend("torch"):
-        ref_op = case.op(s)
-    out_kernel = case.kernel(s, fns)
-    with effkern.backend(backend):
-        out_op = case.op(s)
-    notes, ok = [], True
-    for level, got, ref in (("kernel", out_kernel, ref_kernel), ("op", out_op, ref_op)):
-        good, note = case.compare(got, ref)
-        ok &= good
-        if note:
-            notes.append(f"{level}: {note}")
-    return ok, "; ".join(notes)
+    return runner.verify_levels(case, fns, backend, torch_fns(case.cfg.op),
+                                lambda level, got, ref: case.compare(got, ref))
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,48 +431,15 @@ def status_for(cfg: Config, target: str, correct: bool, op_speedup: float, bw_fr
 
 def backend_rows(case: Case, base: dict, baseline_t: dict[str, tuple[float, str]], ceilings: dict,
                  timing: tuple[float, float]) -> list[dict]:
-    cfg, nan = case.cfg, math.nan
-    base.update(out_dtype=case.out_dtype, bytes=case.bytes, rot_sets=len(case.sets))
-    rows = []
-    for backend in registered_backends(cfg.op):
-        fns, why = select(case, backend)
-        correct, note, t_kernel, op_us, status = False, "", None, nan, ""
-        if fns is None:
-            status, note = why
-        else:
-            try:
-                correct, note = verify(case, fns, backend)
-            except Exception as e:
-                traceback.print_exc()
-                status, note = "ERROR", f"{backend} raised {common.short_exc(e)}"
-            if status != "ERROR":
-                sets = common.Rotator(case.sets)
-                try:
-                    t_kernel = common.do_bench_us(lambda: case.kernel(sets.next(), fns), *timing)
-                    with effkern.backend(backend):
-                        op_us = common.do_bench_us(lambda: case.op(sets.next()), *timing).median_us
-                except Exception as e:
-                    traceback.print_exc()
-                    note = "; ".join(x for x in (note, f"timing raised {common.short_exc(e)}") if x)
-        k_us = t_kernel.median_us if t_kernel else nan
-        gbps = case.bytes / (k_us * 1e-6) / 1e9 if t_kernel else nan
-        bw_frac = gbps / ceilings["copy_gbps"]
-        for bl in case.baselines if fns is not None else case.baselines[:1]:
-            b_us, b_note = baseline_t[bl.name]
-            speedup, op_speedup = b_us / k_us, b_us / op_us
-            target = target_for(cfg, bl.name)
-            row_status = status or status_for(cfg, target, correct, op_speedup, bw_frac)
-            rows.append(dict(
-                base, backend=backend, correct=correct if fns is not None and status != "ERROR" else "",
-                kernel_us=k_us, kernel_p20_us=t_kernel.p20_us if t_kernel else nan,
-                kernel_p80_us=t_kernel.p80_us if t_kernel else nan, op_us=op_us,
-                baseline=bl.name, baseline_us=b_us, speedup=speedup, op_speedup=op_speedup,
-                gbps=gbps, bw_frac=bw_frac, baseline_gbps=bl.bytes / (b_us * 1e-6) / 1e9,
-                flops=bl.flops or "", tops=bl.flops / (b_us * 1e-6) / 1e12 if bl.flops else nan,
-                tops_frac=bl.flops / (b_us * 1e-6) / 1e12 / ceilings["matmul_tflops"] if bl.flops else nan,
-                target=target, status=row_status, note="; ".join(x for x in (note, b_note) if x),
-            ))
-    return rows
+    def extra(bl, b_us):
+        return dict(flops=bl.flops or "", tops=bl.flops / (b_us * 1e-6) / 1e12 if bl.flops else math.nan,
+                    tops_frac=bl.flops / (b_us * 1e-6) / 1e12 / ceilings["matmul_tflops"] if bl.flops else math.nan)
+
+    def status(cfg, target, correct, speedup, op_speedup, bw_frac):
+        return status_for(cfg, target, correct, op_speedup, bw_frac)
+
+    return runner.primitive_backend_rows(sys.modules[__name__], case, base, baseline_t, ceilings, timing,
+                                         status, extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,29 +450,13 @@ def backend_rows(case: Case, base: dict, baseline_t: dict[str, tuple[float, str]
 def check_baselines(case: Case) -> list[tuple[str, str, str]]:
     """Each baseline run once, untimed; the torch linear reference is checked against the torch
     backend's public op(s). SDPA's flash backend may not run on this device: reported N/A."""
-    with effkern.backend("torch"):
-        ref = case.op(case.sets[0])
-    out = []
-    for bl in case.baselines:
-        try:
-            got = bl.fn()
-            check = case.baseline_checks.get(bl.name)
-            if check is None:
-                status, note = "ran", "untimed; softmax attention, not the same function as the op"
-            else:
-                ok, note = check(got, ref)
-                status, note = ("agrees", "with the torch op") if ok else ("MISMATCH", note)
-        except RuntimeError as e:
-            if bl.name == "SDPA flash" and "kernel" in str(e).lower():
-                status, note = "N/A", f"flash SDPA not available here: {common.short_exc(e)}"
-            else:
-                traceback.print_exc()
-                status, note = "ERROR", common.short_exc(e)
-        except Exception as e:
-            traceback.print_exc()
-            status, note = "ERROR", common.short_exc(e)
-        out.append((bl.name, status, note))
-    return out
+    def na_on(bl, e):
+        if bl.name == "SDPA flash" and "kernel" in str(e).lower():
+            return f"flash SDPA not available here: {common.short_exc(e)}"
+        return None
+
+    return runner.check_baselines_against_op(
+        case, "untimed; softmax attention, not the same function as the op", na_on)
 
 
 # --------------------------------------------------------------------------------------------

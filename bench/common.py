@@ -10,6 +10,7 @@ copy, counting bytes read + written, and an 8192^3 bf16 matmul) measured in the 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import math
 import os
 import platform
@@ -320,3 +321,17 @@ def rotating(fn: Callable, sets: list) -> Callable[[], object]:
 def short_exc(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def import_reason(fn) -> str | None:
+    """Why a lazily imported backend function cannot be loaded (None: it can)."""
+    name = getattr(fn, "__name__", "")
+    try:
+        if name.startswith("triton."):
+            _, module, attr = name.split(".", 2)
+            getattr(importlib.import_module(f"effkern.triton.{module}"), attr)
+        elif name.startswith("torch.ops.effkern."):
+            getattr(torch.ops.effkern, name.rsplit(".", 1)[1])
+    except (ImportError, AttributeError) as e:
+        return f"{name} is not available yet: {short_exc(e)}"
+    return None

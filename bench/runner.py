@@ -1,7 +1,7 @@
-"""The skeleton shared by the family benchmarks (bench/integer.py, bench/tokens.py) and their
-pytest-benchmark modules (bench/test_bench_<family>.py): the command line, the GPU run loop (time
-budget, SIGTERM, the rows so far saved whatever happens), the CPU self-check driver and the
-report-pipeline check. What is measured, and how each row is filled in, stays in the family.
+"""The skeleton shared by the family benchmarks (bench/integer.py, bench/tokens.py,
+bench/binary_hash.py) and their pytest-benchmark modules (bench/test_bench_<family>.py): the
+command line, the GPU run loop (time budget, SIGTERM, the rows so far saved whatever happens),
+the CPU self-check driver and the report-pipeline check. What is measured, and how each row is filled in, stays in the family.
 
 A family is a module that defines:
 
@@ -393,6 +393,40 @@ class PytestBench:
         assert status == "ok", f"{backend} differs from the torch backend: {reason}"
         return impl
 
+    def primitive_impls(self, cfg) -> list[str]:
+        """For a family timed as a chain of primitives (bench/tokens.py, bench/binary_hash.py): each
+        baseline, then for each non-reference effkern backend its primitives and its public op(s)."""
+        return ([f"baseline:{b}" for b in self.fam.BASELINES[cfg.op]]
+                + [f"{b}{suffix}" for b in self.fam.registered_backends(cfg.op) for suffix in ("", ":op")])
+
+    def bench_primitives(self, benchmark, cfg, impl: str, baseline_flops: bool = False) -> None:
+        """One param of :meth:`primitive_impls`: a baseline, ``<backend>`` (the case's kernel call
+        on the backend's primitives) or ``<backend>:op`` (the public op(s) under the backend),
+        timed by :meth:`measure`; ``baseline_flops``: report a baseline's FLOPs too."""
+        case = self.case(cfg)
+        benchmark.group = f"{cfg.op} {cfg.model} {cfg.shape_str} {cfg.dtype}"
+        info = {"op": cfg.op, "model": cfg.model, "batch": cfg.batch, "shape": cfg.shape_str,
+                "dtype": cfg.dtype, "impl": impl, "rot_sets": len(case.sets)}
+        sets = common.Rotator(case.sets)
+        flops = 0
+        if impl.startswith("baseline:"):
+            bl = self.baseline(case, impl, info)
+            fn, nbytes = bl.fn, bl.bytes
+            if baseline_flops:
+                flops = bl.flops
+        else:
+            backend, _, level = impl.partition(":")
+            fns = self.verified(case, backend)
+            nbytes = case.bytes
+            if level == "op":
+                def fn():
+                    with effkern.backend(backend):
+                        return case.op(sets.next())
+            else:
+                def fn():
+                    return case.kernel(sets.next(), fns)
+        self.measure(benchmark, impl, fn, nbytes, info, flops=flops)
+
     def measure(self, benchmark, impl: str, fn: Callable[[], object], nbytes: int, info: dict,
                 flops: int = 0) -> None:
         """Time ``fn`` (one call on the next rotated input set): pytest-benchmark's rounds on the
@@ -418,3 +452,132 @@ class PytestBench:
             for name, b_us in self._cache["baseline_us"].items():
                 info[f"speedup_vs_{name}"] = b_us / t.median_us
         benchmark.extra_info.update(info)
+
+
+# --------------------------------------------------------------------------------------------
+# Families timed as a chain of backend primitives (bench/tokens.py, bench/binary_hash.py)
+# --------------------------------------------------------------------------------------------
+#
+# Their cases have .cfg, .sets, .kernel(s, {primitive: fn}), .op(s) (the public op(s),
+# validate=False), .bytes, .out_dtype and .baselines; the family's PRIMITIVES[op] names the
+# primitives (OPS names) its kernel call uses.
+
+
+def select_primitives(fam: ModuleType, case, backend: str, recorded: dict[str, tuple]):
+    """({primitive: fn}, None) or (None, (status, reason)) with status N/A or ERROR: each of the
+    op's primitives selected under ``backend`` with the arguments the kernel call gives it."""
+    fns = {}
+    for prim in fam.PRIMITIVES[case.cfg.op]:
+        try:
+            with effkern.backend(backend):
+                impl = effkern._dispatch.OPS[prim].select(*recorded[prim])
+        except effkern.BackendNotSupported as e:
+            lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+            return None, ("N/A", f"{prim}: " + (" ".join(lines) or str(e)))
+        except Exception as e:  # a broken availability check is a failure, not "unavailable"
+            return None, ("ERROR", f"{prim} availability check raised {common.short_exc(e)}")
+        why = common.import_reason(impl.fn)
+        if why is not None:
+            return None, ("N/A", why)
+        fns[prim] = impl.fn
+    return fns, None
+
+
+def verify_levels(case, fns: dict, backend: str, torch_fns: dict,
+                  compare: Callable[[str, object, object], tuple[bool, str]]) -> tuple[bool, str]:
+    """Run the backend once at kernel level and once through the public op(s) and compare both
+    (``compare(level, got, ref)``) with the torch backend. Raises if the backend raises."""
+    s = case.sets[0]
+    ref_kernel = case.kernel(s, torch_fns)
+    with effkern.backend("torch"):
+        ref_op = case.op(s)
+    out_kernel = case.kernel(s, fns)
+    with effkern.backend(backend):
+        out_op = case.op(s)
+    notes, ok = [], True
+    for level, got, ref in (("kernel", out_kernel, ref_kernel), ("op", out_op, ref_op)):
+        good, note = compare(level, got, ref)
+        ok &= good
+        if note:
+            notes.append(f"{level}: {note}")
+    return ok, "; ".join(notes)
+
+
+def primitive_backend_rows(fam: ModuleType, case, base: dict, baseline_t: dict[str, tuple[float, str]],
+                           ceilings: dict, timing: tuple[float, float],
+                           status_for: Callable[..., str],
+                           extra: Callable[[common.Baseline, float], dict] | None = None) -> list[dict]:
+    """The rows of one config, whose baselines are timed: every non-reference backend (the
+    family's ``select`` and ``verify``) x every baseline. ``status_for(cfg, target, correct,
+    speedup, op_speedup, bw_frac)``; ``extra(baseline, baseline µs)``: columns after baseline_gbps."""
+    cfg, nan = case.cfg, math.nan
+    base.update(out_dtype=case.out_dtype, bytes=case.bytes, rot_sets=len(case.sets))
+    rows = []
+    for backend in fam.registered_backends(cfg.op):
+        fns, why = fam.select(case, backend)
+        correct, note, t_kernel, op_us, status = False, "", None, nan, ""
+        if fns is None:
+            status, note = why
+        else:
+            try:
+                correct, note = fam.verify(case, fns, backend)
+            except Exception as e:
+                traceback.print_exc()
+                status, note = "ERROR", f"{backend} raised {common.short_exc(e)}"
+            if status != "ERROR":
+                sets = common.Rotator(case.sets)
+                try:
+                    t_kernel = common.do_bench_us(lambda: case.kernel(sets.next(), fns), *timing)
+                    with effkern.backend(backend):
+                        op_us = common.do_bench_us(lambda: case.op(sets.next()), *timing).median_us
+                except Exception as e:
+                    traceback.print_exc()
+                    note = "; ".join(x for x in (note, f"timing raised {common.short_exc(e)}") if x)
+        k_us = t_kernel.median_us if t_kernel else nan
+        gbps = case.bytes / (k_us * 1e-6) / 1e9 if t_kernel else nan
+        bw_frac = gbps / ceilings["copy_gbps"]
+        for bl in case.baselines if fns is not None else case.baselines[:1]:
+            b_us, b_note = baseline_t[bl.name]
+            speedup, op_speedup = b_us / k_us, b_us / op_us
+            target = fam.target_for(cfg, bl.name)
+            row_status = status or status_for(cfg, target, correct, speedup, op_speedup, bw_frac)
+            rows.append(dict(
+                base, backend=backend, correct=correct if fns is not None and status != "ERROR" else "",
+                kernel_us=k_us, kernel_p20_us=t_kernel.p20_us if t_kernel else nan,
+                kernel_p80_us=t_kernel.p80_us if t_kernel else nan, op_us=op_us,
+                baseline=bl.name, baseline_us=b_us, speedup=speedup, op_speedup=op_speedup,
+                gbps=gbps, bw_frac=bw_frac, baseline_gbps=bl.bytes / (b_us * 1e-6) / 1e9,
+                **(extra(bl, b_us) if extra else {}),
+                target=target, status=row_status, note="; ".join(x for x in (note, b_note) if x),
+            ))
+    return rows
+
+
+def check_baselines_against_op(case, ran_note: str,
+                               na_on: Callable[[common.Baseline, RuntimeError], str | None] | None = None
+                               ) -> list[tuple[str, str, str]]:
+    """(name, status, note) of each baseline run once, untimed; the ones with a check in
+    ``case.baseline_checks`` are checked against the torch backend's public op(s), the others
+    report ``ran_note``. ``na_on(baseline, error)``: a note where a RuntimeError means N/A."""
+    with effkern.backend("torch"):
+        ref = case.op(case.sets[0])
+    out = []
+    for bl in case.baselines:
+        try:
+            got = bl.fn()
+            check = case.baseline_checks.get(bl.name)
+            if check is None:
+                status, note = "ran", ran_note
+            else:
+                ok, note = check(got, ref)
+                status, note = ("agrees", "with the torch op") if ok else ("MISMATCH", note)
+        except Exception as e:
+            na = na_on(bl, e) if na_on is not None and isinstance(e, RuntimeError) else None
+            if na is not None:
+                status, note = "N/A", na
+            else:
+                traceback.print_exc()
+                status, note = "ERROR", common.short_exc(e)
+        out.append((bl.name, status, note))
+    return out
+

@@ -24,40 +24,12 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-import effkern  # noqa: E402
-
-from bench import binary_hash, common, runner  # noqa: E402
+from bench import binary_hash, runner  # noqa: E402
 
 BENCH = runner.PytestBench(binary_hash)
 pytestmark = BENCH.marks()
 
 
-def _impls(cfg) -> list[str]:
-    """Each baseline, then for each non-reference effkern backend its primitives and its public op."""
-    return ([f"baseline:{b}" for b in binary_hash.BASELINES[cfg.op]]
-            + [f"{b}{suffix}" for b in binary_hash.registered_backends(cfg.op) for suffix in ("", ":op")])
-
-
-@pytest.mark.parametrize("cfg, impl", BENCH.params(_impls))  # the target shapes first (run_order)
+@pytest.mark.parametrize("cfg, impl", BENCH.params(BENCH.primitive_impls))  # the target shapes first (run_order)
 def test_binary_hash(benchmark, cfg, impl):
-    case = BENCH.case(cfg)
-    benchmark.group = f"{cfg.op} {cfg.model} {cfg.shape_str} {cfg.dtype}"
-    info = {"op": cfg.op, "model": cfg.model, "batch": cfg.batch, "shape": cfg.shape_str,
-            "dtype": cfg.dtype, "impl": impl, "rot_sets": len(case.sets)}
-    sets = common.Rotator(case.sets)
-    flops = 0
-    if impl.startswith("baseline:"):
-        bl = BENCH.baseline(case, impl, info)
-        fn, nbytes, flops = bl.fn, bl.bytes, bl.flops
-    else:
-        backend, _, level = impl.partition(":")
-        fns = BENCH.verified(case, backend)
-        nbytes = case.bytes
-        if level == "op":
-            def fn():
-                with effkern.backend(backend):
-                    return case.op(sets.next())
-        else:
-            def fn():
-                return case.kernel(sets.next(), fns)
-    BENCH.measure(benchmark, impl, fn, nbytes, info, flops=flops)
+    BENCH.bench_primitives(benchmark, cfg, impl, baseline_flops=True)

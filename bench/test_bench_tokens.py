@@ -25,39 +25,12 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-import effkern  # noqa: E402
-
-from bench import common, runner, tokens  # noqa: E402
+from bench import runner, tokens  # noqa: E402
 
 BENCH = runner.PytestBench(tokens)  # settings (EFFKERN_BENCH_*), GPU clock, case cache, measurement
 pytestmark = BENCH.marks()
 
 
-def _impls(cfg) -> list[str]:
-    """Each baseline, then for each non-reference effkern backend its primitives and its public op."""
-    return ([f"baseline:{b}" for b in tokens.BASELINES[cfg.op]]
-            + [f"{b}{suffix}" for b in tokens.registered_backends(cfg.op) for suffix in ("", ":op")])
-
-
-@pytest.mark.parametrize("cfg, impl", BENCH.params(_impls))  # the target shapes first (run_order)
+@pytest.mark.parametrize("cfg, impl", BENCH.params(BENCH.primitive_impls))  # the target shapes first (run_order)
 def test_tokens(benchmark, cfg, impl):
-    case = BENCH.case(cfg)
-    benchmark.group = f"{cfg.op} {cfg.model} {cfg.shape_str} {cfg.dtype}"
-    info = {"op": cfg.op, "model": cfg.model, "batch": cfg.batch, "shape": cfg.shape_str,
-            "dtype": cfg.dtype, "impl": impl, "rot_sets": len(case.sets)}
-    sets = common.Rotator(case.sets)
-    if impl.startswith("baseline:"):
-        bl = BENCH.baseline(case, impl, info)
-        fn, nbytes = bl.fn, bl.bytes
-    else:
-        backend, _, level = impl.partition(":")
-        fns = BENCH.verified(case, backend)
-        nbytes = case.bytes
-        if level == "op":
-            def fn():
-                with effkern.backend(backend):
-                    return case.op(sets.next())
-        else:
-            def fn():
-                return case.kernel(sets.next(), fns)
-    BENCH.measure(benchmark, impl, fn, nbytes, info)
+    BENCH.bench_primitives(benchmark, cfg, impl)

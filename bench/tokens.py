@@ -64,11 +64,9 @@ backend whose module cannot be imported yet is reported as unavailable, not as a
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 import sys
-import traceback
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -81,7 +79,6 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import effkern  # noqa: E402
-from effkern import BackendNotSupported  # noqa: E402
 from effkern._dispatch import BACKENDS, OPS  # noqa: E402
 from effkern.ops import tokens as tokops  # noqa: E402
 
@@ -720,38 +717,9 @@ def _kernel_args(case: Case, s: dict) -> dict[str, tuple]:
     return seen
 
 
-def _import_reason(fn) -> str | None:
-    """Why a lazily imported backend function cannot be loaded (None: it can)."""
-    name = getattr(fn, "__name__", "")
-    try:
-        if name.startswith("triton."):
-            _, module, attr = name.split(".", 2)
-            getattr(importlib.import_module(f"effkern.triton.{module}"), attr)
-        elif name.startswith("torch.ops.effkern."):
-            getattr(torch.ops.effkern, name.rsplit(".", 1)[1])
-    except (ImportError, AttributeError) as e:
-        return f"{name} is not available yet: {common.short_exc(e)}"
-    return None
-
-
 def select(case: Case, backend: str):
     """({primitive: fn}, None) or (None, (status, reason)) with status N/A or ERROR."""
-    recorded = _kernel_args(case, case.sets[0])
-    fns = {}
-    for prim in PRIMITIVES[case.cfg.op]:
-        try:
-            with effkern.backend(backend):
-                impl = OPS[prim].select(*recorded[prim])
-        except BackendNotSupported as e:
-            lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
-            return None, ("N/A", f"{prim}: " + (" ".join(lines) or str(e)))
-        except Exception as e:  # a broken availability check is a failure, not "unavailable"
-            return None, ("ERROR", f"{prim} availability check raised {common.short_exc(e)}")
-        why = _import_reason(impl.fn)
-        if why is not None:
-            return None, ("N/A", why)
-        fns[prim] = impl.fn
-    return fns, None
+    return runner.select_primitives(sys.modules[__name__], case, backend, _kernel_args(case, case.sets[0]))
 
 
 def torch_fns(op: str) -> dict:
@@ -762,20 +730,12 @@ def verify(case: Case, fns: dict, backend: str) -> tuple[bool, str]:
     """Run the backend once at kernel level and once through the public op and compare both
     with the torch backend (exactly or within tolerance, see Case). Raises if the backend raises."""
     s = case.sets[0]
-    ref_kernel = case.kernel(s, torch_fns(case.cfg.op))
-    with effkern.backend("torch"):
-        ref_op = case.op(s)
-    out_kernel = case.kernel(s, fns)
-    with effkern.backend(backend):
-        out_op = case.op(s)
-    notes, ok = [], True
-    for level, got, ref in (("kernel", out_kernel, ref_kernel), ("op", out_op, ref_op)):
-        good, note = (case.compare(level, s, got, ref) if case.compare
-                      else _match(got, ref, case.exact, **case.match_kw))
-        ok &= good
-        if note:
-            notes.append(f"{level}: {note}")
-    return ok, "; ".join(notes)
+
+    def compare(level, got, ref):
+        return (case.compare(level, s, got, ref) if case.compare
+                else _match(got, ref, case.exact, **case.match_kw))
+
+    return runner.verify_levels(case, fns, backend, torch_fns(case.cfg.op), compare)
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,46 +778,8 @@ def status_for(cfg: Config, target: str, correct: bool, speedup: float, op_speed
 def backend_rows(case: Case, base: dict, baseline_t: dict[str, tuple[float, str]], ceilings: dict,
                  timing: tuple[float, float]) -> list[dict]:
     """The rows of one config, whose baselines are timed: every non-reference backend x every baseline."""
-    cfg, nan = case.cfg, math.nan
-    base.update(out_dtype=case.out_dtype, bytes=case.bytes, rot_sets=len(case.sets))
-    rows = []
-    for backend in registered_backends(cfg.op):
-        fns, why = select(case, backend)
-        correct, note, t_kernel, op_us, status = False, "", None, nan, ""
-        if fns is None:
-            status, note = why
-        else:
-            try:
-                correct, note = verify(case, fns, backend)
-            except Exception as e:
-                traceback.print_exc()
-                status, note = "ERROR", f"{backend} raised {common.short_exc(e)}"
-            if status != "ERROR":
-                sets = common.Rotator(case.sets)
-                try:
-                    t_kernel = common.do_bench_us(lambda: case.kernel(sets.next(), fns), *timing)
-                    with effkern.backend(backend):
-                        op_us = common.do_bench_us(lambda: case.op(sets.next()), *timing).median_us
-                except Exception as e:
-                    traceback.print_exc()
-                    note = "; ".join(x for x in (note, f"timing raised {common.short_exc(e)}") if x)
-        k_us = t_kernel.median_us if t_kernel else nan
-        gbps = case.bytes / (k_us * 1e-6) / 1e9 if t_kernel else nan
-        for bl in case.baselines if fns is not None else case.baselines[:1]:
-            b_us, b_note = baseline_t[bl.name]
-            speedup, op_speedup = b_us / k_us, b_us / op_us
-            target = target_for(cfg, bl.name)
-            row_status = status or status_for(cfg, target, correct, speedup, op_speedup, gbps / ceilings["copy_gbps"])
-            rows.append(dict(
-                base, backend=backend, correct=correct if fns is not None and status != "ERROR" else "",
-                kernel_us=k_us, kernel_p20_us=t_kernel.p20_us if t_kernel else nan,
-                kernel_p80_us=t_kernel.p80_us if t_kernel else nan, op_us=op_us,
-                baseline=bl.name, baseline_us=b_us, speedup=speedup, op_speedup=op_speedup,
-                gbps=gbps, bw_frac=gbps / ceilings["copy_gbps"],
-                baseline_gbps=bl.bytes / (b_us * 1e-6) / 1e9,
-                target=target, status=row_status, note="; ".join(x for x in (note, b_note) if x),
-            ))
-    return rows
+    return runner.primitive_backend_rows(sys.modules[__name__], case, base, baseline_t, ceilings, timing,
+                                         status_for)
 
 
 # --------------------------------------------------------------------------------------------
@@ -868,23 +790,7 @@ def backend_rows(case: Case, base: dict, baseline_t: dict[str, tuple[float, str]
 def check_baselines(case: Case) -> list[tuple[str, str, str]]:
     """(name, status, note) of each baseline run once, untimed; the ones that compute the same
     thing as the op are checked against the torch backend's output."""
-    with effkern.backend("torch"):
-        ref = case.op(case.sets[0])
-    out = []
-    for bl in case.baselines:
-        try:
-            got = bl.fn()
-            check = case.baseline_checks.get(bl.name)
-            if check is None:
-                status, note = "ran", "untimed; not an exact equivalent of the op"
-            else:
-                ok, note = check(got, ref)
-                status, note = ("agrees", "with the torch op") if ok else ("MISMATCH", note)
-        except Exception as e:
-            traceback.print_exc()
-            status, note = "ERROR", common.short_exc(e)
-        out.append((bl.name, status, note))
-    return out
+    return runner.check_baselines_against_op(case, "untimed; not an exact equivalent of the op")
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,12 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICE
-from tests.triton_helpers import (
-    INTERPRET,
-    nan_or_garbage,
-    poisoned_empty,
-    skip_module_unless_triton_runs,
-)
+from tests.triton_helpers import check, run, skip_module_unless_triton_runs
 
 skip_module_unless_triton_runs()
 
@@ -30,36 +25,6 @@ from effkern.ops import binary_hash as ref
 from effkern.triton import binary_hash as tri
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-REL_TOL = 1e-5
-
-
-def run(fn, *args, **kwargs):
-    """fn(*args, **kwargs) with torch.empty poisoned: NaN (float) or garbage (integer) filled."""
-    with poisoned_empty(nan_or_garbage):
-        return fn(*args, **kwargs)
-
-
-def check(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor, what: str, scale: float = 0.0) -> None:
-    """Triton's ``out`` against the float64 ``exact``: at most twice the error of the torch
-    primitive's ``lowp`` plus REL_TOL of the scale (the largest of ``scale`` and |exact|)."""
-    assert out.dtype == lowp.dtype, f"{what}: dtype {out.dtype} != {lowp.dtype}"
-    assert out.shape == exact.shape, f"{what}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
-    if out.numel() == 0:
-        return
-    exact = exact.double()
-    err = (out.double().cpu() - exact.cpu()).abs()
-    exact = exact.cpu()
-    err_torch = (lowp.double().cpu() - exact).abs().max().item()
-    scale = max(scale, exact.abs().max().item())
-    tol = torch.full_like(exact, 2 * err_torch + REL_TOL * scale + 1e-30)
-    if INTERPRET and out.dtype == torch.bfloat16:
-        tol += 2.0**-7 * exact.abs()  # the interpreter truncates float32 to bfloat16
-    bad = ~(err <= tol)  # also catches NaN (unwritten elements)
-    if bool(bad.any()):
-        i = tuple(torch.nonzero(bad)[0].tolist())
-        raise AssertionError(f"{what}: {int(bad.sum())} of {out.numel()} elements off; first at {i}: got "
-                             f"{out[i].item()}, expected {exact[i].item()}, error {err[i].item():.3g} > "
-                             f"{tol[i].item():.3g} (torch {out.dtype} max error {err_torch:.3g})")
 
 
 def _inputs(shape, nbits, dtype, gen):

@@ -18,13 +18,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import DEVICE
-from tests.triton_helpers import (
-    INTERPRET,
-    nan_or_garbage,
-    poisoned_empty,
-    skip_module_unless_triton_runs,
-)
+from tests.triton_helpers import check, f64, randn, run, skip_module_unless_triton_runs
 
 skip_module_unless_triton_runs()
 
@@ -32,51 +26,12 @@ from effkern.ops import binary_hash as ref
 from effkern.triton import ksh_hash as tri
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-REL_TOL = 1e-5
 
 # (B, H, N, d, m, b): one token; d off the power-of-two grid (masked lanes); m = 25 (the
 # published models) and 7 (BLOCK_M = 16); several token blocks at N = 197 (BLOCK_N = 64, a
 # partial last block); b = 8, 16, 64, and b = 200 with d = 80 (several b chunks and d chunks).
 SHAPES = [(1, 1, 1, 32, 25, 8), (3, 3, 7, 17, 7, 16), (1, 3, 197, 64, 25, 64), (3, 1, 197, 17, 25, 8),
           (1, 3, 7, 64, 7, 64), (3, 3, 197, 32, 7, 16), (1, 2, 70, 80, 25, 200)]
-
-
-def run(fn, *args, **kwargs):
-    """fn(*args, **kwargs) with torch.empty poisoned: NaN (float) or garbage (integer) filled."""
-    with poisoned_empty(nan_or_garbage):
-        return fn(*args, **kwargs)
-
-
-def randn(shape, gen, dtype=torch.float32, std: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen) * std).to(dtype).to(DEVICE)
-
-
-def f64(*ts):
-    return tuple(t.double() for t in ts)
-
-
-def check(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor, what: str) -> None:
-    """Triton's ``out`` against the float64 result ``exact``, allowed twice the error of the
-    torch primitive's result ``lowp`` on the same inputs (and dtype), plus REL_TOL of the
-    result's magnitude."""
-    assert out.dtype == lowp.dtype, f"{what}: dtype {out.dtype} != {lowp.dtype}"
-    assert out.shape == exact.shape, f"{what}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
-    if out.numel() == 0:
-        return
-    exact = exact.double()
-    err = (out.double() - exact).abs()
-    err_torch = (lowp.double() - exact).abs().max().item()
-    scale = exact.abs().max().item()
-    tol = torch.full_like(exact, 2 * err_torch + REL_TOL * scale + 1e-30)
-    if INTERPRET and out.dtype == torch.bfloat16:
-        # The interpreter converts float32 to bfloat16 by truncation (GPUs round to nearest).
-        tol += 2.0**-7 * exact.abs()
-    bad = ~(err <= tol)  # also catches NaN (unwritten elements)
-    if bool(bad.any()):
-        i = tuple(torch.nonzero(bad)[0].tolist())
-        raise AssertionError(f"{what}: {int(bad.sum())} of {out.numel()} elements off; first at {i}: got "
-                             f"{out[i].item()}, expected {exact[i].item()}, error {err[i].item():.3g} > "
-                             f"{tol[i].item():.3g} (torch {out.dtype} max error {err_torch:.3g})")
 
 
 def _inputs(shape, dtype, gen, param_dtype=torch.float32):
