@@ -21,7 +21,7 @@ import ctypes
 import pytest
 import torch
 
-from effkern.ops.binary_hash import binary_attention_fwd, num_words, pack_codes
+from effkern.ops.binary_hash import binary_attention_fwd, pack_codes
 from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_schema, build_host_check, case_id, needs_lib,
                                     poison_allocator, require_cuda)
 
