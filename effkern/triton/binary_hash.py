@@ -152,6 +152,23 @@ def _chunk_sum_kernel(part_ptr, out_ptr, NC, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _form_output(num, den0, v, mask, N, C, ECO: tl.constexpr):
+    """The output rows of one query block from num = h_q . KV and den0 = h_q . ksum, as
+    (out, den, ||t||): ecoformer out = (num + c v) / (den0 + N c); shiftadd t = v / 2 + num / pi,
+    out = t / max(||t||, eps). den is meaningful for ecoformer only, ||t|| for shiftadd only."""
+    den = den0 + N * C
+    if ECO:
+        out = tl.math.div_rn(num + C * v, den[:, None])
+        nt = den
+    else:
+        t = v * 0.5 + tl.math.div_rn(num, tl.full(num.shape, _PI, tl.float32))
+        t = tl.where(mask, t, 0.0)
+        nt = tl.math.sqrt_rn(tl.sum(t * t, axis=1))
+        out = tl.math.div_rn(t, tl.maximum(nt, _SHIFTADD_EPS)[:, None])
+    return out, den, nt
+
+
+@triton.jit
 def _attention_fwd_kernel(v_ptr, q_codes_ptr, kv_ptr, ks_ptr, out_ptr, N, D, W, NBITS, C,
                           ECO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_D: tl.constexpr):
@@ -165,14 +182,7 @@ def _attention_fwd_kernel(v_ptr, q_codes_ptr, kv_ptr, ks_ptr, out_ptr, N, D, W, 
     offs = bh * N * D + n[:, None] * D + dd[None, :]
     mask = n_mask[:, None] & d_mask[None, :]
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if ECO:
-        den = den0 + N * C
-        out = tl.math.div_rn(num + C * v, den[:, None])
-    else:
-        t = v * 0.5 + tl.math.div_rn(num, tl.full(num.shape, _PI, tl.float32))
-        t = tl.where(mask, t, 0.0)
-        nt = tl.math.sqrt_rn(tl.sum(t * t, axis=1))
-        out = tl.math.div_rn(t, tl.maximum(nt, _SHIFTADD_EPS)[:, None])
+    out, _, _ = _form_output(num, den0, v, mask, N, C, ECO)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -192,18 +202,13 @@ def _attention_bwd_query_kernel(g_ptr, v_ptr, q_codes_ptr, kv_ptr, ks_ptr, gq_pt
     mask = n_mask[:, None] & d_mask[None, :]
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out, den, nt = _form_output(num, den0, v, mask, N, C, ECO)
     if ECO:
-        den = den0 + N * C
-        out = tl.math.div_rn(num + C * v, den[:, None])
         gq = tl.math.div_rn(g, den[:, None])
         gden = -tl.math.div_rn(tl.sum(g * out, axis=1), den)
         tl.store(gden_ptr + bh * N + n, gden, mask=n_mask)
     else:
-        t = v * 0.5 + tl.math.div_rn(num, tl.full(num.shape, _PI, tl.float32))
-        t = tl.where(mask, t, 0.0)
-        nt = tl.math.sqrt_rn(tl.sum(t * t, axis=1))
         ntc = tl.maximum(nt, _SHIFTADD_EPS)[:, None]
-        out = tl.math.div_rn(t, ntc)
         gt = tl.math.div_rn(g - tl.sum(g * out, axis=1)[:, None] * out, ntc)
         gt = tl.where(nt[:, None] > _SHIFTADD_EPS, gt, tl.math.div_rn(g, tl.full(g.shape, _SHIFTADD_EPS, tl.float32)))
         gq = tl.math.div_rn(gt, tl.full(gt.shape, _PI, tl.float32))
