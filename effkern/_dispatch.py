@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -158,11 +160,13 @@ def _device_reasons(backend_name: str, device: torch.device) -> list[str]:
 
 @dataclass(frozen=True)
 class Implementation:
-    """One backend's implementation of one op.
+    """One backend's kernel of one op.
 
-    ``dtypes`` are the accepted dtypes of the op's main input; ``devices`` the accepted device
+    ``fn`` takes the op's kernel arguments (see :class:`OpDispatcher`); ``dtypes`` are the
+    accepted dtypes of the argument the backend is chosen on; ``devices`` the accepted device
     types (None: any); ``check`` returns extra reasons to decline a particular call (shape
-    limits and the like), given the same arguments as ``fn``.
+    limits and the like), given the same arguments as ``fn``. These are the backend's *limits*,
+    never argument validation: the op checks its arguments once, before dispatch.
     """
 
     backend: str
@@ -171,7 +175,17 @@ class Implementation:
     devices: frozenset[str] | None = None
     check: Callable[..., list[str]] | None = None
 
-    def reasons(self, main: torch.Tensor, *args, **kwargs) -> list[str]:
+    @property
+    def target(self) -> str:
+        """What runs: ``effkern.triton.integer.int_softmax_rows``, ``torch.ops.effkern.cuda_...``."""
+        return getattr(self.fn, "target", f"{self.fn.__module__}.{self.fn.__qualname__}")
+
+    @property
+    def cuda_op(self) -> str | None:
+        """The ``torch.ops.effkern`` op a CUDA kernel calls (None for the other backends)."""
+        return getattr(self.fn, "cuda_op", None)
+
+    def reasons(self, main: torch.Tensor, args: tuple) -> list[str]:
         reasons = _device_reasons(self.backend, main.device)
         if self.devices is not None and main.device.type not in self.devices:
             reasons.append(f"device type {main.device.type!r} not in {sorted(self.devices)}")
@@ -179,17 +193,25 @@ class Implementation:
             names = sorted(str(d).removeprefix("torch.") for d in self.dtypes)
             reasons.append(f"dtype {str(main.dtype).removeprefix('torch.')} not in {names}")
         if not reasons and self.check is not None:
-            reasons.extend(self.check(main, *args, **kwargs))
+            reasons.extend(self.check(*args))
         return reasons
 
 
 @dataclass
 class OpDispatcher:
-    """The backends of one public op, and the choice between them for each call."""
+    """The backends (kernels) of one op, and the choice between them for each call.
+
+    Every backend's kernel takes the same arguments, in the order and with the names of the
+    torch kernel's signature (the first one registered must be the torch reference). The
+    backend is chosen on the tensor argument named ``dispatch_on``: its device and dtype.
+    Calls may pass arguments by position or by name.
+    """
 
     name: str
     doc: str = ""
+    dispatch_on: str | None = None
     impls: dict[str, Implementation] = field(default_factory=dict)
+    signature: inspect.Signature | None = None
 
     def register(
         self,
@@ -202,9 +224,24 @@ class OpDispatcher:
     ) -> None:
         if backend_name not in BACKENDS:
             raise ValueError(f"unknown backend {backend_name!r}")
+        if self.signature is None:
+            if backend_name != "torch":
+                raise ValueError(f"{self.name}: register the torch kernel first (it fixes the signature)")
+            self.signature = inspect.signature(fn)
+            params = list(self.signature.parameters)
+            if self.dispatch_on is None:
+                self.dispatch_on = params[0]
+            if self.dispatch_on not in params:
+                raise ValueError(f"{self.name}: dispatch_on={self.dispatch_on!r} is not an argument of {params}")
         self.impls[backend_name] = Implementation(
             backend_name, fn, frozenset(dtypes), None if devices is None else frozenset(devices), check
         )
+
+    def bind(self, *args, **kwargs) -> tuple[torch.Tensor, tuple]:
+        """(the tensor the backend is chosen on, every argument in signature order)."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound.arguments[self.dispatch_on], tuple(bound.arguments.values())
 
     def candidates(self, device: torch.device) -> Sequence[str]:
         forced = forced_backends()
@@ -212,15 +249,19 @@ class OpDispatcher:
             return forced
         return _PRIORITY.get(device.type, _DEFAULT_PRIORITY)
 
-    def select(self, main: torch.Tensor, *args, **kwargs) -> Implementation:
+    def select(self, *args, **kwargs) -> Implementation:
         """The implementation to use for this call, or BackendNotSupported with every reason."""
+        main, ordered = self.bind(*args, **kwargs)
+        return self._select(main, ordered)
+
+    def _select(self, main: torch.Tensor, ordered: tuple) -> Implementation:
         declined: list[str] = []
         for name in self.candidates(main.device):
             impl = self.impls.get(name)
             if impl is None:
                 declined.append(f"  {name}: {self.name} has no {name} implementation")
                 continue
-            reasons = impl.reasons(main, *args, **kwargs)
+            reasons = impl.reasons(main, ordered)
             if not reasons:
                 return impl
             declined.append(f"  {name}: " + "; ".join(reasons))
@@ -228,12 +269,13 @@ class OpDispatcher:
         how = f"forced backend(s) {', '.join(forced)}" if forced else "every backend"
         raise BackendNotSupported(
             f"effkern.{self.name}: {how} declined a {main.device.type} "
-            f"{str(main.dtype).removeprefix('torch.')} input of shape {tuple(main.shape)}:\n"
+            f"{str(main.dtype).removeprefix('torch.')} {self.dispatch_on} of shape {tuple(main.shape)}:\n"
             + "\n".join(declined)
         )
 
-    def __call__(self, main: torch.Tensor, *args, **kwargs):
-        return self.select(main, *args, **kwargs).fn(main, *args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        main, ordered = self.bind(*args, **kwargs)
+        return self._select(main, ordered).fn(*ordered)
 
     def environment_reasons(self, device: torch.device) -> dict[str, list[str] | None]:
         """For `python -m effkern info`: per backend, None when not implemented, else the
@@ -254,31 +296,53 @@ class OpDispatcher:
 OPS: dict[str, OpDispatcher] = {}
 
 
-def op_dispatcher(name: str, doc: str = "") -> OpDispatcher:
-    """Create (once) and return the dispatcher of the public op ``name``."""
+def op_dispatcher(name: str, doc: str = "", dispatch_on: str | None = None) -> OpDispatcher:
+    """Create (once) and return the kernel dispatcher of op ``name``; the backend is chosen on
+    the argument named ``dispatch_on`` (default: the torch kernel's first argument)."""
     if name in OPS:
         raise ValueError(f"op {name!r} is already registered")
-    OPS[name] = OpDispatcher(name, doc)
+    OPS[name] = OpDispatcher(name, doc, dispatch_on)
     return OPS[name]
 
 
-def triton_impl(module: str, name: str) -> Callable:
-    """A backend function that imports ``effkern.triton.<module>`` on first use, so that
+class TritonKernel:
+    """A backend function ``effkern.triton.<module>.<name>``, imported on first use so that
     importing effkern never requires triton."""
 
-    def call(*args, **kwargs):
-        mod = importlib.import_module(f"effkern.triton.{module}")
-        return getattr(mod, name)(*args, **kwargs)
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+        self.target = f"effkern.triton.{module}.{name}"
+        self._fn: Callable | None = None
 
-    call.__name__ = f"triton.{module}.{name}"
-    return call
+    def __call__(self, *args, **kwargs):
+        if self._fn is None:
+            self._fn = getattr(importlib.import_module(f"effkern.triton.{self.module}"), self.name)
+        return self._fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<triton kernel {self.target}>"
 
 
-def cuda_impl(op_name: str) -> Callable:
-    """A backend function calling ``torch.ops.effkern.<op_name>`` from the compiled library."""
+class CudaKernel:
+    """A backend function calling ``torch.ops.effkern.<cuda_op>`` from the compiled library;
+    ``adapter(op, *kernel_args)`` maps the kernel arguments onto the C++ op's when they differ."""
 
-    def call(*args, **kwargs):
-        return getattr(torch.ops.effkern, op_name)(*args, **kwargs)
+    def __init__(self, cuda_op: str, adapter: Callable | None = None):
+        self.cuda_op, self.adapter = cuda_op, adapter
+        self.target = f"torch.ops.effkern.{cuda_op}"
 
-    call.__name__ = f"torch.ops.effkern.{op_name}"
-    return call
+    def __call__(self, *args):
+        op = getattr(torch.ops.effkern, self.cuda_op)
+        return op(*args) if self.adapter is None else self.adapter(op, *args)
+
+    def __repr__(self) -> str:
+        return f"<cuda kernel {self.target}>"
+
+
+def triton_impl(module: str, name: str) -> TritonKernel:
+    """``"module:function"`` style shorthand kept for the families not yet on the registry."""
+    return TritonKernel(module, name)
+
+
+def cuda_impl(op_name: str, adapter: Callable | None = None) -> CudaKernel:
+    return CudaKernel(op_name, adapter)

@@ -27,25 +27,17 @@ import math
 import torch
 from torch import Tensor
 
-from effkern._dispatch import cuda_impl, op_dispatcher, triton_impl
+from effkern._common import INT32_MAX, INT_DTYPES, MAX_INT8_LINEAR_K, check_int, check_same_device, dtype_name, int_dtype_for_bits
+from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 
-INT32_MAX = 2**31 - 1
-INT_DTYPES = (torch.int8, torch.int16, torch.int32)
 _DTYPE_BITS = {torch.int8: 8, torch.int16: 16, torch.int32: 32}
+NARROW_INT_DTYPES = (torch.int8, torch.int16)  # the inputs of int_gelu and int_layernorm
+FAMILY = "integer"
 
 
 def _cuda_grid_limit(rows: Tensor, *args) -> list[str]:
     """The CUDA row kernels launch one block per row on grid dimension x (at most 2^31 - 1)."""
     return [f"{rows.shape[0]} rows exceed the grid limit of 2^31 - 1"] if rows.shape[0] > 2**31 - 1 else []
-
-
-def int_dtype_for_bits(bits: int) -> torch.dtype:
-    """The narrowest signed integer dtype holding ``bits``-bit values."""
-    return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,18 +50,13 @@ def _check_int_input(op: str, x: Tensor, dtypes: tuple[torch.dtype, ...]) -> Non
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
         raise TypeError(
-            f"{op}: x must have dtype {' or '.join(_dtype_name(d) for d in dtypes)}, "
-            f"got {_dtype_name(x.dtype)}"
+            f"{op}: x must have dtype {' or '.join(dtype_name(d) for d in dtypes)}, "
+            f"got {dtype_name(x.dtype)}"
         )
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dimension (the row), got a 0-d tensor")
     if x.shape[-1] == 0:
         raise ValueError(f"{op}: the last dimension of x (the row length) must be >= 1, got 0")
-
-
-def _check_bits(op: str, name: str, value: int, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{op}: {name} must be an integer in [{lo}, {hi}], got {value!r}")
 
 
 def _as_scale_tensor(op: str, name: str, scale) -> Tensor:
@@ -79,13 +66,22 @@ def _as_scale_tensor(op: str, name: str, scale) -> Tensor:
     if not isinstance(scale, Tensor):
         raise TypeError(f"{op}: {name} must be a float or a floating-point tensor, got {type(scale).__name__}")
     if not scale.is_floating_point():
-        raise TypeError(f"{op}: {name} must be floating point, got {_dtype_name(scale.dtype)}")
+        raise TypeError(f"{op}: {name} must be floating point, got {dtype_name(scale.dtype)}")
     return scale.to(torch.float32)
 
 
-def _check_scalar_scale(op: str, name: str, scale: Tensor) -> None:
+def _check_scale_device(op: str, name: str, scale: Tensor, x: Tensor) -> None:
+    """A scale lives on the host (free: no synchronisation) or beside x; anything else (a meta
+    tensor, another GPU) is refused rather than read."""
+    if scale.device.type != "cpu" and scale.device != x.device:
+        raise ValueError(f"{op}: {name} is on {scale.device} but x is on {x.device}; "
+                         f"give the scale on the CPU or on x's device")
+
+
+def _check_scalar_scale(op: str, name: str, scale: Tensor, x: Tensor) -> None:
     if scale.numel() != 1:
         raise ValueError(f"{op}: {name} must hold a single value (per-tensor scale), got shape {tuple(scale.shape)}")
+    _check_scale_device(op, name, scale, x)
 
 
 def _host_scale(op: str, name: str, scale: Tensor) -> Tensor:
@@ -107,13 +103,22 @@ def _host_scale(op: str, name: str, scale: Tensor) -> Tensor:
 MAX_ABS_X0 = 2**30
 
 
-def shift_exp_x0(scale: Tensor, op: str = "shift_exp") -> int:
-    """I-ViT's x0 = floor(-1 / S), computed in float32 (S a float32 CPU tensor, one value)."""
-    x0 = int(torch.floor(-1.0 / scale.reshape(())).item())
-    if -x0 > MAX_ABS_X0:
-        raise ValueError(f"{op}: scale={scale.item():.6g} is too small: x0 = floor(-1/scale) = {x0} is "
-                         f"below -2^30, where the integer exp would overflow int64")
-    return x0
+def shift_exp_x0(scale: Tensor, op: str = "shift_exp", what: str = "scale") -> int:
+    """I-ViT's x0 = floor(-1 / S), computed in float32 (S a float32 CPU tensor, one value).
+
+    Raises ValueError naming ``what`` when a finite S gives no usable x0: a subnormal S makes
+    -1/S infinite, a huge one (or one whose derived S overflows float32) makes x0 = 0, and a
+    small one makes |x0| exceed 2^30, where the integer exp would overflow int64.
+    """
+    value = float(scale.reshape(()).item())
+    neg_inv = torch.floor(-1.0 / scale.reshape(()))
+    if not bool(torch.isfinite(neg_inv)) or -float(neg_inv) > MAX_ABS_X0:
+        raise ValueError(f"{op}: {what}={value:.6g} is too small: x0 = floor(-1/({what})) is below -2^30, "
+                         f"where the integer exp would overflow int64")
+    if not math.isfinite(value) or int(neg_inv) == 0:
+        raise ValueError(f"{op}: {what}={value:.6g} is too large: x0 = floor(-1/({what})) must be "
+                         f"negative and finite")
+    return int(neg_inv)
 
 
 def ref_shift_exp(d: Tensor, x0: int, n: int) -> Tensor:
@@ -217,34 +222,36 @@ def _softmax_x0(scale: Tensor, n: int, out_bits: int) -> int:
     return x0
 
 
-_softmax_dispatch = op_dispatcher("int_softmax", "I-ViT Shiftmax over the last dim")
-_softmax_dispatch.register("torch", ref_int_softmax_rows, dtypes=INT_DTYPES)
-_softmax_dispatch.register("triton", triton_impl("integer", "int_softmax_rows"), dtypes=INT_DTYPES)
-_softmax_dispatch.register("cuda", cuda_impl("cuda_int_softmax"), dtypes=INT_DTYPES,
-                            check=_cuda_grid_limit)
-
-
 def _check_int_softmax(x: Tensor, scale: Tensor, out_bits: int, n: int) -> None:
     _check_int_input("int_softmax", x, INT_DTYPES)
-    _check_scalar_scale("int_softmax", "scale", scale)
+    _check_scalar_scale("int_softmax", "scale", scale, x)
     if out_bits not in (8, 16):
         raise ValueError(f"int_softmax: out_bits must be 8 or 16, got {out_bits!r}")
-    _check_bits("int_softmax", "n", n, 1, 30)
+    check_int("int_softmax", "n", n, 1, 30)
 
 
-@torch.library.custom_op("effkern::int_softmax", mutates_args=())
+INT_SOFTMAX = define_op(
+    "int_softmax", family=FAMILY, doc="I-ViT Shiftmax over the last dim",
+    check=_check_int_softmax, dispatch_on="x",
+    kernels=[
+        torch_kernel(ref_int_softmax_rows, dtypes=INT_DTYPES),
+        triton_kernel("integer:int_softmax_rows", dtypes=INT_DTYPES),
+        cuda_kernel("cuda_int_softmax", dtypes=INT_DTYPES, check=_cuda_grid_limit),
+    ],
+)
+
+
+@INT_SOFTMAX.impl
 def _int_softmax_op(x: Tensor, scale: Tensor, out_bits: int, n: int) -> tuple[Tensor, Tensor]:
-    _check_int_softmax(x, scale, out_bits, n)
     x0 = _softmax_x0(scale, n, out_bits)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = _softmax_dispatch(rows, x0, n, out_bits)
-    out_scale = torch.tensor(2.0 ** -(out_bits - 1), dtype=torch.float32, device=x.device)
+    y = INT_SOFTMAX.kernels(x=rows, x0=x0, n=n, out_bits=out_bits)
+    out_scale = torch.full((), 2.0 ** -(out_bits - 1), dtype=torch.float32, device=x.device)
     return y.reshape(x.shape), out_scale
 
 
-@_int_softmax_op.register_fake
+@INT_SOFTMAX.fake
 def _(x, scale, out_bits, n):
-    _check_int_softmax(x, scale, out_bits, n)
     return x.new_empty(x.shape, dtype=int_dtype_for_bits(out_bits)), x.new_empty((), dtype=torch.float32)
 
 
@@ -299,7 +306,7 @@ def ref_int_gelu_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
 
 def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
     host = _host_scale("int_gelu", "scale", scale)
-    x0 = shift_exp_x0(host * 1.702, "int_gelu")  # S' = 1.702 * S in float32, as I-ViT
+    x0 = shift_exp_x0(host * 1.702, "int_gelu", "1.702 * scale")  # S' = 1.702 * S in float32, as I-ViT
     # The sigmoid term is at most 2^(out_bits-1) - 1, except when e + e(-max) saturates at
     # 2^31 - 1 (f = 1): then it is e >> (32 - out_bits), e at most -x0 * 2^n. The int32 output
     # I * sigmoid must not overflow for any input of this dtype.
@@ -308,39 +315,41 @@ def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
     if max_abs_input * max_sigmoid > INT32_MAX:
         raise ValueError(
             f"int_gelu: scale={host.item():.6g} is too small for n={n}, out_bits={out_bits} and "
-            f"{_dtype_name(x_dtype)} inputs: the saturated sigmoid term reaches {max_sigmoid}, so "
+            f"{dtype_name(x_dtype)} inputs: the saturated sigmoid term reaches {max_sigmoid}, so "
             f"x * sigmoid could overflow the int32 output"
         )
     return x0
 
 
-_gelu_dispatch = op_dispatcher("int_gelu", "I-ViT ShiftGELU, rowwise over the last dim")
-_gelu_dispatch.register("torch", ref_int_gelu_rows, dtypes=(torch.int8, torch.int16))
-_gelu_dispatch.register("triton", triton_impl("integer", "int_gelu_rows"), dtypes=(torch.int8, torch.int16))
-_gelu_dispatch.register("cuda", cuda_impl("cuda_int_gelu"), dtypes=(torch.int8, torch.int16),
-                            check=_cuda_grid_limit)
-
-
 def _check_int_gelu(x: Tensor, scale: Tensor, out_bits: int, n: int) -> None:
-    _check_int_input("int_gelu", x, (torch.int8, torch.int16))
-    _check_scalar_scale("int_gelu", "scale", scale)
-    _check_bits("int_gelu", "out_bits", out_bits, 2, 16)
-    _check_bits("int_gelu", "n", n, 1, 30)
+    _check_int_input("int_gelu", x, NARROW_INT_DTYPES)
+    _check_scalar_scale("int_gelu", "scale", scale, x)
+    check_int("int_gelu", "out_bits", out_bits, 2, 16)
+    check_int("int_gelu", "n", n, 1, 30)
 
 
-@torch.library.custom_op("effkern::int_gelu", mutates_args=())
+INT_GELU = define_op(
+    "int_gelu", family=FAMILY, doc="I-ViT ShiftGELU, rowwise over the last dim",
+    check=_check_int_gelu, dispatch_on="x",
+    kernels=[
+        torch_kernel(ref_int_gelu_rows, dtypes=NARROW_INT_DTYPES),
+        triton_kernel("integer:int_gelu_rows", dtypes=NARROW_INT_DTYPES),
+        cuda_kernel("cuda_int_gelu", dtypes=NARROW_INT_DTYPES, check=_cuda_grid_limit),
+    ],
+)
+
+
+@INT_GELU.impl
 def _int_gelu_op(x: Tensor, scale: Tensor, out_bits: int, n: int) -> tuple[Tensor, Tensor]:
-    _check_int_gelu(x, scale, out_bits, n)
     x0 = _gelu_x0(x.dtype, scale, n, out_bits)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = _gelu_dispatch(rows, x0, n, out_bits)
+    y = INT_GELU.kernels(x=rows, x0=x0, n=n, out_bits=out_bits)
     out_scale = scale.detach().to(device=x.device, dtype=torch.float32).reshape(()) * 2.0 ** -(out_bits - 1)
     return y.reshape(x.shape), out_scale
 
 
-@_int_gelu_op.register_fake
+@INT_GELU.fake
 def _(x, scale, out_bits, n):
-    _check_int_gelu(x, scale, out_bits, n)
     return x.new_empty(x.shape, dtype=torch.int32), x.new_empty((), dtype=torch.float32)
 
 
@@ -418,40 +427,41 @@ def layernorm_constants(c: int, weight: Tensor, bias: Tensor) -> tuple[Tensor, T
     return bias_float.to(torch.int32), s.to(w.device) * w
 
 
-_layernorm_dispatch = op_dispatcher("int_layernorm", "I-ViT I-LayerNorm over the last dim")
-_layernorm_dispatch.register("torch", ref_int_layernorm_rows, dtypes=(torch.int8, torch.int16))
-_layernorm_dispatch.register("triton", triton_impl("integer", "int_layernorm_rows"), dtypes=(torch.int8, torch.int16))
-_layernorm_dispatch.register("cuda", cuda_impl("cuda_int_layernorm"), dtypes=(torch.int8, torch.int16),
-                            check=_cuda_grid_limit)
-
-
 def _check_int_layernorm(x: Tensor, weight: Tensor, bias: Tensor, iters: int) -> None:
-    _check_int_input("int_layernorm", x, (torch.int8, torch.int16))
+    _check_int_input("int_layernorm", x, NARROW_INT_DTYPES)
     c = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"int_layernorm: {name} must be a floating-point tensor")
         if tuple(t.shape) != (c,):
             raise ValueError(f"int_layernorm: {name} must have shape ({c},) to match x's last dim, got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"int_layernorm: {name} is on {t.device} but x is on {x.device}")
+        check_same_device("int_layernorm", name, t, "x", x)
     # With k starting at 2^16 and halving at worst (all-equal rows: var = 0), 16 iterations keep
     # k >= 1; more could divide by zero.
-    _check_bits("int_layernorm", "iters", iters, 0, 16)
+    check_int("int_layernorm", "iters", iters, 0, 16)
 
 
-@torch.library.custom_op("effkern::int_layernorm", mutates_args=())
+INT_LAYERNORM = define_op(
+    "int_layernorm", family=FAMILY, doc="I-ViT I-LayerNorm over the last dim",
+    check=_check_int_layernorm, dispatch_on="x",
+    kernels=[
+        torch_kernel(ref_int_layernorm_rows, dtypes=NARROW_INT_DTYPES),
+        triton_kernel("integer:int_layernorm_rows", dtypes=NARROW_INT_DTYPES),
+        cuda_kernel("cuda_int_layernorm", dtypes=NARROW_INT_DTYPES, check=_cuda_grid_limit),
+    ],
+)
+
+
+@INT_LAYERNORM.impl
 def _int_layernorm_op(x: Tensor, weight: Tensor, bias: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-    _check_int_layernorm(x, weight, bias, iters)
     bias_int, out_scale = layernorm_constants(x.shape[-1], weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = _layernorm_dispatch(rows, bias_int.contiguous(), iters)
+    y = INT_LAYERNORM.kernels(x=rows, bias_int=bias_int.contiguous(), iters=iters)
     return y.reshape(x.shape), out_scale
 
 
-@_int_layernorm_op.register_fake
+@INT_LAYERNORM.fake
 def _(x, weight, bias, iters):
-    _check_int_layernorm(x, weight, bias, iters)
     return x.new_empty(x.shape, dtype=torch.int32), weight.new_empty(weight.shape, dtype=torch.float32)
 
 
@@ -484,7 +494,9 @@ def int_layernorm(x_int: Tensor, weight: Tensor, bias: Tensor, *, iters: int = 1
 # --------------------------------------------------------------------------------------------
 
 
-def _scale_for_columns(op: str, name: str, scale: Tensor, columns: int) -> None:
+def _scale_for_columns(op: str, name: str, scale: Tensor, x: Tensor, columns: int | None = None) -> None:
+    _check_scale_device(op, name, scale, x)
+    columns = x.shape[-1] if columns is None else columns
     if scale.numel() != 1 and tuple(scale.shape) != (columns,):
         raise ValueError(
             f"{op}: {name} must be per-tensor (one value) or per-channel with shape ({columns},) "
@@ -502,29 +514,32 @@ def _dyadic_columns(op: str, in_scale: Tensor, out_scale: Tensor, columns: int, 
     return m, e
 
 
-_requantize_dispatch = op_dispatcher("requantize", "dyadic requantisation I * m / 2^e")
-_requantize_dispatch.register("torch", ref_requantize_rows, dtypes=INT_DTYPES)
-_requantize_dispatch.register("triton", triton_impl("integer", "requantize_rows"), dtypes=INT_DTYPES)
-
-
 def _check_requantize(x: Tensor, in_scale: Tensor, out_scale: Tensor, out_bits: int) -> None:
     _check_int_input("requantize", x, INT_DTYPES)
-    _scale_for_columns("requantize", "in_scale", in_scale, x.shape[-1])
-    _scale_for_columns("requantize", "out_scale", out_scale, x.shape[-1])
-    _check_bits("requantize", "out_bits", out_bits, 2, 32)
+    _scale_for_columns("requantize", "in_scale", in_scale, x)
+    _scale_for_columns("requantize", "out_scale", out_scale, x)
+    check_int("requantize", "out_bits", out_bits, 2, 32)
 
 
-@torch.library.custom_op("effkern::requantize", mutates_args=())
+REQUANTIZE = define_op(
+    "requantize", family=FAMILY, doc="dyadic requantisation I * m / 2^e",
+    check=_check_requantize, dispatch_on="x",
+    kernels=[
+        torch_kernel(ref_requantize_rows, dtypes=INT_DTYPES),
+        triton_kernel("integer:requantize_rows", dtypes=INT_DTYPES),
+    ],
+)
+
+
+@REQUANTIZE.impl
 def _requantize_op(x: Tensor, in_scale: Tensor, out_scale: Tensor, out_bits: int) -> Tensor:
-    _check_requantize(x, in_scale, out_scale, out_bits)
     m, e = _dyadic_columns("requantize", in_scale, out_scale, x.shape[-1], x.device)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    return _requantize_dispatch(rows, m, e, out_bits).reshape(x.shape)
+    return REQUANTIZE.kernels(x=rows, m=m, e=e, out_bits=out_bits).reshape(x.shape)
 
 
-@_requantize_op.register_fake
+@REQUANTIZE.fake
 def _(x, in_scale, out_scale, out_bits):
-    _check_requantize(x, in_scale, out_scale, out_bits)
     return x.new_empty(x.shape, dtype=int_dtype_for_bits(out_bits))
 
 
@@ -551,10 +566,6 @@ def requantize(x_int: Tensor, in_scale, out_scale, *, out_bits: int) -> Tensor:
 # int8_linear
 # --------------------------------------------------------------------------------------------
 
-# int8 products are at most 2^14 in magnitude, so int32 accumulation is exact for K < 2^17.
-MAX_INT8_LINEAR_K = 2**17 - 1
-
-
 def ref_int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,
                          out_bits: int) -> Tensor:
     """Reference int8 GEMM: acc = saturate_int32(x @ w^T + bias), then optional requantisation.
@@ -571,11 +582,6 @@ def ref_int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | 
     return ref_requantize_rows(acc, m, e, out_bits)
 
 
-_int8_linear_dispatch = op_dispatcher("int8_linear", "int8 x int8 -> int32 GEMM with fused requantisation")
-_int8_linear_dispatch.register("torch", ref_int8_linear_rows, dtypes=(torch.int8,))
-_int8_linear_dispatch.register("triton", triton_impl("integer", "int8_linear_rows"), dtypes=(torch.int8,))
-
-
 def _check_int8_linear(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tensor | None,
                        out_scale: Tensor | None, out_bits: int) -> None:
     op = "int8_linear"
@@ -587,38 +593,44 @@ def _check_int8_linear(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tens
         raise ValueError(f"{op}: x has {k} input features but w has shape {tuple(w.shape)} (expects [N, {k}])")
     if k > MAX_INT8_LINEAR_K:
         raise ValueError(f"{op}: in_features={k} exceeds {MAX_INT8_LINEAR_K}: int32 accumulation could overflow")
-    if w.device != x.device:
-        raise ValueError(f"{op}: w is on {w.device} but x is on {x.device}")
+    check_same_device(op, "w", w, "x", x)
     n_out = w.shape[0]
     if bias is not None:
         if bias.dtype != torch.int32 or tuple(bias.shape) != (n_out,):
-            raise ValueError(f"{op}: bias must be int32 with shape ({n_out},), got {_dtype_name(bias.dtype)} {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
+            raise ValueError(f"{op}: bias must be int32 with shape ({n_out},), got {dtype_name(bias.dtype)} {tuple(bias.shape)}")
+        check_same_device(op, "bias", bias, "x", x)
     if (in_scale is None) != (out_scale is None):
         raise ValueError(f"{op}: give both in_scale and out_scale to requantise, or neither for int32 output")
     if out_scale is not None:
-        _scale_for_columns(op, "in_scale", in_scale, n_out)
-        _scale_for_columns(op, "out_scale", out_scale, n_out)
-        _check_bits(op, "out_bits", out_bits, 2, 32)
+        _scale_for_columns(op, "in_scale", in_scale, x, n_out)
+        _scale_for_columns(op, "out_scale", out_scale, x, n_out)
+        check_int(op, "out_bits", out_bits, 2, 32)
 
 
-@torch.library.custom_op("effkern::int8_linear", mutates_args=())
+INT8_LINEAR = define_op(
+    "int8_linear", family=FAMILY, doc="int8 x int8 -> int32 GEMM with fused requantisation",
+    check=_check_int8_linear, dispatch_on="x",
+    kernels=[
+        torch_kernel(ref_int8_linear_rows, dtypes=(torch.int8,)),
+        triton_kernel("integer:int8_linear_rows", dtypes=(torch.int8,)),
+    ],
+)
+
+
+@INT8_LINEAR.impl
 def _int8_linear_op(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tensor | None,
                     out_scale: Tensor | None, out_bits: int) -> Tensor:
-    _check_int8_linear(x, w, bias, in_scale, out_scale, out_bits)
     m = e = None
     if out_scale is not None:
         m, e = _dyadic_columns("int8_linear", in_scale, out_scale, w.shape[0], x.device)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     bias = None if bias is None else bias.contiguous()
-    y = _int8_linear_dispatch(rows, w.contiguous(), bias, m, e, out_bits)
+    y = INT8_LINEAR.kernels(x=rows, w=w.contiguous(), bias=bias, m=m, e=e, out_bits=out_bits)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-@_int8_linear_op.register_fake
+@INT8_LINEAR.fake
 def _(x, w, bias, in_scale, out_scale, out_bits):
-    _check_int8_linear(x, w, bias, in_scale, out_scale, out_bits)
     dtype = torch.int32 if out_scale is None else int_dtype_for_bits(out_bits)
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dtype)
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from effkern.ops.integer import INT32_MAX, MAX_INT8_LINEAR_K, int_dtype_for_bits
+from effkern._common import INT32_MAX, MAX_INT8_LINEAR_K, int_dtype_for_bits
 
 # Row kernels: the largest row kept in registers in one pass, the chunk of the chunked path,
 # and the number of elements a program aims to own when it packs several short rows.
