@@ -15,7 +15,7 @@ from effkern.nn.binary_hash import (
     ksh_code_loss,
     ksh_similarity_targets,
 )
-from effkern.nn.tokens import Attention
+from effkern.nn.layers import Attention
 
 DIM, HEADS = 32, 4  # head_dim 8
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from effkern.nn.layers import Block
 from effkern.nn.tokens import (
-    Block,
     DynamicViTAttention,
     DynamicViTBlock,
     DynamicViTPredictor,

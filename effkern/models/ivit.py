@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from effkern.nn import IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantLinear, QuantMatMul
+from effkern.nn.layers import PatchEmbed
 
 
 class IntAttention(nn.Module):
@@ -96,20 +97,6 @@ class IntBlock(nn.Module):
         return self.qact_residual2(h, s, identity=x, identity_scaling_factor=scale)
 
 
-class PatchEmbed(nn.Module):
-    """Float patch embedding (timm names: ``proj``); its output enters the integer domain."""
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
-        super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"PatchEmbed: img_size={img_size} is not a multiple of patch_size={patch_size}")
-        self.num_patches = (img_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
 class IViT(nn.Module):
     """I-ViT classifier. ``forward(images) -> logits`` (float, from the integer head output)."""
 
@@ -117,6 +104,7 @@ class IViT(nn.Module):
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True):
         super().__init__()
+        # float, timm's: its output enters the integer domain through qact_embed
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, embed_dim) * 0.02)

@@ -1,6 +1,6 @@
 """Binary-hash additive attention (EcoFormer, ShiftAddViT) as a drop-in for timm's ``Attention``.
 
-:class:`BinaryHashAttention` subclasses :class:`effkern.nn.tokens.Attention` (timm's names:
+:class:`BinaryHashAttention` subclasses :class:`effkern.nn.layers.Attention` (timm's names:
 qkv, q_norm, k_norm, attn_drop, proj, proj_drop) and replaces softmax attention by
 :func:`effkern.ops.binary_hash.binary_hash_attention`: queries and keys are hashed per head
 (KSH or a random projection) to b-bit codes and attention is the linear form of the op
@@ -8,9 +8,9 @@ qkv, q_norm, k_norm, attn_drop, proj, proj_drop) and replaces softmax attention 
 
 State dict. The hash (anchors / mu / proj, or the random projection's weight) lives in
 *non-persistent* buffers, so ``state_dict()`` holds exactly timm's keys (plus ``dwconv.weight``
-when the depthwise convolution is on): a timm / ``tokens.Attention`` state dict loads strictly
+when the depthwise convolution is on): a timm / ``layers.Attention`` state dict loads strictly
 into this module and (without dwconv) this module's state dict loads strictly into a
-``tokens.Attention``. The hash is saved and restored separately with :meth:`hash_state_dict`
+``layers.Attention``. The hash is saved and restored separately with :meth:`hash_state_dict`
 and :meth:`load_hash_state_dict` (it is data-fitted, not trained). A state dict without any
 ``dwconv.*`` key (a plain attention checkpoint) leaves the convolution at its initial weights
 instead of reporting it missing; a state dict that has some but not all of them still fails.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effkern.nn.tokens import Attention
+from effkern.nn.layers import Attention
 from effkern.ops.binary_hash import (
     FORMS,
     KSHParams,

@@ -8,10 +8,11 @@ effkern's ops instead of torch indexing: ``topk_tokens`` ranks, ``token_gather``
 tokens without an N x N map, ``masked_softmax`` is DynamicViT's policy softmax and
 ``bipartite_matching`` / ``merge_tokens`` are ToMe's matching and size-weighted merge.
 
-Module and parameter names are timm's (``Attention``: qkv, q_norm, k_norm, attn_drop, proj,
-proj_drop; ``Block``: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2; ``Mlp``: fc1,
-act, drop1, norm, fc2, drop2), so timm / DeiT / DynamicViT / EViT / IdleViT / ToMe checkpoints
-load into them with ``load_state_dict``.
+The attentions and blocks subclass timm's ``Attention`` and ``Block`` from
+:mod:`effkern.nn.layers` and keep their module and parameter names (``Attention``: qkv, q_norm,
+k_norm, attn_drop, proj, proj_drop; ``Block``: norm1, attn, ls1, drop_path1, norm2, mlp, ls2,
+drop_path2; ``Mlp``: fc1, act, drop1, norm, fc2, drop2), so timm / DeiT / DynamicViT / EViT /
+IdleViT / ToMe checkpoints load into them with ``load_state_dict``.
 
 One deliberate difference from every original: ties are deterministic. effkern ranks with
 stable sorts (equal scores: the lower token position first), where the originals call
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effkern.nn.layers import Attention, Block
 from effkern.ops import (
     bipartite_matching,
     cls_attention,
@@ -40,17 +42,12 @@ from effkern.ops import (
 )
 
 __all__ = [
-    "Attention",
-    "Block",
-    "DropPath",
     "DynamicViTAttention",
     "DynamicViTBlock",
     "DynamicViTPredictor",
     "EViTAttention",
     "EViTBlock",
     "IdleViTBlock",
-    "LayerScale",
-    "Mlp",
     "ToMeAttention",
     "ToMeBlock",
     "dynamicvit_keep",
@@ -59,126 +56,6 @@ __all__ = [
     "idle_select_compute_scatter",
     "tome_merge",
 ]
-
-
-# ============================================================================================
-# timm's ViT pieces (names and forward as timm.models.vision_transformer)
-# ============================================================================================
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm's DropPath): in training, zero a sample's branch with
-    probability ``drop_prob`` and scale the survivors by 1 / (1 - drop_prob)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class LayerScale(nn.Module):
-    """timm's LayerScale: ``x * gamma``, gamma initialised to ``init_values``."""
-
-    def __init__(self, dim: int, init_values: float = 1e-5):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """timm's Mlp: fc1 -> act -> drop1 -> norm (Identity) -> fc2 -> drop2."""
-
-    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
-                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0):
-        super().__init__()
-        hidden_features = hidden_features or in_features
-        out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
-
-
-class Attention(nn.Module):
-    """timm's ``Attention`` (fused path): multi-head self-attention through
-    ``F.scaled_dot_product_attention``. The base of the method-specific attentions below, which
-    reuse :meth:`qkv_heads`, :meth:`attend` and :meth:`project`."""
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"{type(self).__name__}: dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(q, k, v), each ``[B, H, N, d]``, q and k through q_norm / k_norm."""
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        """softmax(q k^T * scale + attn_mask) v with attention dropout in training."""
-        p = self.attn_drop.p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=self.scale)
-
-    def project(self, o: Tensor) -> Tensor:
-        """``[B, H, N, d]`` head outputs -> ``[B, N, C]`` through proj and proj_drop."""
-        b, _, n, _ = o.shape
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.project(self.attend(*self.qkv_heads(x)))
-
-
-class Block(nn.Module):
-    """timm's pre-norm ViT ``Block``: ``x + drop_path1(ls1(attn(norm1(x))))`` then
-    ``x + drop_path2(ls2(mlp(norm2(x))))``. Subclasses swap the attention (``attn_layer``)."""
-
-    attn_layer: type[Attention] = Attention
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 qk_norm: bool = False, proj_drop: float = 0.0, attn_drop: float = 0.0,
-                 init_values: float | None = None, drop_path: float = 0.0, act_layer: type[nn.Module] = nn.GELU,
-                 norm_layer: type[nn.Module] = nn.LayerNorm):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = self.attn_layer(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                                    attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def mlp_residual(self, x: Tensor) -> Tensor:
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return self.mlp_residual(x)
 
 
 # ============================================================================================
