@@ -51,3 +51,12 @@ def require_backend(op: str, name: str, device: str = DEVICE) -> None:
         pytest.skip(f"{op} has no {name} backend")
     if reasons:
         pytest.skip(f"{op}/{name} unavailable on {device}: {'; '.join(reasons)}")
+
+
+# Property-based tests (tests/test_registry.py): a few examples per test in the default suite;
+# `python -m pytest tests/test_registry.py --hypothesis-profile=exhaustive` runs many.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("default", max_examples=6, derandomize=True)
+settings.register_profile("exhaustive", max_examples=300)
+settings.load_profile("default")

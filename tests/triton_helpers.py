@@ -42,7 +42,7 @@ class GarbageBytes:
         wanted = t.dtype != torch.bool if self.dtypes is None else t.dtype in self.dtypes
         if not (wanted and t.is_contiguous()):
             return
-        raw = t.view(torch.uint8)
+        raw = t.reshape(-1).view(torch.uint8)  # reshape: a 0-d tensor has no last dim to view
         if self.pattern is None:
             raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=self.gen).to(raw.device))
         else:

@@ -653,3 +653,204 @@ def int8_linear(x_int8: Tensor, w_int8: Tensor, bias_int32: Tensor | None = None
     i = None if in_scale is None else _as_scale_tensor("int8_linear", "in_scale", in_scale)
     o = None if out_scale is None else _as_scale_tensor("int8_linear", "out_scale", out_scale)
     return torch.ops.effkern.int8_linear(x_int8, w_int8, bias_int32, i, o, out_bits)
+
+
+# --------------------------------------------------------------------------------------------
+# Test cases (tests/test_registry.py runs them on every backend)
+# --------------------------------------------------------------------------------------------
+
+
+def _randint(gen: torch.Generator, shape, dtype: torch.dtype, device, lo=None, hi=None) -> Tensor:
+    info = torch.iinfo(dtype)
+    lo = info.min if lo is None else lo
+    hi = info.max if hi is None else hi
+    return torch.randint(lo, hi + 1, tuple(shape), generator=gen, dtype=torch.int64).to(dtype).to(device)
+
+
+def _f32(value: float) -> Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _attention_logits(gen, device, dtype, b=2, h=3, n=17) -> Tensor:
+    """[B, H, N, N] logits, transposed in the last two dims: a non-contiguous view."""
+    return _randint(gen, (b, h, n, n), dtype, device).transpose(-1, -2)
+
+
+def _pick(gen: torch.Generator, options):
+    return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+
+def _softmax_samples(gen, device):
+    return [
+        Sample((_randint(gen, (7, 197), torch.int8, device), _f32(0.05), 8, 15), "int8 rows of 197"),
+        Sample((_randint(gen, (3, 1), torch.int16, device), _f32(3e-3), 16, 15), "rows of length 1"),
+        Sample((_attention_logits(gen, device, torch.int16), _f32(2e-4), 8, 12), "transposed logits"),
+        Sample((_randint(gen, (0, 5), torch.int32, device), _f32(0.1), 8, 15), "empty batch"),
+    ]
+
+
+def _softmax_random(gen, device):
+    dtype = _pick(gen, INT_DTYPES)
+    shape = [int(v) for v in torch.randint(1, 40, (_pick(gen, (1, 2, 3)),), generator=gen)]
+    x = _randint(gen, shape, dtype, device, *( (-(2**20), 2**20) if dtype == torch.int32 else (None, None)))
+    n = _pick(gen, (8, 12, 15))
+    scale = _pick(gen, (0.5, 0.05, 3e-3, 2e-4)) * 2.0 ** (16 - n)  # keeps -x0 * 2^n within int32
+    return Sample((x, _f32(scale), _pick(gen, (8, 16)), n))
+
+
+def _softmax_invalid(gen, device):
+    x = _randint(gen, (2, 5), torch.int8, device)
+    return [
+        Invalid((x.float(), _f32(0.1), 8, 15), TypeError, "int_softmax: x must have dtype"),
+        Invalid((x, _f32(0.1), 4, 15), ValueError, "out_bits must be 8 or 16"),
+        Invalid((x, torch.tensor([0.1, 0.2]), 8, 15), ValueError, "single value"),
+        Invalid((x, _f32(-0.1), 8, 15), ValueError, "scale must be finite and > 0"),
+        Invalid((x, _f32(1e-40), 8, 15), ValueError, "scale=.* is too small"),
+        Invalid((x, torch.tensor(0.1, device="meta"), 8, 15), ValueError, "scale is on meta"),
+        Invalid((x[:, :0], _f32(0.1), 8, 15), ValueError, "row length"),
+    ]
+
+
+INT_SOFTMAX.cases(samples=_softmax_samples, random=_softmax_random, invalid=_softmax_invalid, exact=True)
+
+
+def _gelu_samples(gen, device):
+    x = _randint(gen, (9, 385), torch.int8, device)
+    x[1] = _randint(gen, (385,), torch.int8, device, -128, -1)  # negative row max
+    return [
+        Sample((x, _f32(0.05), 8, 23), "int8, a negative row"),
+        Sample((_randint(gen, (4, 3, 5), torch.int16, device).permute(2, 0, 1), _f32(2e-3), 16, 20), "permuted"),
+        Sample((_randint(gen, (1, 1), torch.int8, device), _f32(0.2), 2, 23), "one element, 2 bits"),
+    ]
+
+
+def _gelu_random(gen, device):
+    dtype = _pick(gen, NARROW_INT_DTYPES)
+    shape = [int(v) for v in torch.randint(1, 40, (_pick(gen, (1, 2, 3)),), generator=gen)]
+    scale = _pick(gen, (0.2, 0.05, 0.01, 2.5e-3)) if dtype == torch.int8 else _pick(gen, (1e-2, 1e-3))
+    out_bits = _pick(gen, (4, 8, 16) if dtype == torch.int8 else (4, 8))  # int16 x 16 bits: int32 overflow
+    return Sample((_randint(gen, shape, dtype, device), _f32(scale), out_bits, 23))
+
+
+def _gelu_invalid(gen, device):
+    x = _randint(gen, (2, 5), torch.int8, device)
+    return [
+        Invalid((x.int(), _f32(0.1), 8, 23), TypeError, "int_gelu: x must have dtype"),
+        Invalid((x, _f32(0.1), 17, 23), ValueError, "out_bits must be an integer in"),
+        Invalid((x, _f32(0.1), 8, 0), ValueError, "n must be an integer in"),
+        Invalid((x, _f32(3e38), 8, 23), ValueError, "1.702 \\* scale=.* is too large"),
+        Invalid((x, _f32(1e-40), 8, 23), ValueError, "1.702 \\* scale=.* is too small"),
+        Invalid((x, torch.tensor(0.1, device="meta"), 8, 23), ValueError, "scale is on meta"),
+    ]
+
+
+INT_GELU.cases(samples=_gelu_samples, random=_gelu_random, invalid=_gelu_invalid, exact=True)
+
+
+def _affine(gen, c, device):
+    weight = (torch.rand(c, generator=gen) + 0.5).to(device)
+    bias = (torch.randn(c, generator=gen) * 0.1).to(device)
+    return weight, bias
+
+
+def _layernorm_samples(gen, device):
+    x = _randint(gen, (5, 384), torch.int8, device)
+    x[0] = 7  # an all-equal row: var = 0
+    return [
+        Sample((x, *_affine(gen, 384, device), 10), "int8, an all-equal row"),
+        Sample((_randint(gen, (3, 1), torch.int16, device), *_affine(gen, 1, device), 16), "C = 1"),
+        Sample((_randint(gen, (6, 2, 197), torch.int16, device).transpose(0, 1), *_affine(gen, 197, device), 10),
+               "int16, transposed batch dims"),
+    ]
+
+
+def _layernorm_random(gen, device):
+    dtype = _pick(gen, NARROW_INT_DTYPES)
+    shape = [int(v) for v in torch.randint(1, 40, (_pick(gen, (1, 2, 3)),), generator=gen)]
+    return Sample((_randint(gen, shape, dtype, device), *_affine(gen, shape[-1], device), _pick(gen, (0, 5, 10, 16))))
+
+
+def _layernorm_invalid(gen, device):
+    x = _randint(gen, (2, 5), torch.int8, device)
+    w, b = _affine(gen, 5, device)
+    return [
+        Invalid((x.int(), w, b, 10), TypeError, "int_layernorm: x must have dtype"),
+        Invalid((x, w[:4], b, 10), ValueError, "weight must have shape"),
+        Invalid((x, w, b.to("meta"), 10), ValueError, "bias is on meta"),
+        Invalid((x, w, b, 17), ValueError, "iters must be an integer in"),
+        Invalid((x, torch.zeros_like(w), b, 10), ValueError, "channel 0"),
+    ]
+
+
+INT_LAYERNORM.cases(samples=_layernorm_samples, random=_layernorm_random, invalid=_layernorm_invalid, exact=True)
+
+
+def _requantize_samples(gen, device):
+    c = 33
+    return [
+        Sample((_randint(gen, (5, c), torch.int32, device), _f32(1e-4), _f32(0.02), 8), "per tensor, int32"),
+        Sample((_randint(gen, (c, 4), torch.int16, device).T, (torch.rand(c, generator=gen) + 0.1) * 1e-3,
+                _f32(0.05), 16), "per channel, transposed"),
+        Sample((_randint(gen, (2, 3), torch.int8, device), _f32(2.0), _f32(1e-3), 32), "saturating, 32 bits"),
+    ]
+
+
+def _requantize_random(gen, device):
+    c = int(torch.randint(1, 40, (1,), generator=gen))
+    x = _randint(gen, (int(torch.randint(1, 20, (1,), generator=gen)), c), _pick(gen, INT_DTYPES), device)
+    in_scale = (torch.rand(_pick(gen, (1, c)), generator=gen) + 0.01) * 10.0 ** float(_pick(gen, (-6, -3, 0)))
+    out_scale = (torch.rand(_pick(gen, (1, c)), generator=gen) + 0.01) * 10.0 ** float(_pick(gen, (-3, -1)))
+    return Sample((x, in_scale.reshape(-1) if in_scale.numel() > 1 else in_scale.reshape(()),
+                   out_scale.reshape(-1) if out_scale.numel() > 1 else out_scale.reshape(()),
+                   _pick(gen, (2, 8, 16, 32))))
+
+
+def _requantize_invalid(gen, device):
+    x = _randint(gen, (2, 5), torch.int32, device)
+    return [
+        Invalid((x.float(), _f32(1e-3), _f32(0.1), 8), TypeError, "requantize: x must have dtype"),
+        Invalid((x, torch.ones(4), _f32(0.1), 8), ValueError, "in_scale must be per-tensor"),
+        Invalid((x, _f32(1e-3), _f32(0.1), 1), ValueError, "out_bits must be an integer in"),
+        Invalid((x, _f32(1e-3), _f32(0.0), 8), ValueError, "out_scale must be finite and > 0"),
+        Invalid((x, _f32(1e-3), torch.tensor(0.1, device="meta"), 8), ValueError, "out_scale is on meta"),
+    ]
+
+
+REQUANTIZE.cases(samples=_requantize_samples, random=_requantize_random, invalid=_requantize_invalid, exact=True)
+
+
+def _int8_linear_samples(gen, device):
+    w = _randint(gen, (65, 48), torch.int8, device)
+    return [
+        Sample((_randint(gen, (3, 197, 48), torch.int8, device), w, None, None, None, 8), "int32 out"),
+        Sample((_randint(gen, (48, 5), torch.int8, device).T, w, _randint(gen, (65,), torch.int32, device, -2**20, 2**20),
+                _f32(1e-4), (torch.rand(65, generator=gen) + 0.5) * 0.05, 8), "transposed x, bias, per-channel out"),
+        Sample((_randint(gen, (1, 3), torch.int8, device), _randint(gen, (1, 3), torch.int8, device),
+                None, _f32(0.5), _f32(1e-3), 16), "1 x 1 x 3, 16 bits"),
+    ]
+
+
+def _int8_linear_random(gen, device):
+    m, n, k = (int(v) for v in torch.randint(1, 48, (3,), generator=gen))
+    x = _randint(gen, (m, k), torch.int8, device)
+    w = _randint(gen, (n, k), torch.int8, device)
+    bias = _pick(gen, (None, _randint(gen, (n,), torch.int32, device, -2**24, 2**24)))
+    requant = bool(_pick(gen, (False, True)))
+    in_scale = _f32(_pick(gen, (1e-5, 1e-3))) if requant else None
+    out_scale = _f32(_pick(gen, (0.01, 0.5))) if requant else None
+    return Sample((x, w, bias, in_scale, out_scale, _pick(gen, (4, 8, 16))))
+
+
+def _int8_linear_invalid(gen, device):
+    x = _randint(gen, (2, 5), torch.int8, device)
+    w = _randint(gen, (3, 5), torch.int8, device)
+    return [
+        Invalid((x, w[:, :4], None, None, None, 8), ValueError, "x has 5 input features"),
+        Invalid((x, w.float(), None, None, None, 8), TypeError, "w must be a 2-D int8"),
+        Invalid((x, w, torch.zeros(3), None, None, 8), ValueError, "bias must be int32"),
+        Invalid((x, w, None, _f32(1e-3), None, 8), ValueError, "give both in_scale and out_scale"),
+        Invalid((x, w.to("meta"), None, None, None, 8), ValueError, "w is on meta"),
+    ]
+
+
+INT8_LINEAR.cases(samples=_int8_linear_samples, random=_int8_linear_random, invalid=_int8_linear_invalid, exact=True)
