@@ -14,7 +14,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 missing=()
 for spec in triton:triton numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark \
-            ninja:ninja cmake:cmake pybind11:pybind11 setuptools:setuptools; do
+            ninja:ninja cmake:cmake pybind11:pybind11 setuptools:setuptools \
+            hypothesis:hypothesis; do
   module=${spec%%:*}; package=${spec#*:}
   "$PY" -c "import $module" 2>/dev/null || missing+=("$package")
 done
