@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from effkern._common import INT32_MAX, MAX_INT8_LINEAR_K, int_dtype_for_bits
+from effkern.triton.requant import out_range, requantize_tile
 
 # Row kernels: the largest row kept in registers in one pass, the chunk of the chunked path,
 # and the number of elements a program aims to own when it packs several short rows.
@@ -94,28 +95,6 @@ def _shift_exp(d, x0, nx0, n, DIV32: tl.constexpr):
     # shift >= 32: the value is >= 2^31; the reference returns exactly 2^31 there.
     two31 = (a * 0 + 1) << 31
     return tl.where(shift >= 32, two31, e)
-
-
-@triton.jit
-def _round_shift_half_even(v, e):
-    """round-half-to-even(v / 2^e) for int64 v and int64 shifts e (ref_round_shift_half_even):
-    e <= 0 gives v (e == 0) or sign(v) * 2^62 (e < 0); e >= 63 gives 0."""
-    es = tl.minimum(tl.maximum(e, 1), 62)
-    q = v >> es
-    rem = v - (q << es)  # in [0, 2^es)
-    half = (es * 0 + 1) << (es - 1)
-    round_up = (rem > half) | ((rem == half) & ((q & 1) == 1))
-    rounded = q + round_up.to(tl.int64)
-    saturated = ((v > 0).to(tl.int64) - (v < 0).to(tl.int64)) << 62
-    out = tl.where(e <= 0, tl.where(e == 0, v, saturated), rounded)
-    return tl.where(e >= 63, 0, out)
-
-
-@triton.jit
-def _requant(acc, m, e, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
-    """clamp(round-half-even(acc * m / 2^e), OUT_LO, OUT_HI) in int64 (ref_requantize_rows)."""
-    y = _round_shift_half_even(acc.to(tl.int64) * m, e)
-    return tl.minimum(tl.maximum(y, OUT_LO), OUT_HI)
 
 
 @triton.jit
@@ -296,7 +275,7 @@ def _requantize_kernel(x_ptr, m_ptr, e_ptr, y_ptr, R, C,
     mask = (rows < R)[:, None] & col_mask[None, :]
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0)
-    y = _requant(x, m, e, OUT_LO, OUT_HI)
+    y = requantize_tile(x, m, e, OUT_LO, OUT_HI)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -351,7 +330,7 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, y_ptr, M, N, K,
     if REQUANT:
         m = tl.load(m_ptr + offs_n, mask=n_mask, other=0)[None, :]
         e = tl.load(e_ptr + offs_n, mask=n_mask, other=0)[None, :]
-        out = _requant(out, m, e, OUT_LO, OUT_HI)
+        out = requantize_tile(out, m, e, OUT_LO, OUT_HI)
     mask = (offs_m < M)[:, None] & n_mask[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
@@ -473,10 +452,6 @@ def _check_columns(op: str, name: str, t: Tensor, columns: int, dtype: torch.dty
     return t.to(device).contiguous()
 
 
-def _out_range(out_bits: int) -> tuple[int, int]:
-    return -(2 ** (out_bits - 1)), 2 ** (out_bits - 1) - 1
-
-
 def requantize_rows(x: Tensor, m: Tensor, e: Tensor, out_bits: int) -> Tensor:
     """clamp(round-half-even(x * m / 2^e)) per column (ref_requantize_rows)."""
     op = "requantize_rows"
@@ -490,7 +465,7 @@ def requantize_rows(x: Tensor, m: Tensor, e: Tensor, out_bits: int) -> Tensor:
         return y
     block_c = min(256, max(16, triton.next_power_of_2(c)))
     block_r = max(1, min(4096 // block_c, triton.next_power_of_2(r)))
-    lo, hi = _out_range(out_bits)
+    lo, hi = out_range(out_bits)
     grid = (triton.cdiv(r, block_r) * triton.cdiv(c, block_c),)
     _requantize_kernel[grid](x, m, e, y, r, c, BLOCK_R=block_r, BLOCK_C=block_c, OUT_LO=lo, OUT_HI=hi,
                              num_warps=max(1, min(8, block_r * block_c // 512)))
@@ -534,10 +509,10 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
         _check_int(op, "out_bits", out_bits, 2, 32)
         m = _check_columns(op, "m", m, n, torch.int64, x.device)
         e = _check_columns(op, "e", e, n, torch.int64, x.device)
-        lo, hi = _out_range(out_bits)
+        lo, hi = out_range(out_bits)
         out_dtype = int_dtype_for_bits(out_bits)
     else:
-        lo, hi = _out_range(32)
+        lo, hi = out_range(32)
         out_dtype = torch.int32
     y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
