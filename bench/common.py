@@ -1,5 +1,5 @@
-"""Helpers shared by effkern's benchmarks: GPU timing, the two measured ceilings, input
-rotation, exact comparison against the reference, and the run's environment record.
+"""Helpers of bench/runner.py: GPU timing, the two measured ceilings, input rotation, the run's
+environment record and plain-text tables.
 
 Timing rules (GUIDE.md section 5, device METHOD.md): GPU only; the median of
 ``triton.testing.do_bench`` (CUDA events; it also flushes L2 before every call); inputs rotated
@@ -10,7 +10,6 @@ copy, counting bytes read + written, and an 8192^3 bf16 matmul) measured in the 
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import math
 import os
 import platform
@@ -171,40 +170,6 @@ def measure_ceilings(warmup_ms: float, rep_ms: float, copy_bytes: int = 2 * 2**3
 
 
 # --------------------------------------------------------------------------------------------
-# Exact comparison against the reference
-# --------------------------------------------------------------------------------------------
-
-
-def compare_exact(outputs: dict[str, torch.Tensor], x2d: torch.Tensor,
-                  reference: Callable[[torch.Tensor], torch.Tensor], out_cols: int,
-                  chunk_elems: int = 2**22) -> tuple[bool, str]:
-    """Bit-exact comparison of each output (viewed as [rows, out_cols]) with ``reference``
-    applied to row chunks of ``x2d`` (the ops are row-independent, so chunking changes nothing
-    and keeps the int64 reference within memory). Returns (all equal, note)."""
-    rows = x2d.shape[0]
-    views = {}
-    for name, out in outputs.items():
-        if out.numel() != rows * out_cols:
-            return False, f"{name}: output has {out.numel()} elements, expected {rows}x{out_cols}"
-        views[name] = out.reshape(rows, out_cols)
-    step = max(1, chunk_elems // max(x2d.shape[1], out_cols, 1))
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        ref = reference(x2d[a:b]).reshape(b - a, out_cols)
-        for name, v in views.items():
-            got = v[a:b]
-            if got.dtype != ref.dtype:
-                return False, f"{name}: dtype {got.dtype} != reference {ref.dtype}"
-            if not torch.equal(got, ref):
-                bad = (got != ref)
-                n_bad = int(bad.sum())
-                r, c = (int(i) for i in bad.nonzero()[0])
-                return False, (f"{name}: {n_bad} of {got.numel()} elements differ in rows {a}..{b - 1}; "
-                               f"first at [{a + r}, {c}]: {got[r, c].item()} vs reference {ref[r, c].item()}")
-    return True, ""
-
-
-# --------------------------------------------------------------------------------------------
 # Environment record
 # --------------------------------------------------------------------------------------------
 
@@ -291,47 +256,6 @@ def _numeric(s: str) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------------------------
-# Building the cases of the family benchmarks (bench/integer.py, bench/tokens.py; the run
-# loop, self-check and command line they share are in bench/runner.py)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Baseline:
-    name: str
-    fn: Callable[[], object] | None  # one call on the next rotated input set; None: not applicable
-    bytes: int = 0
-    flops: int = 0
-    note: str = ""
-    na: str = ""  # why it is not applicable
-
-
-def n_sets(set_bytes: int, rotate: bool) -> int:
-    """How many input sets to rotate through (1 when not rotating)."""
-    return rotation_sets(set_bytes) if rotate else 1
-
-
-def rotating(fn: Callable, sets: list) -> Callable[[], object]:
-    """A no-argument call of ``fn`` on the next of ``sets`` (tuples of arguments) each time."""
-    rot = Rotator(sets)
-    return lambda: fn(*rot.next())
-
-
 def short_exc(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
-
-
-def import_reason(fn) -> str | None:
-    """Why a lazily imported backend function cannot be loaded (None: it can)."""
-    name = getattr(fn, "__name__", "")
-    try:
-        if name.startswith("triton."):
-            _, module, attr = name.split(".", 2)
-            getattr(importlib.import_module(f"effkern.triton.{module}"), attr)
-        elif name.startswith("torch.ops.effkern."):
-            getattr(torch.ops.effkern, name.rsplit(".", 1)[1])
-    except (ImportError, AttributeError) as e:
-        return f"{name} is not available yet: {short_exc(e)}"
-    return None

@@ -26,11 +26,11 @@ from bench.common import RESULTS_DIR, fmt_num, text_table  # noqa: E402
 
 # Column order of the CSV. A file written with other columns is rewritten with the union.
 FIELDS = [
-    "date", "gpu", "cc", "torch", "triton", "cuda", "commit", "mode",
+    "date", "gpu", "cc", "torch", "triton", "cuda", "commit", "family", "mode",
     "op", "model", "batch", "shape", "in_dtype", "out_dtype", "backend", "correct",
     "kernel_us", "kernel_p20_us", "kernel_p80_us", "op_us",
-    "baseline", "baseline_us", "speedup",
-    "bytes", "gbps", "bw_frac", "baseline_gbps", "flops", "tops", "tops_frac",
+    "baseline", "baseline_us", "speedup", "op_speedup",
+    "bytes", "gbps", "bw_frac", "baseline_gbps", "flops", "tops", "tops_frac", "baseline_tops",
     "copy_gbps", "matmul_tflops", "rot_sets", "target", "status", "note",
 ]
 
@@ -119,7 +119,7 @@ def latest_runs(rows: Iterable[dict[str, str]]) -> "OrderedDict[str, list[dict[s
 TABLE_COLUMNS = [
     ("op", "op"), ("shape", "shape"), ("in", "in_dtype"), ("backend", "backend"), ("correct", "correct"),
     ("kernel µs", "kernel_us"), ("op µs", "op_us"), ("baseline", "baseline"), ("baseline µs", "baseline_us"),
-    ("speedup", "speedup"), ("GB/s", "gbps"), ("% copy BW", "bw_frac"), ("TOPS", "tops"),
+    ("speedup", "speedup"), ("op speedup", "op_speedup"), ("GB/s", "gbps"), ("% copy BW", "bw_frac"), ("TOPS", "tops"),
     ("% bf16 MM", "tops_frac"), ("target", "target"), ("status", "status"),
 ]
 
@@ -140,7 +140,7 @@ def cell(row: dict, key: str, compact: bool = False) -> str:
     if key in ("bw_frac", "tops_frac"):
         x = _f(v)
         return "-" if math.isnan(x) else f"{100 * x:.0f}%"
-    if key == "speedup":
+    if key in ("speedup", "op_speedup"):
         x = _f(v)
         return "-" if math.isnan(x) else f"{x:.2f}x"
     if key in ("kernel_us", "op_us", "baseline_us", "gbps", "tops", "baseline_gbps"):
@@ -186,48 +186,32 @@ SUMMARY_HEADER = ["op", "backend", "baseline", "min speedup", "avg speedup", "ma
                   "targets met", "wrong/errors"]
 
 
-def _integer_target_lines(op: str) -> list[tuple[float, str]]:
-    return [(1.0, "target 1.0x vs _int_mm")] if op == "int8_linear" else [(1.2, "target 1.2x")]
-
-
-# The text of a benchmark family's markdown and plot: title, intro paragraphs, plot title, and the
-# target speedup lines of each op's panel. Rows with a "family" column use ``bench.<family>``'s
-# REPORT_TEXT (same keys); rows without one (bench/integer.py's) use this.
-INTEGER_TEXT = {
-    "title": "Integer-op benchmark (generated)",
-    "intro": (
-        "Columns: *kernel µs* is the backend kernel alone (integer constants precomputed), *op µs* "
-        "the public `effkern.ops` call (host-side checks and constants included); both are "
-        "medians of `triton.testing.do_bench` (CUDA events, L2 flushed, inputs rotated over "
-        ">= 256 MiB). *speedup* = baseline µs / kernel µs. *GB/s* counts each input read once "
-        "and each output written once; *% copy BW* and *% bf16 MM* are fractions of the "
-        "ceilings measured in the same run.",
-        "Targets: row/elementwise kernels (softmax, GELU, LayerNorm, requantize) at batch 64: "
-        ">= 80% of copy bandwidth and >= 1.2x the torch bf16 op; `int8_linear` (requantising "
-        "epilogue fused) >= `torch._int_mm` (int32 output, no epilogue). The requantize baseline "
-        "is eager torch on a bf16 copy of the input, `round(x * s).clamp(-128, 127).to(int8)` "
-        "(several kernels, not bit-equivalent to the dyadic integer requantisation).",
-    ),
-    "plot_title": "effkern integer ops",
-    "target_lines": _integer_target_lines,
-}
-
-
-def family_text(rows: Sequence[dict]) -> dict:
-    """The report text for ``rows``: REPORT_TEXT of ``bench.<family>`` for the first family
-    named in their "family" column, else INTEGER_TEXT."""
-    for fam in OrderedDict.fromkeys(r.get("family", "") for r in rows):
-        if fam and fam.isidentifier():
-            try:
-                return importlib.import_module(f"bench.{fam}").REPORT_TEXT
-            except (ImportError, AttributeError) as e:
-                print(f"report: no report text for family {fam!r} ({type(e).__name__}: {e}); using the default")
-    return INTEGER_TEXT
+def family_text(rows: Sequence[dict], default: str = "") -> dict:
+    """The report text of the rows' benchmark family (their "family" column, else ``default``,
+    the CSV's stem): title, intro (the family module's docstring, in paragraphs), plot title,
+    and per op the target speedup lines (from the family's declared targets)."""
+    name = next((r["family"] for r in rows if r.get("family")), "") or default
+    text = {"title": f"{name} benchmark (generated)", "intro": (), "plot_title": f"effkern {name}",
+            "target_lines": lambda op: []}
+    try:
+        fam = importlib.import_module(f"bench.{name}")
+        lines: dict[str, dict] = {}
+        for case in fam.cases():
+            for t in case.targets.values():
+                for v in (t.speedup, t.op_speedup):
+                    if v is not None:
+                        lines.setdefault(case.op, {})[(v, f"target {t.label}")] = None
+        intro = [" ".join(p.split()) for p in (fam.__doc__ or "").strip().split("\n\n")]
+    except (ImportError, AttributeError) as e:
+        print(f"report: no report text for family {name!r} ({type(e).__name__}: {e}); using the default")
+        return text
+    return {"title": f"{fam.TITLE} (generated)", "intro": intro, "plot_title": f"effkern: {fam.TITLE}",
+            "target_lines": lambda op: list(lines.get(op, ()))}
 
 
 def render_markdown(all_rows: Sequence[dict], csv_name: str, png_name: str | None, text: dict | None = None) -> str:
     runs = latest_runs(all_rows)
-    text = text or family_text(all_rows)
+    text = text or family_text(all_rows, Path(csv_name).stem)
     lines = [
         f"# {text['title']}",
         "",
@@ -279,7 +263,7 @@ def plot(all_rows: Sequence[dict], png_path: Path, text: dict | None = None) -> 
     """Speedup per shape (one panel per op, bars per device/backend/baseline) for the latest run
     of each device. Returns None on success, else why no plot was made."""
     runs = latest_runs(all_rows)
-    text = text or family_text(all_rows)
+    text = text or family_text(all_rows, png_path.stem)
     if not runs:
         return "no GPU rows to plot"
     try:
@@ -334,7 +318,7 @@ def regenerate(csv_path: Path) -> tuple[Path, Path | None]:
     of their benchmark family, see :func:`family_text`)."""
     csv_path = Path(csv_path)
     rows = read_rows(csv_path)
-    text = family_text(rows)
+    text = family_text(rows, csv_path.stem)
     png = csv_path.with_suffix(".png")
     why = plot(rows, png, text)
     if why is not None:

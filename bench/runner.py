@@ -1,44 +1,38 @@
-"""The skeleton shared by the family benchmarks (bench/integer.py, bench/tokens.py,
-bench/binary_hash.py) and their pytest-benchmark modules (bench/test_bench_<family>.py): the
-command line, the GPU run loop (time budget, SIGTERM, the rows so far saved whatever happens),
-the CPU self-check driver and the report-pipeline check. What is measured, and how each row is filled in, stays in the family.
+"""The one benchmark runner: what a family declares, and everything done with it.
 
-A family is a module that defines:
+A family (``bench/<family>.py``) declares :class:`Case` s: for one op on one real ViT shape, an
+input builder, the kernel call (the backend primitives, by kernel-argument name), the public op
+call, the baselines a user would pick instead, the bytes and flops moved, how outputs are
+compared with the torch backend and the targets. It defines
 
-    NAME              "integer": the script bench/<NAME>.py, the CSV bench/results/<NAME>.csv
-    TITLE             what the banner calls the benchmark ("integer benchmark")
-    QUICK_HELP        the help of --quick
-    OPS_BENCHED       the ops --ops may name
-    FAMILY_COLUMNS    columns every row carries between the environment's and "mode"
-    REPORT_TEXT       the text bench/report.py renders the family's rows with
-    REPORT_SAMPLE     one synthetic row for the report-pipeline check
-    SELF_CHECK_TEXT   {"dtype": the self-check table's dtype header,
-                       "summary": its last line, formatted with n_ok, n_na and failures}
-    configs(quick, ops)                 the configs in report order
-    run_order(cfgs)                     the order to run them in
-    self_check_configs(quick, ops)      small versions for the CPU self-check
-    build_case(cfg, device, rotate=)    inputs; the case has .sets and .baselines (common.Baseline)
-    registered_backends(op, include_reference=False)
-    select(case, backend)               (impl, None) or (None, (status, reason))
-    verify(case, impl, backend)         (ok, note); raises if the backend raises
-    backend_rows(case, base, baseline_t, ceilings, timing)   the rows of one config (GPU)
-    check_baselines(case)               [(name, status, note)]: each baseline run once (CPU)
+    TITLE                          "Integer-op benchmark": banner, markdown and plot title
+    QUICK                          what --quick runs (its help)
+    cases(check=False, quick=False) -> [Case]   the full set in report order; ``quick`` the
+                                   smoke set; ``check`` small versions for the CPU self-check
+    the module docstring           the command's description and the markdown's intro
 
-and its configs have op, model, batch, shape_str, in_dtype and name. The functions here look
-these up on the module when they run, so a test can monkeypatch any of them.
+This module owns the rest: the backends of each case (from the op registry), verification
+against the torch backend, timing (``triton.testing.do_bench``, inputs rotated past L2), the
+rows, the CSV and its markdown and plot (bench/report.py), the CPU self-check, the command line
+(``python -m effkern bench``) and the pytest-benchmark plumbing (bench/test_bench_<family>.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
+import inspect
 import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import traceback
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Sequence
@@ -46,70 +40,372 @@ from typing import Callable, Sequence
 import torch
 
 import effkern
+from effkern import _dispatch
 from bench import common, report
 
+BENCH_DIR = Path(__file__).resolve().parent
 ENV_COLUMNS = ("date", "gpu", "cc", "torch", "triton", "cuda", "commit")
+REF_CHUNK_ELEMS = 2**22  # a chunked reference (Case.chunk) works on about this many input elements
 
 # --------------------------------------------------------------------------------------------
-# Command line
+# What a family declares
 # --------------------------------------------------------------------------------------------
 
 
-def add_arguments(fam: ModuleType, p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--quick", action="store_true", help=fam.QUICK_HELP)
-    p.add_argument("--csv", type=Path, default=common.RESULTS_DIR / f"{fam.NAME}.csv",
-                   help="results CSV to append to; .md and .png beside it are regenerated "
-                        f"(default: bench/results/{fam.NAME}.csv)")
-    p.add_argument("--out", type=Path, default=None, help="also copy the CSV, markdown and plot into this directory")
-    p.add_argument("--ops", type=lambda s: [o.strip() for o in s.split(",") if o.strip()], default=None,
-                   help=f"comma-separated subset of {','.join(fam.OPS_BENCHED)}")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; configs not started by then are skipped (the rows so far are saved)")
-    p.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
-    return p
+@dataclass(frozen=True)
+class Baseline:
+    """What a user would run instead: ``fn(s)`` on one input set ``s`` (None: does not apply,
+    ``na`` says why). ``check(got, ref)``, for a baseline computing the op's function, compares
+    it with the torch op's output in the self-check; ``gpu_only``: on a CPU an error is N/A."""
+
+    name: str
+    fn: Callable[[dict], object] | None
+    bytes: int = 0
+    flops: int = 0
+    note: str = ""
+    na: str = ""
+    check: Callable | None = None
+    gpu_only: bool = False
 
 
-def only_ops(cfgs: list, ops: Sequence[str] | None, known: Sequence[str]) -> list:
-    """The configs of the ops named by --ops (or EFFKERN_BENCH_OPS); all of them without a list."""
-    if not ops:
-        return cfgs
-    unknown = set(ops) - set(known)
-    if unknown:
-        raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(known)}")
-    return [c for c in cfgs if c.op in ops]
+@dataclass(frozen=True)
+class Target:
+    """A goal, reported (PASS / MISS), never asserted: every given bound must hold: ``bw`` on
+    the fraction of the measured copy bandwidth, ``speedup`` on baseline µs / kernel µs,
+    ``op_speedup`` on baseline µs / op µs."""
+
+    label: str
+    bw: float | None = None
+    speedup: float | None = None
+    op_speedup: float | None = None
+
+    def status(self, correct: bool, speedup: float, op_speedup: float, bw: float) -> str:
+        if not correct:
+            return "WRONG"
+        pairs = [(v, b) for v, b in ((bw, self.bw), (speedup, self.speedup), (op_speedup, self.op_speedup))
+                 if b is not None]
+        if any(math.isnan(v) for v, _ in pairs):  # a baseline or a timing is missing
+            return "-"
+        return "PASS" if all(v >= b for v, b in pairs) else "MISS"
 
 
-def main(fam: ModuleType, argv: Sequence[str] | None = None) -> int:
-    """``python bench/<NAME>.py [argv]`` (also ``python -m effkern bench <NAME>``)."""
-    p = argparse.ArgumentParser(prog=f"python bench/{fam.NAME}.py", description=fam.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    return run(fam, add_arguments(fam, p).parse_args(argv))
+@dataclass(eq=False)
+class Case:
+    """One benchmarked op on one shape.
+
+    inputs(r) -> dict: one input set from :class:`Rand` ``r`` (fresh random data, never zeros);
+        sets are rotated so that the sets together exceed L2. ``setup(r)``: constants shared by
+        every set (r.c in ``inputs``; merged into each set).
+    kernel(s, k): the backend primitives alone, ``k.<kernel>(name=value, ...)`` by the torch
+        kernel's argument names; ``kernels`` lists the ones it calls (default: the op).
+    call(s): the public op (no validation pass), as a user calls it.
+    check(got, ref, s=, level=) -> (ok, note): how kernel and op outputs compare with the torch
+        backend's (``close()``, ``exact()`` or a custom rule); ``chunk``: compute the reference on
+        slices of s[chunk] along dim 0 (row-wise ops whose reference needs a lot of memory).
+    bytes, flops: the minimal traffic and the arithmetic of one call (GB/s, TOPS, rotation).
+    targets: baseline name (or "*": every baseline) -> :class:`Target`.
+    """
+
+    op: str
+    model: str
+    batch: int
+    shape: str
+    dtype: str
+    out_dtype: str
+    inputs: Callable[["Rand"], dict]
+    kernel: Callable[[dict, "Kernels"], object]
+    call: Callable[[dict], object]
+    bytes: int
+    flops: int = 0
+    setup: Callable[["Rand"], dict] | None = None
+    baselines: Sequence[Baseline] = ()
+    check: Callable = None  # default: close()
+    kernels: tuple[str, ...] = ()
+    chunk: str = ""
+    targets: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.kernels = self.kernels or (self.op.split(".")[0],)
+        self.check = self.check or close()
+
+    @property
+    def key(self) -> tuple:
+        return (self.op, self.model, self.batch, self.shape, self.dtype)
+
+    @property
+    def name(self) -> str:
+        return "-".join(str(p) for p in self.key).replace(" ", "-")
+
+    def target(self, baseline: str) -> Target | None:
+        return self.targets.get(baseline, self.targets.get("*"))
+
+    def backends(self, include_reference: bool = False) -> list[str]:
+        """The backends registered for every kernel the case calls, in effkern's order."""
+        return [b for b in _dispatch.BACKENDS if (include_reference or b != "torch")
+                and all(b in kernel_dispatcher(k).impls for k in self.kernels)]
 
 
-def run(fam: ModuleType, args: argparse.Namespace) -> int:
-    """The GPU benchmark where CUDA is available, else the CPU self-check; ``args`` from a parser
-    set up by :func:`add_arguments` (missing attributes take their defaults). Returns the exit
-    status."""
-    defaults = add_arguments(fam, argparse.ArgumentParser()).parse_args([])
-    for k, v in vars(defaults).items():
-        if not hasattr(args, k) or getattr(args, k) is None and v is not None:
-            setattr(args, k, v)
-    args.csv = Path(args.csv)
-    if not common.cuda_available():
-        return self_check(fam, args)
-    try:  # `timeout` sends SIGTERM: end through run_gpu's finally, which saves the rows so far
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    except ValueError:  # not the main thread
-        previous = None
+class Rand:
+    """Random inputs for one case on one device, seeded by the case's name."""
+
+    def __init__(self, case: Case, device, seed: int = 0):
+        self.device = torch.device(device)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed * 1000003 + zlib.crc32(case.name.encode()))
+        self.c: dict = {}
+
+    def randn(self, *shape, dtype=torch.float32):
+        return torch.randn(*shape, device=self.device, generator=self.gen).to(dtype)
+
+    def rand(self, *shape):
+        return torch.rand(*shape, device=self.device, generator=self.gen)
+
+    def randint(self, shape, dtype, lo: int | None = None, hi: int | None = None):
+        """Uniform over [lo, hi] (default: the dtype's whole range)."""
+        info = torch.iinfo(dtype)
+        lo, hi = info.min if lo is None else lo, info.max if hi is None else hi
+        return torch.randint(lo, hi + 1, tuple(shape), dtype=dtype, device=self.device, generator=self.gen)
+
+    def perm(self, b: int, n: int):
+        """[b, n] int64: a random permutation of range(n) per row."""
+        return self.rand(b, n).argsort(dim=1)
+
+
+def no_validate(op: Callable) -> Callable:
+    """The public op with ``validate=False`` where it has that option (the timed call)."""
     try:
-        return run_gpu(fam, args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        has = "validate" in inspect.signature(op).parameters
+    except (TypeError, ValueError):
+        has = False
+    return (lambda *a, **kw: op(*a, validate=False, **kw)) if has else op
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
+# --------------------------------------------------------------------------------------------
+# Output comparison
+# --------------------------------------------------------------------------------------------
+
+# rtol, atol with the torch backend by output dtype (exact ops: torch.equal)
+TOLERANCE = {torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (2e-3, 1e-5), torch.float32: (1e-4, 1e-6),
+             torch.float64: (1e-9, 1e-12)}
+
+
+def leaves(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in leaves(o)]
+
+
+def mismatch(name: str, got: torch.Tensor, ref: torch.Tensor, exact: bool = False, rtol: float | None = None,
+             atol_of_max: float = 0.0) -> str:
+    """'' when ``got`` matches ``ref`` (bit for bit, or within the dtype's tolerance plus
+    ``atol_of_max`` x max |ref|), else what differs."""
+    if got.shape != ref.shape or got.dtype != ref.dtype:
+        return f"{name}: got {tuple(got.shape)} {got.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+    if exact or not ref.is_floating_point():
+        bad = got != ref
+    else:
+        rt, at = TOLERANCE[ref.dtype]
+        rt = rt if rtol is None else rtol
+        if atol_of_max and ref.numel():
+            at += atol_of_max * float(ref.float().abs().max())
+        bad = ~torch.isclose(got.float(), ref.float(), rtol=rt, atol=at, equal_nan=True)
+    if not bool(bad.any()):
+        return ""
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    return (f"{name}: {int(bad.sum())} of {got.numel()} elements differ{'' if exact else ' beyond tolerance'}; "
+            f"first at {first}: {got[first].item()} vs {ref[first].item()}")
+
+
+def close(exact: bool = False, **kw) -> Callable:
+    """A check: every output tensor equal (``exact``) or within tolerance (see :func:`mismatch`)."""
+    def check(got, ref, **_) -> tuple[bool, str]:
+        g, r = leaves(got), leaves(ref)
+        if len(g) != len(r):
+            return False, f"{len(g)} outputs, expected {len(r)}"
+        notes = [m for i, (a, b) in enumerate(zip(g, r)) if (m := mismatch(f"output {i}", a, b, exact, **kw))]
+        return not notes, "; ".join(notes)
+    return check
+
+
+def exact() -> Callable:
+    return close(exact=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+def kernel_dispatcher(name: str) -> _dispatch.OpDispatcher:
+    """The kernels of op ``name``: from the registry's declaration, else (families not yet on
+    the registry) the dispatcher table."""
+    from effkern import _registry
+
+    decl = _registry.OPS.get(name)
+    if decl is not None and decl.kernels is not None:
+        return decl.kernels
+    return _dispatch.OPS[name]
+
+
+class Unavailable(Exception):
+    """A backend declined a kernel call (status N/A), or its availability check broke (ERROR)."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _import_reason(fn) -> str | None:
+    """Why a lazily loaded backend function cannot be loaded (None: it can)."""
+    try:
+        if isinstance(fn, _dispatch.TritonKernel):
+            getattr(importlib.import_module(f"effkern.triton.{fn.module}"), fn.name)
+        elif isinstance(fn, _dispatch.CudaKernel):
+            getattr(torch.ops.effkern, fn.cuda_op)
+    except (ImportError, AttributeError, RuntimeError) as e:
+        return f"{getattr(fn, 'target', fn)} is not available: {common.short_exc(e)}"
+    return None
+
+
+class Kernels:
+    """One backend's kernels for a case: ``k.<name>(**kwargs)`` binds the keywords by the torch
+    kernel's signature and calls that backend's kernel, chosen (once, on the first call's
+    arguments) by the op's dispatcher; a backend that declines raises :class:`Unavailable`."""
+
+    def __init__(self, backend: str, names: Sequence[str]):
+        self._backend, self._calls = backend, {n: None for n in names}
+
+    def __getattr__(self, name: str):
+        calls = self.__dict__["_calls"]
+        if name not in calls:
+            raise AttributeError(f"kernel {name!r} is not among the case's kernels {sorted(calls)}")
+        if calls[name] is None:
+            calls[name] = self._bind(name)
+        return calls[name]
+
+    def _bind(self, name: str) -> Callable:
+        disp, backend = kernel_dispatcher(name), self._backend
+        params = [(p.name, p.default) for p in disp.signature.parameters.values()]
+        empty, impl = inspect.Parameter.empty, None
+
+        def call(**kw):
+            nonlocal impl
+            args = [kw.pop(p, d) for p, d in params]
+            if kw or any(a is empty for a in args):
+                raise TypeError(f"kernel {name}{disp.signature}: got {sorted(kw)} extra, "
+                                f"{[p for (p, _), a in zip(params, args) if a is empty]} missing")
+            if impl is None:
+                try:
+                    with effkern.backend(backend):
+                        chosen = disp.select(*args)
+                except effkern.BackendNotSupported as e:
+                    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+                    raise Unavailable("N/A", f"{name}: " + (" ".join(lines) or str(e))) from None
+                except Exception as e:  # a broken availability check is a failure, not "unavailable"
+                    raise Unavailable("ERROR", f"{name} availability check raised {common.short_exc(e)}") from e
+                why = _import_reason(chosen.fn)
+                if why is not None:
+                    raise Unavailable("N/A", why)
+                impl = chosen
+            return impl.fn(*args)
+
+        return call
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs, reference, verification
+# --------------------------------------------------------------------------------------------
+
+
+def input_sets(case: Case, device, rotate: bool = True) -> list[dict]:
+    """Fresh random input sets; when ``rotate``, enough that their traffic exceeds L2."""
+    r = Rand(case, device)
+    r.c = case.setup(r) if case.setup else {}
+    n = common.rotation_sets(case.bytes) if rotate else 1
+    return [{**r.c, **case.inputs(r)} for _ in range(n)]
+
+
+def _chunked(case: Case, s: dict, fn: Callable[[dict], object]):
+    """fn(s), or for a chunked case fn on slices of s[chunk] along dim 0, flattened and joined."""
+    x = s.get(case.chunk) if case.chunk else None
+    if x is None or x.numel() <= REF_CHUNK_ELEMS:
+        return fn(s)
+    step = max(1, REF_CHUNK_ELEMS // max(1, x[0].numel()))
+    return torch.cat([fn({**s, case.chunk: x[a:a + step]}).reshape(-1) for a in range(0, x.shape[0], step)])
+
+
+def reference(case: Case, s: dict) -> tuple[object, object]:
+    """(kernel-level, op-level) outputs of the torch backend on set ``s``."""
+    k = Kernels("torch", case.kernels)
+    ref_kernel = _chunked(case, s, lambda t: case.kernel(t, k))
+    with effkern.backend("torch"):
+        ref_op = _chunked(case, s, case.call)
+    return ref_kernel, ref_op
+
+
+def verify(case: Case, s: dict, backend: str, refs: tuple) -> tuple[Kernels, bool, str]:
+    """(the backend's kernels, ok, note): the backend once at kernel level and once through the
+    public op, each compared with the torch backend. Raises Unavailable or the backend's error."""
+    k = Kernels(backend, case.kernels)
+    got_kernel = case.kernel(s, k)
+    with effkern.backend(backend):
+        got_op = case.call(s)
+    ok, notes = True, []
+    for level, got, ref in (("kernel", got_kernel, refs[0]), ("op", got_op, refs[1])):
+        if case.chunk and isinstance(got, torch.Tensor) and got.numel() == ref.numel():
+            ref = ref.reshape(got.shape)
+        good, note = case.check(got, ref, s=s, level=level)
+        ok &= good
+        if note:
+            notes.append(f"{level}: {note}")
+    return k, ok, "; ".join(notes)
+
+
+# --------------------------------------------------------------------------------------------
+# Families and their case lists
+# --------------------------------------------------------------------------------------------
+
+
+def families() -> list[str]:
+    """The families: each bench/<name>.py that declares cases."""
+    return sorted(p.stem for p in BENCH_DIR.glob("*.py")
+                  if not p.stem.startswith(("_", "test_")) and "\ndef cases(" in p.read_text())
+
+
+def load(family: str | ModuleType) -> ModuleType:
+    return family if isinstance(family, ModuleType) else importlib.import_module(f"bench.{family}")
+
+
+def family_name(fam: ModuleType) -> str:
+    return fam.__name__.rpartition(".")[2]
+
+
+def op_names(fam: ModuleType) -> list[str]:
+    """The ops --ops may name: every op of the family's cases, in report order."""
+    return list(dict.fromkeys(c.op for c in fam.cases()))
+
+
+def unbenched_ops(fam: ModuleType) -> list[str]:
+    """The public ops the registry declares in this family that no case calls."""
+    from effkern import _registry
+
+    benched = {k for c in fam.cases() for k in c.kernels}
+    return [n for n, d in _registry.OPS.items() if d.family == family_name(fam) and d.public and n not in benched]
+
+
+def select_cases(fam: ModuleType, quick: bool, ops: Sequence[str] | None, check: bool = False) -> list[Case]:
+    """The cases to run (report order), the --ops subset; the self-check's are deduplicated."""
+    out, seen = [], set()
+    for c in fam.cases(check=check, quick=quick):
+        if (not ops or c.op in ops) and (not check or (c.op, c.shape, c.dtype) not in seen):
+            seen.add((c.op, c.shape, c.dtype))
+            out.append(c)
+    return out
+
+
+def run_order(fam: ModuleType, cases: list[Case]) -> list[Case]:
+    """The --quick cases (the target shapes) first, so that a time budget cuts the rest."""
+    first = {c.key for c in fam.cases(quick=True)}
+    return [c for c in cases if c.key in first] + [c for c in cases if c.key not in first]
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,45 +413,79 @@ def _exit_on_sigterm(signum, frame):
 # --------------------------------------------------------------------------------------------
 
 
-def base_row(fam: ModuleType, env: dict, mode: str, cfg) -> dict:
-    """The columns that say where a row comes from: environment, family, run mode, config."""
+def base_row(fam: ModuleType, env: dict, mode: str, case: Case) -> dict:
     row = {k: env.get(k, "") for k in ENV_COLUMNS}
-    row.update(fam.FAMILY_COLUMNS)
-    row.update(mode=mode, op=cfg.op, model=cfg.model, batch=cfg.batch, shape=cfg.shape_str, in_dtype=cfg.in_dtype)
+    row.update(family=family_name(fam), mode=mode, op=case.op, model=case.model, batch=case.batch,
+               shape=case.shape, in_dtype=case.dtype, out_dtype=case.out_dtype, bytes=case.bytes,
+               flops=case.flops or "")
     return row
 
 
-def error_rows(base: dict, backends: Sequence[str], note: str) -> list[dict]:
-    """One ERROR row per backend, for a config that could not be benchmarked at all."""
-    return [dict(base, backend=b, status="ERROR", note=note) for b in backends]
+def _rotating(fn: Callable[[dict], object], sets: list[dict]) -> Callable[[], object]:
+    rot = common.Rotator(sets)
+    return lambda: fn(rot.next())
 
 
-def time_baselines(baselines: Sequence[common.Baseline], timing: tuple[float, float]) -> dict[str, tuple[float, str]]:
-    """name -> (median µs, note) of each baseline; NaN and the reason where it does not apply or fails."""
-    out: dict[str, tuple[float, str]] = {}
-    for bl in baselines:
+def bench_case(case: Case, base: dict, ceilings: dict, timing: tuple[float, float]) -> list[dict]:
+    """The rows of one case: its inputs built on the GPU, its baselines timed, each non-reference
+    backend verified against the torch backend, then timed (kernel and public op); one row per
+    backend and baseline."""
+    nan = math.nan
+    sets = input_sets(case, "cuda")
+    base = dict(base, rot_sets=len(sets))
+    b_time: dict[str, tuple[float, str]] = {}
+    for bl in case.baselines:
         if bl.fn is None:
-            out[bl.name] = (math.nan, bl.na)
+            b_time[bl.name] = (nan, bl.na)
             continue
         try:
-            out[bl.name] = (common.do_bench_us(bl.fn, *timing).median_us, bl.note)
+            b_time[bl.name] = (common.do_bench_us(_rotating(bl.fn, sets), *timing).median_us, bl.note)
         except Exception as e:
-            out[bl.name] = (math.nan, f"baseline failed: {common.short_exc(e)}")
-    return out
-
-
-def bench_config(fam: ModuleType, cfg, env: dict, ceilings: dict, timing: tuple[float, float], mode: str) -> list[dict]:
-    """All rows of one config: its inputs built on the GPU, its baselines timed, then the family's
-    rows for every non-reference backend x every baseline."""
-    base = base_row(fam, env, mode, cfg)
-    base.update(copy_gbps=ceilings["copy_gbps"], matmul_tflops=ceilings["matmul_tflops"])
-    try:
-        case = fam.build_case(cfg, "cuda")
-    except Exception as e:
-        traceback.print_exc()
-        return error_rows(base, fam.registered_backends(cfg.op), f"building inputs: {common.short_exc(e)}")
-    baseline_t = time_baselines(case.baselines, timing)
-    return fam.backend_rows(case, base, baseline_t, ceilings, timing)
+            b_time[bl.name] = (nan, f"baseline failed: {common.short_exc(e)}")
+    checked = {}  # backend -> (kernels | None, correct, status, note)
+    refs = None
+    for backend in case.backends():
+        try:
+            refs = refs or reference(case, sets[0])
+            k, ok, note = verify(case, sets[0], backend, refs)
+            checked[backend] = (k, ok, "", note)
+        except Unavailable as e:
+            checked[backend] = (None, False, e.status, e.reason)
+        except Exception as e:
+            traceback.print_exc()
+            checked[backend] = (None, False, "ERROR", f"{backend} raised {common.short_exc(e)}")
+    del refs
+    rows = []
+    for backend, (k, correct, status, note) in checked.items():
+        t, op_us = None, nan
+        if k is not None:
+            try:
+                t = common.do_bench_us(_rotating(lambda s: case.kernel(s, k), sets), *timing)
+                with effkern.backend(backend):
+                    op_us = common.do_bench_us(_rotating(case.call, sets), *timing).median_us
+            except Exception as e:
+                traceback.print_exc()
+                status = status if t else "ERROR"  # the kernel could not be timed; the op: a note
+                note = "; ".join(x for x in (note, f"timing raised {common.short_exc(e)}") if x)
+        k_us = t.median_us if t else nan
+        gbps = case.bytes / (k_us * 1e-6) / 1e9
+        tops = case.flops / (k_us * 1e-6) / 1e12 if case.flops else nan
+        for bl in case.baselines if k is not None else case.baselines[:1]:
+            b_us, b_note = b_time[bl.name]
+            speedup, op_speedup, bw = b_us / k_us, b_us / op_us, gbps / ceilings["copy_gbps"]
+            target = case.target(bl.name)
+            rows.append(dict(
+                base, backend=backend, correct=correct if k is not None else "",
+                kernel_us=k_us, kernel_p20_us=t.p20_us if t else nan, kernel_p80_us=t.p80_us if t else nan,
+                op_us=op_us, baseline=bl.name, baseline_us=b_us, speedup=speedup, op_speedup=op_speedup,
+                gbps=gbps, bw_frac=bw, tops=tops, tops_frac=tops / ceilings["matmul_tflops"],
+                baseline_gbps=bl.bytes / (b_us * 1e-6) / 1e9,
+                baseline_tops=bl.flops / (b_us * 1e-6) / 1e12 if bl.flops else nan,
+                target=target.label if target else "",
+                status=status or (target.status(correct, speedup, op_speedup, bw) if target
+                                  else "-" if correct else "WRONG"),
+                note="; ".join(x for x in (note, b_note) if x)))
+    return rows
 
 
 def run_gpu(fam: ModuleType, args) -> int:
@@ -169,30 +499,33 @@ def run_gpu(fam: ModuleType, args) -> int:
     ceilings = common.measure_ceilings(*timing)
     print(f"measured ceilings: copy {ceilings['copy_gbps']:.0f} GB/s (read + write), "
           f"bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s", flush=True)
-    cfgs = fam.configs(args.quick, args.ops)
-    rank = {c: i for i, c in enumerate(cfgs)}  # the rows are saved in report order, whatever the run order
+    cases = select_cases(fam, args.quick, args.ops)
+    rank = {c.key: i for i, c in enumerate(cases)}  # rows are saved in report order, whatever the run order
     done: list[tuple[int, list[dict]]] = []
+    rows: list[dict] = []
     interrupted = None
     try:
-        for i, cfg in enumerate(fam.run_order(cfgs)):
+        for i, case in enumerate(run_order(fam, cases)):
             if time.monotonic() > deadline:
-                print(f"time budget of {args.time_budget:.0f} s spent: skipping {len(cfgs) - i} configs", flush=True)
-                mode = f"{mode}, stopped by time budget after {i} of {len(cfgs)} configs"
+                print(f"time budget of {args.time_budget:.0f} s spent: skipping {len(cases) - i} cases", flush=True)
+                mode = f"{mode}, stopped by time budget after {i} of {len(cases)} cases"
                 break
             t0 = time.monotonic()
+            base = dict(base_row(fam, env, mode, case), copy_gbps=ceilings["copy_gbps"],
+                        matmul_tflops=ceilings["matmul_tflops"])
             try:
-                new = bench_config(fam, cfg, env, ceilings, timing, mode)
-            except Exception as e:  # e.g. a CUDA error that poisoned the context
+                new = bench_case(case, base, ceilings, timing)
+            except Exception as e:  # building inputs, or a CUDA error that poisoned the context
                 traceback.print_exc()
-                new = error_rows(base_row(fam, env, mode, cfg), fam.registered_backends(cfg.op),
-                                 f"benchmark raised {common.short_exc(e)}")
-            done.append((rank[cfg], new))
-            try:  # the config's tensors went with bench_config's frame
+                new = [dict(base, backend=b, status="ERROR", note=f"benchmark raised {common.short_exc(e)}")
+                       for b in case.backends()]
+            done.append((rank[case.key], new))
+            try:  # the case's tensors went with bench_case's frame
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-            except Exception:  # a sticky CUDA error: later configs will report it too
+            except Exception:  # a sticky CUDA error: later cases will report it too
                 traceback.print_exc()
-            print(f"[{i + 1}/{len(cfgs)}] {cfg.name}: {time.monotonic() - t0:.1f} s", flush=True)
+            print(f"[{i + 1}/{len(cases)}] {case.name}: {time.monotonic() - t0:.1f} s", flush=True)
             print(report.table(new, compact=True).split("\n", 2)[-1], flush=True)
     except (KeyboardInterrupt, SystemExit) as e:
         interrupted = e
@@ -238,73 +571,176 @@ def save(rows: list[dict], csv_path: Path, out_dir: Path | None) -> None:
 
 
 def self_check(fam: ModuleType, args) -> int:
-    """Without CUDA nothing is timed: every backend usable on the CPU is checked against the
-    torch backend on small versions of the configs, each baseline runs once, and the report
-    pipeline is exercised. Exits non-zero if anything mismatches or fails."""
-    cfgs = fam.self_check_configs(args.quick, args.ops)
-    interp = effkern._dispatch.triton_interpreter_enabled()
+    """Without CUDA nothing is timed: on small versions of the cases every backend usable on the
+    CPU is checked against the torch backend, each baseline runs once (checked where it computes
+    the op's function) and the report pipeline is exercised. Non-zero exit on any failure."""
+    cases = select_cases(fam, args.quick, args.ops, check=True)
+    interp = _dispatch.triton_interpreter_enabled()
     print(f"No CUDA device: nothing is timed (timings need a GPU). Running the correctness self-check on "
-          f"small versions of the benchmark shapes: {len(cfgs)} cases, triton "
+          f"small versions of the benchmark shapes: {len(cases)} cases, triton "
           f"{'under TRITON_INTERPRET=1' if interp else 'skipped (set TRITON_INTERPRET=1 to include it)'}.",
           flush=True)
     out, failures = [], 0
-    for cfg in cfgs:
+    for case in cases:
         t0 = time.monotonic()
-        where = [cfg.op, cfg.shape_str, cfg.in_dtype]
+        where = [case.op, case.shape, case.dtype]
         try:
-            case = fam.build_case(cfg, "cpu", rotate=False)
+            s = input_sets(case, "cpu", rotate=False)[0]
+            refs = reference(case, s)
         except Exception as e:
             traceback.print_exc()
             failures += 1
-            out.append(where + ["-", "ERROR", f"building inputs: {common.short_exc(e)}"[:160]])
+            out.append(where + ["-", "ERROR", f"inputs or torch reference: {common.short_exc(e)}"[:160]])
             continue
-        for backend in fam.registered_backends(cfg.op, include_reference=True):
-            impl, why = fam.select(case, backend)
-            if impl is None:
-                status, note = why
-            else:
-                try:
-                    ok, note = fam.verify(case, impl, backend)
-                    status = "ok" if ok else "MISMATCH"
-                except Exception as e:
-                    traceback.print_exc()
-                    status, note = "ERROR", common.short_exc(e)
+        for backend in case.backends(include_reference=True):
+            try:
+                _, ok, note = verify(case, s, backend, refs)
+                status = "ok" if ok else "MISMATCH"
+            except Unavailable as e:
+                status, note = e.status, e.reason
+            except Exception as e:
+                traceback.print_exc()
+                status, note = "ERROR", common.short_exc(e)
             failures += status in ("ERROR", "MISMATCH")
             out.append(where + [backend, status, note[:160]])
-        for name, status, note in fam.check_baselines(case):
+        for bl in case.baselines:
+            status, note = _check_baseline(bl, s, refs[1])
             failures += status in ("ERROR", "MISMATCH")
-            out.append(where + [f"baseline {name}", status, note[:160]])
+            out.append(where + [f"baseline {bl.name}", status, note[:160]])
         print(f"  {' '.join(where)}: {time.monotonic() - t0:.1f} s", flush=True)
     print()
-    print(common.text_table(out, ["op", "shape", fam.SELF_CHECK_TEXT["dtype"], "backend", "result", "note"]))
+    print(common.text_table(out, ["op", "shape", "dtype", "backend", "result", "note"]))
     rep_ok, rep_msg = check_report_pipeline(fam)
     failures += not rep_ok
     print(f"\nreport pipeline (synthetic rows in a temporary directory, deleted): {rep_msg}")
+    missing = unbenched_ops(fam)
+    if missing:
+        print(f"\nregistry ops of this family without a benchmark case: {', '.join(missing)}")
     n_ok = sum(r[4] == "ok" for r in out)
     n_na = sum(r[4] == "N/A" for r in out)
-    print(f"\nself-check: {fam.SELF_CHECK_TEXT['summary'].format(n_ok=n_ok, n_na=n_na, failures=failures)}; "
+    print(f"\nself-check: {n_ok} backend checks passed, {n_na} unavailable, {failures} failed; "
           "timings need a GPU (run on a CUDA machine).")
     return 1 if failures else 0
 
 
-def check_report_pipeline(fam: ModuleType) -> tuple[bool, str]:
-    """CSV append -> markdown (with the family's report text) -> plot on two synthetic runs of
-    ``fam.REPORT_SAMPLE``, in a temporary directory only."""
+def _check_baseline(bl: Baseline, s: dict, ref) -> tuple[str, str]:
+    if bl.fn is None:
+        return "N/A", bl.na
     try:
+        got = bl.fn(s)
+    except Exception as e:
+        if bl.gpu_only:
+            return "N/A on cpu", common.short_exc(e)
+        traceback.print_exc()
+        return "ERROR", common.short_exc(e)
+    if bl.check is None:
+        return "ran", "untimed" + (f"; {bl.note}" if bl.note else "")
+    ok, note = bl.check(got, ref)
+    return ("agrees", "with the torch op") if ok else ("MISMATCH", note)
+
+
+def check_report_pipeline(fam: ModuleType) -> tuple[bool, str]:
+    """CSV append -> markdown (with the family's text) -> plot on two synthetic runs of a row of
+    the family's first case, in a temporary directory only."""
+    try:
+        case = fam.cases()[0]
         with tempfile.TemporaryDirectory() as tmp:
-            csv_path = Path(tmp) / "synthetic.csv"
-            sample = dict(fam.REPORT_SAMPLE, mode="selfcheck", gpu="synthetic-gpu")
+            csv_path = Path(tmp) / f"{family_name(fam)}.csv"
+            sample = dict(base_row(fam, {"gpu": "synthetic-gpu"}, "selfcheck", case), backend="triton",
+                          correct=True, kernel_us=10.0, baseline=case.baselines[0].name, baseline_us=15.0,
+                          gbps=100.0, bw_frac=0.05, copy_gbps=2000.0, matmul_tflops=700.0, status="-")
             report.append_rows(csv_path, [dict(sample, date="2000-01-01T00:00:00Z", speedup=1.5)])
             report.append_rows(csv_path, [dict(sample, date="2000-01-02T00:00:00Z", speedup=2.0)])
             rows = report.read_rows(csv_path)
             md, png = report.regenerate(csv_path)
             text = md.read_text()
             assert len(rows) == 2 and "2.00x" in text and "1.50x" not in text, "latest-run selection"
-            assert fam.REPORT_TEXT["title"] in text, "the family's report text"
+            assert fam.TITLE in text, "the family's report text"
             return True, "ok" + ("" if png else " (no plot: matplotlib missing)")
     except Exception as e:
         traceback.print_exc()
         return False, f"FAILED: {common.short_exc(e)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser, fam: ModuleType | None = None) -> argparse.ArgumentParser:
+    """The options of every family; with ``fam``, its --ops choices and --quick set."""
+    name = family_name(fam) if fam else "FAMILY"
+    ops = op_names(fam) if fam else None
+
+    def op_list(text: str) -> list[str]:
+        names = [o.strip() for o in text.split(",") if o.strip()]
+        unknown = [o for o in names if ops is not None and o not in ops]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown op(s) {unknown or [text]}; choose from {', '.join(ops or [])}")
+        return names
+
+    p.add_argument("--quick", action="store_true", help=(fam.QUICK if fam else "the family's smoke set") +
+                   "; short timing. Without a GPU: fewer self-check cases")
+    p.add_argument("--ops", type=op_list, default=None, metavar="OP[,OP...]",
+                   help="comma-separated subset of the ops" + (f": {', '.join(ops)}" if ops else ""))
+    p.add_argument("--csv", type=Path, default=None,
+                   help=f"results CSV to append to; .md and .png beside it are regenerated "
+                        f"(default: bench/results/{name}.csv)")
+    p.add_argument("--out", type=Path, default=None, help="also copy the CSV, markdown and plot into this directory")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; cases not started by then are skipped (the rows so far are saved)")
+    p.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
+    return p
+
+
+def family_parser(fam: ModuleType, prog: str) -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(
+        prog=prog, description=fam.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), fam)
+
+
+def run(fam: ModuleType, args: argparse.Namespace) -> int:
+    """The GPU benchmark where CUDA is available, else the CPU self-check."""
+    args.csv = Path(args.csv or common.RESULTS_DIR / f"{family_name(fam)}.csv")
+    if not common.cuda_available():
+        return self_check(fam, args)
+    try:  # `timeout` sends SIGTERM: end through run_gpu's finally, which saves the rows so far
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return run_gpu(fam, args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def main(family: str | ModuleType, argv: Sequence[str] | None = None) -> int:
+    """``python bench/<family>.py [options]``."""
+    fam = load(family)
+    return run(fam, family_parser(fam, f"python bench/{family_name(fam)}.py").parse_args(argv))
+
+
+def cli(argv: Sequence[str], prog: str = "python -m effkern bench") -> int:
+    """``python -m effkern bench FAMILY [options]``: the family list is the bench modules present."""
+    names = families()
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark a kernel family on a GPU: every available backend against the baselines a "
+                    "user would pick instead, verified against the torch backend first; rows appended to "
+                    "bench/results/FAMILY.csv (markdown and plot regenerated). Without a GPU: a correctness "
+                    "self-check, nothing timed.",
+        epilog=f"`{prog} FAMILY --help` lists the family's ops and its --quick set.")
+    p.add_argument("family", choices=names, metavar="FAMILY", help=f"one of {', '.join(names)}")
+    add_arguments(p)
+    first = next((a for a in argv if a in names), None)
+    if first is None:
+        p.parse_args(argv)  # --help, or a usage error naming the families
+        p.error("no FAMILY given")
+    fam = load(first)
+    fp = family_parser(fam, f"{prog} {first}")
+    rest = list(argv)
+    rest.remove(first)
+    return run(fam, fp.parse_args(rest))
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,13 +749,16 @@ def check_report_pipeline(fam: ModuleType) -> tuple[bool, str]:
 
 
 class PytestBench:
-    """What a family's pytest-benchmark module shares: its settings from the environment, the GPU
-    clock that pytest-benchmark times with, the current config's case (the params are
-    config-major, so one case lives at a time), each backend verified once per config, and the
-    measurement itself. pytest is imported only here, not by the command line."""
+    """A family under pytest-benchmark: one benchmark per case and implementation (each baseline;
+    then per non-reference backend its kernels, ``<backend>``, and its public op,
+    ``<backend>:op``), grouped by case. GPU time only: pedantic rounds on a clock advanced by
+    CUDA events (L2 flushed before each); ``extra_info`` holds the do_bench median that the
+    command line reports, GB/s, TOPS and the speedups. Settings from the environment:
+    EFFKERN_BENCH_QUICK=1 (the --quick set), EFFKERN_BENCH_OPS=a,b, EFFKERN_BENCH_DEADLINE (Unix
+    time: later benchmarks skip). Without CUDA every benchmark skips."""
 
-    def __init__(self, fam: ModuleType) -> None:
-        self.fam = fam
+    def __init__(self, family: str) -> None:
+        self.fam = load(family)
         self.quick = os.environ.get("EFFKERN_BENCH_QUICK", "0") not in ("", "0")
         self.ops = [o for o in os.environ.get("EFFKERN_BENCH_OPS", "").split(",") if o.strip()] or None
         self.deadline = float(os.environ.get("EFFKERN_BENCH_DEADLINE", "inf"))
@@ -330,118 +769,84 @@ class PytestBench:
         self._flusher: common.L2Flusher | None = None
 
     def marks(self) -> list:
-        """The module's ``pytestmark``: skipped without CUDA and triton, timed by the GPU clock."""
         import pytest
 
-        no_gpu = (f"GPU benchmarks need CUDA and triton; on CPU run `python bench/{self.fam.NAME}.py` for the "
-                  "correctness self-check")
-        return [
-            pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-                               reason=no_gpu),
-            pytest.mark.benchmark(timer=self.clock, warmup=False, disable_gc=True),
-        ]
+        no_gpu = (f"GPU benchmarks need CUDA and triton; on CPU `python -m effkern bench {family_name(self.fam)}` "
+                  "runs the correctness self-check")
+        return [pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                                   reason=no_gpu),
+                pytest.mark.benchmark(timer=self.clock, warmup=False, disable_gc=True)]
 
-    def params(self, impls: Callable[[object], list[str]]) -> list:
-        """``pytest.param(cfg, impl)`` for every config, in the family's run order, and each of
-        ``impls(cfg)`` ("baseline:<name>" or a backend)."""
+    def params(self) -> list:
         import pytest
 
-        return [pytest.param(cfg, impl, id=f"{cfg.name}-{impl.replace('baseline:', 'base-').replace(' ', '_')}")
-                for cfg in self.fam.run_order(self.fam.configs(self.quick, self.ops)) for impl in impls(cfg)]
+        return [pytest.param(case, impl, id=f"{case.name}-{impl.replace('baseline:', 'base-').replace(' ', '_')}")
+                for case in run_order(self.fam, select_cases(self.fam, self.quick, self.ops))
+                for impl in [f"baseline:{b.name}" for b in case.baselines]
+                + [f"{b}{suffix}" for b in case.backends() for suffix in ("", ":op")]]
 
-    def case(self, cfg):
-        """The config's case, built on the first of its params; skips once the deadline passed."""
+    def _sets(self, case: Case) -> list[dict]:
         import pytest
 
         if time.time() > self.deadline:
             pytest.skip("time budget (EFFKERN_BENCH_DEADLINE) spent")
-        if self._cache.get("cfg") != cfg:
+        if self._cache.get("case") is not case:  # params are case-major: one case lives at a time
             self._cache.clear()
             torch.cuda.empty_cache()
-            self._cache.update(cfg=cfg, case=self.fam.build_case(cfg, "cuda"), baseline_us={}, verified={})
-        return self._cache["case"]
+            self._cache.update(case=case, sets=input_sets(case, "cuda"), baseline_us={}, verified={})
+        return self._cache["sets"]
 
-    def baseline(self, case, impl: str, info: dict) -> common.Baseline:
-        """The baseline that ``impl`` ("baseline:<name>") names; skips one that does not apply."""
-        import pytest
-
-        bl = next(b for b in case.baselines if b.name == impl.removeprefix("baseline:"))
-        if bl.fn is None:
-            pytest.skip(f"{bl.name}: {bl.na}")
-        if bl.note:
-            info["note"] = bl.note
-        return bl
-
-    def verified(self, case, backend: str):
-        """The backend's implementation (the family's ``select``), checked once per config
-        against the torch backend; skips a backend that is not available."""
+    def _verified(self, case: Case, backend: str) -> Kernels:
         import pytest
 
         cache = self._cache["verified"]
         if backend not in cache:
-            impl, why = self.fam.select(case, backend)
-            if impl is None:
-                cache[backend] = (None, *why)
-            else:
-                ok, note = self.fam.verify(case, impl, backend)
-                cache[backend] = (impl, "ok" if ok else "WRONG", note)
-        impl, status, reason = cache[backend]
+            s = self._cache["sets"][0]
+            try:
+                k, ok, note = verify(case, s, backend, reference(case, s))
+                cache[backend] = (k, "ok" if ok else "WRONG", note)
+            except Unavailable as e:
+                cache[backend] = (None, e.status, e.reason)
+        k, status, note = cache[backend]
         if status == "N/A":
-            pytest.skip(f"{backend} not available: {reason}")
+            pytest.skip(f"{backend} not available: {note}")
         if status == "ERROR":
-            pytest.fail(reason)
-        assert status == "ok", f"{backend} differs from the torch backend: {reason}"
-        return impl
+            pytest.fail(note)
+        assert status == "ok", f"{backend} differs from the torch backend: {note}"
+        return k
 
-    def primitive_impls(self, cfg) -> list[str]:
-        """For a family timed as a chain of primitives (bench/tokens.py, bench/binary_hash.py): each
-        baseline, then for each non-reference effkern backend its primitives and its public op(s)."""
-        return ([f"baseline:{b}" for b in self.fam.BASELINES[cfg.op]]
-                + [f"{b}{suffix}" for b in self.fam.registered_backends(cfg.op) for suffix in ("", ":op")])
+    def run(self, benchmark, case: Case, impl: str) -> None:
+        import pytest
 
-    def bench_primitives(self, benchmark, cfg, impl: str, baseline_flops: bool = False) -> None:
-        """One param of :meth:`primitive_impls`: a baseline, ``<backend>`` (the case's kernel call
-        on the backend's primitives) or ``<backend>:op`` (the public op(s) under the backend),
-        timed by :meth:`measure`; ``baseline_flops``: report a baseline's FLOPs too."""
-        case = self.case(cfg)
-        benchmark.group = f"{cfg.op} {cfg.model} {cfg.shape_str} {cfg.dtype}"
-        info = {"op": cfg.op, "model": cfg.model, "batch": cfg.batch, "shape": cfg.shape_str,
-                "dtype": cfg.dtype, "impl": impl, "rot_sets": len(case.sets)}
-        sets = common.Rotator(case.sets)
-        flops = 0
+        sets = self._sets(case)
+        benchmark.group = f"{case.op} {case.model} B{case.batch} {case.shape} {case.dtype}"
+        info = {"op": case.op, "model": case.model, "batch": case.batch, "shape": case.shape,
+                "dtype": case.dtype, "impl": impl, "rot_sets": len(sets)}
+        nbytes, flops = case.bytes, case.flops
         if impl.startswith("baseline:"):
-            bl = self.baseline(case, impl, info)
-            fn, nbytes = bl.fn, bl.bytes
-            if baseline_flops:
-                flops = bl.flops
+            bl = next(b for b in case.baselines if b.name == impl.removeprefix("baseline:"))
+            if bl.fn is None:
+                pytest.skip(f"{bl.name}: {bl.na}")
+            fn, nbytes, flops = _rotating(bl.fn, sets), bl.bytes, bl.flops
+            if bl.note:
+                info["note"] = bl.note
         else:
             backend, _, level = impl.partition(":")
-            fns = self.verified(case, backend)
-            nbytes = case.bytes
+            k = self._verified(case, backend)
             if level == "op":
+                call = _rotating(case.call, sets)
+
                 def fn():
                     with effkern.backend(backend):
-                        return case.op(sets.next())
+                        return call()
             else:
-                def fn():
-                    return case.kernel(sets.next(), fns)
-        self.measure(benchmark, impl, fn, nbytes, info, flops=flops)
-
-    def measure(self, benchmark, impl: str, fn: Callable[[], object], nbytes: int, info: dict,
-                flops: int = 0) -> None:
-        """Time ``fn`` (one call on the next rotated input set): pytest-benchmark's rounds on the
-        GPU clock (CUDA events, L2 flushed before each), and in ``extra_info`` the do_bench median
-        that the family's script reports, GB/s, TOPS and, for a backend, its speedup over the
-        config's baselines (their params run first)."""
+                fn = _rotating(lambda s: case.kernel(s, k), sets)
         t = common.do_bench_us(fn, *self.timing)
         if self._flusher is None:
             self._flusher = common.L2Flusher()
         flush = self._flusher
-
-        def one_round():
-            self.clock.advance(common.cuda_event_time_s(fn, flush))
-
-        benchmark.pedantic(one_round, rounds=self.rounds, warmup_rounds=self.warmup_rounds, iterations=1)
+        benchmark.pedantic(lambda: self.clock.advance(common.cuda_event_time_s(fn, flush)),
+                           rounds=self.rounds, warmup_rounds=self.warmup_rounds, iterations=1)
         info.update(do_bench_median_us=t.median_us, do_bench_p20_us=t.p20_us, do_bench_p80_us=t.p80_us,
                     bytes=nbytes, gbps=nbytes / (t.median_us * 1e-6) / 1e9)
         if flops:
@@ -452,132 +857,3 @@ class PytestBench:
             for name, b_us in self._cache["baseline_us"].items():
                 info[f"speedup_vs_{name}"] = b_us / t.median_us
         benchmark.extra_info.update(info)
-
-
-# --------------------------------------------------------------------------------------------
-# Families timed as a chain of backend primitives (bench/tokens.py, bench/binary_hash.py)
-# --------------------------------------------------------------------------------------------
-#
-# Their cases have .cfg, .sets, .kernel(s, {primitive: fn}), .op(s) (the public op(s),
-# validate=False), .bytes, .out_dtype and .baselines; the family's PRIMITIVES[op] names the
-# primitives (OPS names) its kernel call uses.
-
-
-def select_primitives(fam: ModuleType, case, backend: str, recorded: dict[str, tuple]):
-    """({primitive: fn}, None) or (None, (status, reason)) with status N/A or ERROR: each of the
-    op's primitives selected under ``backend`` with the arguments the kernel call gives it."""
-    fns = {}
-    for prim in fam.PRIMITIVES[case.cfg.op]:
-        try:
-            with effkern.backend(backend):
-                impl = effkern._dispatch.OPS[prim].select(*recorded[prim])
-        except effkern.BackendNotSupported as e:
-            lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
-            return None, ("N/A", f"{prim}: " + (" ".join(lines) or str(e)))
-        except Exception as e:  # a broken availability check is a failure, not "unavailable"
-            return None, ("ERROR", f"{prim} availability check raised {common.short_exc(e)}")
-        why = common.import_reason(impl.fn)
-        if why is not None:
-            return None, ("N/A", why)
-        fns[prim] = impl.fn
-    return fns, None
-
-
-def verify_levels(case, fns: dict, backend: str, torch_fns: dict,
-                  compare: Callable[[str, object, object], tuple[bool, str]]) -> tuple[bool, str]:
-    """Run the backend once at kernel level and once through the public op(s) and compare both
-    (``compare(level, got, ref)``) with the torch backend. Raises if the backend raises."""
-    s = case.sets[0]
-    ref_kernel = case.kernel(s, torch_fns)
-    with effkern.backend("torch"):
-        ref_op = case.op(s)
-    out_kernel = case.kernel(s, fns)
-    with effkern.backend(backend):
-        out_op = case.op(s)
-    notes, ok = [], True
-    for level, got, ref in (("kernel", out_kernel, ref_kernel), ("op", out_op, ref_op)):
-        good, note = compare(level, got, ref)
-        ok &= good
-        if note:
-            notes.append(f"{level}: {note}")
-    return ok, "; ".join(notes)
-
-
-def primitive_backend_rows(fam: ModuleType, case, base: dict, baseline_t: dict[str, tuple[float, str]],
-                           ceilings: dict, timing: tuple[float, float],
-                           status_for: Callable[..., str],
-                           extra: Callable[[common.Baseline, float], dict] | None = None) -> list[dict]:
-    """The rows of one config, whose baselines are timed: every non-reference backend (the
-    family's ``select`` and ``verify``) x every baseline. ``status_for(cfg, target, correct,
-    speedup, op_speedup, bw_frac)``; ``extra(baseline, baseline µs)``: columns after baseline_gbps."""
-    cfg, nan = case.cfg, math.nan
-    base.update(out_dtype=case.out_dtype, bytes=case.bytes, rot_sets=len(case.sets))
-    rows = []
-    for backend in fam.registered_backends(cfg.op):
-        fns, why = fam.select(case, backend)
-        correct, note, t_kernel, op_us, status = False, "", None, nan, ""
-        if fns is None:
-            status, note = why
-        else:
-            try:
-                correct, note = fam.verify(case, fns, backend)
-            except Exception as e:
-                traceback.print_exc()
-                status, note = "ERROR", f"{backend} raised {common.short_exc(e)}"
-            if status != "ERROR":
-                sets = common.Rotator(case.sets)
-                try:
-                    t_kernel = common.do_bench_us(lambda: case.kernel(sets.next(), fns), *timing)
-                    with effkern.backend(backend):
-                        op_us = common.do_bench_us(lambda: case.op(sets.next()), *timing).median_us
-                except Exception as e:
-                    traceback.print_exc()
-                    note = "; ".join(x for x in (note, f"timing raised {common.short_exc(e)}") if x)
-        k_us = t_kernel.median_us if t_kernel else nan
-        gbps = case.bytes / (k_us * 1e-6) / 1e9 if t_kernel else nan
-        bw_frac = gbps / ceilings["copy_gbps"]
-        for bl in case.baselines if fns is not None else case.baselines[:1]:
-            b_us, b_note = baseline_t[bl.name]
-            speedup, op_speedup = b_us / k_us, b_us / op_us
-            target = fam.target_for(cfg, bl.name)
-            row_status = status or status_for(cfg, target, correct, speedup, op_speedup, bw_frac)
-            rows.append(dict(
-                base, backend=backend, correct=correct if fns is not None and status != "ERROR" else "",
-                kernel_us=k_us, kernel_p20_us=t_kernel.p20_us if t_kernel else nan,
-                kernel_p80_us=t_kernel.p80_us if t_kernel else nan, op_us=op_us,
-                baseline=bl.name, baseline_us=b_us, speedup=speedup, op_speedup=op_speedup,
-                gbps=gbps, bw_frac=bw_frac, baseline_gbps=bl.bytes / (b_us * 1e-6) / 1e9,
-                **(extra(bl, b_us) if extra else {}),
-                target=target, status=row_status, note="; ".join(x for x in (note, b_note) if x),
-            ))
-    return rows
-
-
-def check_baselines_against_op(case, ran_note: str,
-                               na_on: Callable[[common.Baseline, RuntimeError], str | None] | None = None
-                               ) -> list[tuple[str, str, str]]:
-    """(name, status, note) of each baseline run once, untimed; the ones with a check in
-    ``case.baseline_checks`` are checked against the torch backend's public op(s), the others
-    report ``ran_note``. ``na_on(baseline, error)``: a note where a RuntimeError means N/A."""
-    with effkern.backend("torch"):
-        ref = case.op(case.sets[0])
-    out = []
-    for bl in case.baselines:
-        try:
-            got = bl.fn()
-            check = case.baseline_checks.get(bl.name)
-            if check is None:
-                status, note = "ran", ran_note
-            else:
-                ok, note = check(got, ref)
-                status, note = ("agrees", "with the torch op") if ok else ("MISMATCH", note)
-        except Exception as e:
-            na = na_on(bl, e) if na_on is not None and isinstance(e, RuntimeError) else None
-            if na is not None:
-                status, note = "N/A", na
-            else:
-                traceback.print_exc()
-                status, note = "ERROR", common.short_exc(e)
-        out.append((bl.name, status, note))
-    return out
-

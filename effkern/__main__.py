@@ -1,11 +1,8 @@
 """effkern's command line.
 
     python -m effkern info                 what is built and which backend can run each op
-    python -m effkern bench integer [...]  the integer-op benchmark (bench/integer.py; on a machine
-                                           without a GPU: the correctness self-check)
-    python -m effkern bench tokens [...]   the sparse token-op benchmark (bench/tokens.py; likewise)
-    python -m effkern bench binary_hash [...]  the binary-hash attention benchmark (bench/binary_hash.py;
-                                           likewise)
+    python -m effkern bench FAMILY [...]   benchmark a kernel family (bench/FAMILY.py: integer, tokens,
+                                           binary_hash; without a GPU: the correctness self-check)
 """
 
 from __future__ import annotations
@@ -61,18 +58,17 @@ def info_text() -> str:
 
 
 def _bench(argv: list[str]) -> int:
-    # bench/ lives at the top of the repository, next to the package; it is not installed.
+    """``python -m effkern bench FAMILY [options]``: bench/runner.py's command line (the families
+    are the bench/<family>.py modules of the checkout; bench/ is not installed)."""
     root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "__init__.py").exists():
+    if not (root / "bench" / "runner.py").exists():
         print("effkern bench: the bench/ directory of an effkern checkout is needed "
               f"(looked in {root})", file=sys.stderr)
         return 2
     sys.path.insert(0, str(root))
-    parser = argparse.ArgumentParser(prog="python -m effkern bench")
-    parser.add_argument("family", choices=["integer", "tokens", "binary_hash"], help="kernel family to benchmark")
-    args, rest = parser.parse_known_args(argv)
-    module = importlib.import_module(f"bench.{args.family}")
-    return int(module.main(rest) or 0)
+    from bench import runner
+
+    return runner.cli(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
