@@ -79,3 +79,27 @@ def test_gpu_rows_csv_markdown(family, fake_gpu, tmp_path, capsys):
         assert float(r["kernel_us"]) == 2.0 and float(r["op_us"]) == 2.0 and r["status"] in ("-", "PASS"), r
     md = csv.with_suffix(".md").read_text()
     assert fam.TITLE in md and "fake-gpu" in md
+
+
+class _Benchmark:  # the pytest-benchmark fixture's surface that PytestBench uses
+    def __init__(self):
+        self.group, self.extra_info = None, {}
+
+    def pedantic(self, target, rounds, warmup_rounds, iterations):
+        for _ in range(2):
+            target()
+
+
+def test_pytest_benchmark_path(fake_gpu, monkeypatch):
+    monkeypatch.setattr(common, "cuda_event_time_s", lambda fn, flush=None: (fn(), 1e-6)[1])
+    monkeypatch.setattr(common, "L2Flusher", lambda: (lambda: None))
+    bench = runner.PytestBench("tokens")
+    bench.quick, bench.ops = True, ["token_scatter.add"]
+    params = [p.values for p in bench.params()]
+    assert [impl for _, impl in params] == ["baseline:clone+scatter_add_", "baseline:clone+index_put_(acc)", "torch",
+                                            "torch:op"]
+    for case, impl in params:
+        b = _Benchmark()
+        bench.run(b, case, impl)
+        assert b.extra_info["do_bench_median_us"] == 2.0 and bench.clock() > 0, impl
+    assert b.extra_info["speedup_vs_clone+scatter_add_"] == 1.0
