@@ -1,8 +1,12 @@
 """What the tests of the compiled CUDA library (tests/test_cuda_*.py) share: whether the library
-loaded, the checks every op family repeats (schemas, CPU tensors refused), building a family's
-host check (kernels/<family>/host_check.cpp) for ctypes, and poisoning the CUDA allocator."""
+loaded, the CUDA kernels the Python side calls (from the op registry) and the check that each
+library op's schema, read from torch, fits the Python call (the schemas are written once, in the
+families' registration blocks in csrc/), the CPU-tensor check every family repeats, building a
+family's host check (kernels/<family>/host_check.cpp) for ctypes, and poisoning the CUDA
+allocator."""
 
 import ctypes
+import inspect
 import os
 import shutil
 import subprocess
@@ -30,10 +34,162 @@ def require_cuda():
         pytest.skip(f"effkern CUDA library {REASON}")
 
 
-def assert_schema(name, schemas):
-    """torch.ops.effkern.<name> is registered with the schema ``schemas[name]``."""
-    op = getattr(torch.ops.effkern, name)
-    assert str(op.default._schema) == schemas[name]
+# --------------------------------------------------------------------------------------------
+# the CUDA kernels the Python side calls, and their schemas
+# --------------------------------------------------------------------------------------------
+
+_PREFIX = "torch.ops.effkern."
+
+
+def _ops():
+    import effkern.ops  # noqa: F401  (declares every op)
+    from effkern import _dispatch
+
+    return _dispatch.OPS
+
+
+def cuda_op_name(impl):
+    """The ``torch.ops.effkern`` op a cuda Implementation calls: its ``cuda_op``, else parsed from
+    its function's ``target`` / ``__name__`` ("torch.ops.effkern.<op>")."""
+    name = getattr(impl, "cuda_op", None) or getattr(impl.fn, "cuda_op", None)
+    if name:
+        return name
+    for attr in ("target", "__name__"):
+        s = getattr(impl.fn, attr, None)
+        if isinstance(s, str) and s.startswith(_PREFIX):
+            return s[len(_PREFIX):]
+    raise AssertionError(f"cannot tell which torch.ops.effkern op the cuda kernel {impl.fn!r} calls")
+
+
+def kernel_family(name):
+    """The family of kernel dispatcher ``name``: the op registry's, else the effkern.ops module
+    of its torch reference."""
+    try:
+        from effkern import _registry
+
+        decl = _registry.OPS.get(name)
+        if decl is not None:
+            return decl.family
+    except ImportError:
+        pass
+    module = getattr(_ops()[name].impls["torch"].fn, "__module__", "") or ""
+    return module.rsplit(".", 1)[-1] if module.startswith("effkern.ops.") else None
+
+
+def cuda_kernels(family=None):
+    """{kernel dispatcher name: the torch.ops.effkern op its cuda backend calls}, for every
+    dispatcher in ``effkern._dispatch.OPS`` with a cuda implementation (of ``family`` if given)."""
+    return {name: cuda_op_name(d.impls["cuda"]) for name, d in _ops().items()
+            if "cuda" in d.impls and (family is None or kernel_family(name) == family)}
+
+
+def _adapter_params(fn):
+    """Parameter names of the Python function between the dispatcher and the library op, or None
+    when the kernel forwards its arguments to the op unchanged."""
+    adapter = getattr(fn, "adapter", None)
+    if adapter is not None:  # registry CudaKernel: adapter(op, *kernel_args)
+        return list(inspect.signature(adapter).parameters)[1:]
+    if getattr(fn, "cuda_op", None) is not None:
+        return None
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None  # a forwarder: call(*args) -> op(*args)
+    return [p.name for p in params]
+
+
+class _Arg:
+    """Stands for one kernel argument in a recorded call."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"<kernel argument {self.name}>"
+
+
+def _record_call(impl, op_name, names):
+    """(args, kwargs) the cuda kernel passes to torch.ops.effkern.<op_name> when called with one
+    stand-in per kernel argument; None when it cannot run on stand-ins (an adapter converting an
+    argument) or does not look the op up at call time."""
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return _Arg("result")
+
+    record.default = record
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.effkern, op_name, record)
+        try:
+            impl.fn(*[_Arg(n) for n in names])
+        except Exception:  # noqa: BLE001 - e.g. FORMS.index(form) on a stand-in
+            return None
+    return calls[0] if len(calls) == 1 else None
+
+
+_SCHEMA_TYPE = {"Tensor": "Tensor", "int": "int", "bool": "bool", "float": "float", "str": "str"}
+
+
+def _type_name(annotation):
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
+    return _SCHEMA_TYPE.get(name)
+
+
+def assert_cuda_op_matches_python(kernel):
+    """The cuda backend of kernel dispatcher ``kernel`` calls a library op that is registered,
+    whose schema (read from torch) fits the Python kernel signature
+    (``inspect.signature(OPS[kernel].impls["torch"].fn)``): the same argument names, in order,
+    of the same types, when the kernel forwards its arguments; through an adapter, the adapter
+    takes the kernel arguments and passes each op argument the kernel argument of its name
+    (converted, if the adapter converts it)."""
+    d = _ops()[kernel]
+    impl = d.impls["cuda"]
+    op_name = cuda_op_name(impl)
+    assert hasattr(torch.ops.effkern, op_name), f"{kernel}: the library registers no effkern::{op_name}"
+    assert op_name in _cuda_lib.registered_ops(), f"{kernel}: effkern::{op_name} is not the library's"
+    schema = getattr(torch.ops.effkern, op_name).default._schema
+    op_args = [(a.name, str(a.type)) for a in schema.arguments]
+    params = list(inspect.signature(d.impls["torch"].fn).parameters.values())
+    names = [p.name for p in params]
+    types = {p.name: _type_name(p.annotation) for p in params}
+    where = f"{kernel}: effkern::{op_name} {schema} vs the kernel signature ({', '.join(names)})"
+    assert [r.type.kind() for r in schema.returns] == ["TensorType"], where
+
+    adapter = _adapter_params(impl.fn)
+    if adapter is None:  # op(*kernel_args): names, count and types agree one to one
+        assert [a for a, _ in op_args] == names, where
+        for a, typ in op_args:
+            assert types[a] in (None, typ), f"{where}: '{a}' is {types[a]} in Python, {typ} in C++"
+    else:
+        assert adapter == names, f"{where}: the adapter takes ({', '.join(adapter)})"
+        rest = iter(names)  # the op's arguments are kernel arguments, in kernel order
+        assert all(a in rest for a, _ in op_args), where
+
+    recorded = _record_call(impl, op_name, names)
+    if recorded is None:
+        assert adapter is not None, f"{where}: the kernel does not call the op with its arguments"
+        return
+    args, kwargs = recorded
+    bound = schema_bind(op_args, args, kwargs, where)
+    for a, typ in op_args:
+        v = bound[a]
+        if isinstance(v, _Arg):  # passed through: it must be the kernel argument of that name
+            assert v.name == a, f"{where}: kernel argument '{v.name}' passed as '{a}'"
+            assert types[a] in (None, typ), f"{where}: '{a}' is {types[a]} in Python, {typ} in C++"
+        else:  # converted by the adapter: from the kernel argument of the same name
+            assert a in names, f"{where}: '{a}' is no kernel argument"
+
+
+def schema_bind(op_args, args, kwargs, where):
+    """{op argument name: value} of a call of an op with arguments ``op_args``."""
+    names = [a for a, _ in op_args]
+    assert len(args) <= len(names), f"{where}: called with {len(args)} positional arguments"
+    bound = dict(zip(names, args))
+    for k, v in kwargs.items():
+        assert k in names and k not in bound, f"{where}: bad keyword argument '{k}'"
+        bound[k] = v
+    assert set(bound) == set(names), f"{where}: called without {sorted(set(names) - set(bound))}"
+    return bound
 
 
 def assert_cpu_tensors_refused(calls):
@@ -51,7 +207,9 @@ def build_host_check(tmp_path_factory, family):
         pytest.skip(f"no host C++ compiler to build kernels/{family}/host_check.cpp")
     out = tmp_path_factory.mktemp(f"host_check_{family}") / f"libhost_check_{family}.so"
     src = os.path.join(ROOT, "kernels", family, "host_check.cpp")
-    subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", src, "-o", str(out)], check=True)
+    # -I ROOT: kernel headers include each other as "kernels/<family or common>/..."
+    subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", ROOT, src, "-o", str(out)],
+                   check=True)
     return ctypes.CDLL(str(out))
 
 

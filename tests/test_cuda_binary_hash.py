@@ -2,8 +2,9 @@
 ``effkern::cuda_binary_attention`` against the torch backend
 (:func:`effkern.ops.binary_hash.binary_attention_fwd`, run in float64 as the reference).
 
-CPU (always): the library, when built, registers the op with the expected schema and refuses
-CPU tensors; the kernels' per-thread code (kernels/binary_hash/binary_attention.cuh), compiled
+CPU (always): the library, when built, registers the op with a schema that fits the Python kernel
+calling it and refuses CPU tensors, its constants (kernels/common/constants.h) are the Python
+side's; the kernels' per-thread code (kernels/binary_hash/binary_attention.cuh), compiled
 for the host through kernels/binary_hash/host_check.cpp and run thread by thread over the
 launchers' grids (with the warp's xor-butterfly norm), matches the float64 reference. CUDA
 (marked): the kernels themselves, over forms x nbits x d x N x odd B/H and the three dtypes,
@@ -21,18 +22,13 @@ import ctypes
 import pytest
 import torch
 
-from effkern.ops.binary_hash import binary_attention_fwd, pack_codes
-from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_schema, build_host_check, case_id, needs_lib,
-                                    poison_allocator, require_cuda)
+from effkern.ops.binary_hash import SHIFTADD_EPS, binary_attention_fwd, num_words, pack_codes
+from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_cuda_op_matches_python, build_host_check,
+                                    case_id, cuda_kernels, needs_lib, poison_allocator, require_cuda)
 
-SCHEMAS = {
-    "cuda_binary_attention": (
-        "effkern::cuda_binary_attention(Tensor v, Tensor q_codes, Tensor k_codes, int nbits, int form) -> Tensor"
-    ),
-}
 FORMS = {"ecoformer": 0, "shiftadd": 1}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-TYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # binary_launch.h FloatType
+TYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kernels/common/dtypes.h FloatType
 NBITS = [8, 16, 32, 64]
 DS = [32, 64, 128]
 NS = [1, 7, 197, 785, 3136]
@@ -79,8 +75,9 @@ def check_close(got, v, q, k, nbits, form, what=""):
 
 
 @needs_lib
-def test_schema():
-    assert_schema("cuda_binary_attention", SCHEMAS)
+@pytest.mark.parametrize("kernel", sorted(cuda_kernels("binary_hash")))
+def test_schema(kernel):
+    assert_cuda_op_matches_python(kernel)
 
 
 @needs_lib
@@ -103,7 +100,17 @@ def host_lib(tmp_path_factory):
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ek_binary_attention.argtypes = [ptr, ptr, ptr, cint, cint, i64, ptr, ptr, i64, i64, i64]
     lib.ek_binary_attention.restype = cint
+    lib.ek_shiftadd_eps.restype = ctypes.c_float
+    lib.ek_num_words.argtypes = [i64]
+    lib.ek_num_words.restype = i64
     return lib
+
+
+def test_host_constants_are_the_python_ones(host_lib):
+    """The kernels' constants (kernels/common/constants.h) agree with effkern.ops.binary_hash."""
+    assert host_lib.ek_shiftadd_eps() == torch.tensor(SHIFTADD_EPS, dtype=torch.float32).item()
+    for nbits in (1, 31, 32, 33, 64, 1000, 1024):
+        assert host_lib.ek_num_words(nbits) == num_words(nbits)
 
 
 def host_run(lib, v, q, k, nbits, form):

@@ -1,69 +1,17 @@
-"""The compiled CUDA library (effkern/_C*.so) and its integer row kernels.
-
-CPU (always): the library, when built, loads with this torch and registers the ops with the
-expected schemas, and refuses CPU tensors with a clear error; the kernels' integer math
-(kernels/integer/int_math.cuh, compiled for the host through kernels/integer/host_check.cpp)
-matches the torch reference bit for bit. CUDA (marked): the kernels themselves match the
-reference bit for bit, and bad arguments raise errors that name them.
+"""The compiled CUDA library (effkern/_C*.so) as a whole, on CPU: it loads with this (possibly
+CPU-only) torch, says itself which ops it registered (each with its CUDA kernel), registers
+exactly the ops the Python side calls, each with a schema that fits the Python call, and
+reports the facts it was built with. The families' kernels: tests/test_cuda_<family>.py.
 """
 
-import ctypes
 import re
 
 import pytest
-import torch
 
 from effkern import _cuda_lib
-from effkern.ops.integer import ref_int_gelu_rows, ref_int_layernorm_rows, ref_int_softmax_rows
-from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_schema, build_host_check, case_id, needs_lib,
-                                    poison_allocator, require_cuda)
+from tests.cuda_lib_helpers import assert_cuda_op_matches_python, cuda_kernels, kernel_family, needs_lib
 
-SCHEMAS = {
-    "cuda_int_softmax": "effkern::cuda_int_softmax(Tensor x, int x0, int n, int out_bits) -> Tensor",
-    "cuda_int_gelu": "effkern::cuda_int_gelu(Tensor x, int x0, int n, int out_bits) -> Tensor",
-    "cuda_int_layernorm": "effkern::cuda_int_layernorm(Tensor x, Tensor bias_int, int iters) -> Tensor",
-}
-RANGE = {torch.int8: (-128, 127), torch.int16: (-(2**15), 2**15 - 1), torch.int32: (-(2**31), 2**31 - 1)}
-LENGTHS = [1, 3, 197, 1024, 1025, 4096, 4097, 20000]  # register paths and the looped path
-# (x0, n, out_bits): typical scales, the largest allowed exp terms, int16 outputs.
-SOFTMAX_ARGS = [(-10, 15, 8), (-3, 15, 16), (-400, 20, 8), (-1, 30, 16), (-65535, 15, 8)]
-# GELU: x0 from 1.702 * scale; (-600, 23) saturates e + e(-max) (f = 1).
-GELU_ARGS = [(-6, 23, 8), (-1, 23, 16), (-40, 15, 4), (-600, 23, 8), (-2, 30, 16)]
-
-
-# --------------------------------------------------------------------------------------------
-# inputs
-# --------------------------------------------------------------------------------------------
-
-
-def make_rows(gen, rows, length, dtype):
-    """rows x length integers mixing the interesting cases: full range, a narrow range (so exp
-    terms are not all at the floor), all-equal rows (incl. at the dtype's min/max), rows holding
-    both extremes, negative-only rows, rows whose mean is an exact tie."""
-    lo, hi = RANGE[dtype]
-    rows = max(rows, 10)  # one row of each kind below
-    x = torch.randint(lo, hi + 1, (rows, length), generator=gen, dtype=torch.int64)
-    kinds = [
-        lambda: torch.randint(-20, 21, (length,), generator=gen),
-        lambda: torch.full((length,), lo),
-        lambda: torch.full((length,), hi),
-        lambda: torch.full((length,), int(torch.randint(lo, hi + 1, (), generator=gen))),
-        lambda: torch.where(torch.rand(length, generator=gen) < 0.5, lo, hi),
-        lambda: torch.randint(lo, 0, (length,), generator=gen),
-        lambda: torch.randint(-300, 300, (length,), generator=gen).clamp(lo, hi),
-        # a, a+1, a, a+1, ...: for even lengths the row mean is an exact tie (x.5), once
-        # with a even and once odd (round half to even goes down, then up)
-        lambda: torch.arange(length) % 2 + int(torch.randint(lo // 2, hi // 2, (), generator=gen)) * 2,
-        lambda: torch.arange(length) % 2 + int(torch.randint(lo // 2, hi // 2, (), generator=gen)) * 2 + 1,
-    ]
-    for r in range(1, rows):
-        x[r] = kinds[(r - 1) % len(kinds)]()
-    return x.to(dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# the library: built, loadable with this (possibly CPU-only) torch, ops registered
-# --------------------------------------------------------------------------------------------
+FAMILIES = ("integer", "tokens", "binary_hash")  # csrc/<family>, kernels/<family>, tests/test_cuda_<family>.py
 
 
 def test_load_reports_reason():
@@ -72,12 +20,32 @@ def test_load_reports_reason():
     assert _cuda_lib.load() == (loaded, reason)  # cached
     if not loaded:
         assert reason.startswith(("not built", "failed to load"))
+        assert _cuda_lib.registered_ops() == ()
 
 
 @needs_lib
-@pytest.mark.parametrize("name", sorted(SCHEMAS))
-def test_library_registers_ops(name):
-    assert_schema(name, SCHEMAS)
+def test_library_registers_what_python_calls():
+    """The library's own list of registered ops (effkern_registered_ops) is the set of ops the
+    Python side's cuda kernels call: nothing missing, nothing unused, nothing twice."""
+    registered = _cuda_lib.registered_ops()
+    assert len(set(registered)) == len(registered), registered
+    assert sorted(registered) == sorted(set(cuda_kernels().values()))
+
+
+@needs_lib
+@pytest.mark.parametrize("kernel", sorted(cuda_kernels()))
+def test_cuda_op_schema_fits_python(kernel):
+    assert_cuda_op_matches_python(kernel)
+
+
+def test_every_cuda_kernel_has_a_family():
+    """Each family's test file checks its own kernels (cuda_kernels(family)): together they
+    cover every cuda kernel."""
+    kernels = cuda_kernels()
+    assert kernels, "no dispatcher has a cuda implementation"
+    assert {k: kernel_family(k) for k in kernels} == {k: kernel_family(k) for k in kernels
+                                                      if kernel_family(k) in FAMILIES}
+    assert sorted(k for f in FAMILIES for k in cuda_kernels(f)) == sorted(kernels)
 
 
 @needs_lib
@@ -86,178 +54,3 @@ def test_build_info():
     assert info["cuda_version"] and info["torch_version"] and info["torch_target_version"] == "2.10"
     archs = _cuda_lib.arch_list()
     assert archs and all(re.fullmatch(r"\d+\.\d[af]?(\+PTX)?", a) for a in archs), archs
-
-
-@needs_lib
-def test_cpu_tensors_are_refused():
-    x = torch.zeros(2, 5, dtype=torch.int8)
-    assert_cpu_tensors_refused({
-        "cuda_int_softmax": lambda: torch.ops.effkern.cuda_int_softmax(x, -10, 15, 8),
-        "cuda_int_gelu": lambda: torch.ops.effkern.cuda_int_gelu(x, -10, 15, 8),
-        "cuda_int_layernorm": lambda: torch.ops.effkern.cuda_int_layernorm(x, torch.zeros(5, dtype=torch.int32), 8),
-    })
-
-
-# --------------------------------------------------------------------------------------------
-# the kernels' integer math, compiled for the host, against the torch reference
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def host_lib(tmp_path_factory):
-    lib = build_host_check(tmp_path_factory, "integer")
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.ek_int_softmax_rows.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr]
-    lib.ek_int_gelu_rows.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr]
-    lib.ek_int_layernorm_rows.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ptr]
-    return lib
-
-
-def _host_call(fn, x, *args, bias=None):
-    x32 = x.to(torch.int32).contiguous()
-    y = torch.empty(x.shape, dtype=torch.int64)
-    if bias is None:
-        fn(x32.data_ptr(), x.shape[0], x.shape[1], *args, y.data_ptr())
-    else:
-        b = bias.to(torch.int32).contiguous()
-        fn(x32.data_ptr(), b.data_ptr(), x.shape[0], x.shape[1], *args, y.data_ptr())
-    return y
-
-
-@pytest.mark.parametrize("length", LENGTHS + [100000], ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32], ids=case_id)
-def test_host_softmax_math(host_lib, gen, dtype, length):
-    x = make_rows(gen, 10, length, dtype)
-    for x0, n, out_bits in SOFTMAX_ARGS:
-        ref = ref_int_softmax_rows(x, x0, n, out_bits)
-        got = _host_call(host_lib.ek_int_softmax_rows, x, x0, n, out_bits)
-        assert torch.equal(got, ref.to(torch.int64)), (x0, n, out_bits)
-
-
-@pytest.mark.parametrize("length", LENGTHS, ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)
-def test_host_gelu_math(host_lib, gen, dtype, length):
-    x = make_rows(gen, 8, length, dtype)
-    for x0, n, out_bits in GELU_ARGS:
-        ref = ref_int_gelu_rows(x, x0, n, out_bits)
-        got = _host_call(host_lib.ek_int_gelu_rows, x, x0, n, out_bits)
-        assert torch.equal(got, ref.to(torch.int64)), (x0, n, out_bits)
-
-
-@pytest.mark.parametrize("length", LENGTHS, ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)
-def test_host_layernorm_math(host_lib, gen, dtype, length):
-    x = make_rows(gen, 8, length, dtype)
-    bias = torch.randint(-(2**30), 2**30 + 1, (length,), generator=gen).to(torch.int32)
-    for iters in (0, 1, 10, 16):
-        ref = ref_int_layernorm_rows(x, bias, iters)
-        got = _host_call(host_lib.ek_int_layernorm_rows, x, iters, bias=bias)
-        assert torch.equal(got, ref.to(torch.int64)), iters
-
-
-# --------------------------------------------------------------------------------------------
-# the CUDA kernels against the torch reference (GPU only)
-# --------------------------------------------------------------------------------------------
-
-def _on_cuda(fn, x, *args, out_elem_size):
-    xc = x.cuda()
-    poison_allocator(x.numel() * out_elem_size)
-    y = fn(xc, *args)
-    torch.cuda.synchronize()
-    return y.cpu()
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("length", LENGTHS + [100000], ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32], ids=case_id)
-def test_cuda_softmax(gen, dtype, length):
-    require_cuda()
-    x = make_rows(gen, 16, length, dtype)
-    for x0, n, out_bits in SOFTMAX_ARGS:
-        got = _on_cuda(torch.ops.effkern.cuda_int_softmax, x, x0, n, out_bits, out_elem_size=out_bits // 8)
-        ref = ref_int_softmax_rows(x, x0, n, out_bits)
-        assert got.dtype == ref.dtype and torch.equal(got, ref), (x0, n, out_bits)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("length", LENGTHS, ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)
-def test_cuda_gelu(gen, dtype, length):
-    require_cuda()
-    x = make_rows(gen, 16, length, dtype)
-    for x0, n, out_bits in GELU_ARGS:
-        got = _on_cuda(torch.ops.effkern.cuda_int_gelu, x, x0, n, out_bits, out_elem_size=4)
-        ref = ref_int_gelu_rows(x, x0, n, out_bits)
-        assert got.dtype == torch.int32 and torch.equal(got, ref), (x0, n, out_bits)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("length", LENGTHS, ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)
-def test_cuda_layernorm(gen, dtype, length):
-    require_cuda()
-    x = make_rows(gen, 16, length, dtype)
-    bias = torch.randint(-(2**30), 2**30 + 1, (length,), generator=gen).to(torch.int32)
-    xc, bc = x.cuda(), bias.cuda()
-    for iters in (0, 1, 10, 16):
-        poison_allocator(x.numel() * 4)
-        got = torch.ops.effkern.cuda_int_layernorm(xc, bc, iters).cpu()
-        ref = ref_int_layernorm_rows(x, bias, iters)
-        assert got.dtype == torch.int32 and torch.equal(got, ref), iters
-
-
-@pytest.mark.cuda
-def test_cuda_empty_and_many_rows(gen):
-    require_cuda()
-    for shape in [(0, 197), (0, 1)]:
-        x = torch.zeros(shape, dtype=torch.int8, device="cuda")
-        assert torch.ops.effkern.cuda_int_softmax(x, -10, 15, 8).shape == shape
-        assert torch.ops.effkern.cuda_int_gelu(x, -10, 15, 8).shape == shape
-        bias = torch.zeros(shape[1], dtype=torch.int32, device="cuda")
-        assert torch.ops.effkern.cuda_int_layernorm(x, bias, 8).shape == shape
-    x = make_rows(gen, 70000, 3, torch.int8)  # more rows than one grid dimension of 65535
-    got = torch.ops.effkern.cuda_int_softmax(x.cuda(), -10, 15, 8).cpu()
-    assert torch.equal(got, ref_int_softmax_rows(x, -10, 15, 8))
-
-
-@pytest.mark.cuda
-def test_cuda_current_stream(gen):
-    """The kernels run on the current stream: on a (non-blocking) side stream held up by a
-    sleep, the op must see the copy queued before it, not the tensor's older contents."""
-    require_cuda()
-    old, new = make_rows(gen, 64, 785, torch.int16), make_rows(gen, 64, 785, torch.int16)
-    xc, new_c = old.cuda(), new.cuda()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the copy
-        xc.copy_(new_c)
-        y = torch.ops.effkern.cuda_int_softmax(xc, -10, 15, 16)
-    s.synchronize()
-    assert torch.equal(y.cpu(), ref_int_softmax_rows(new, -10, 15, 16))
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize(
-    "call, match",
-    [
-        (lambda x, b: torch.ops.effkern.cuda_int_softmax(x.float(), -10, 15, 8), "'x' must be int8, int16 or int32"),
-        (lambda x, b: torch.ops.effkern.cuda_int_softmax(x.t(), -10, 15, 8), "'x' must be contiguous"),
-        (lambda x, b: torch.ops.effkern.cuda_int_softmax(x[None], -10, 15, 8), "'x' must be 2-D"),
-        (lambda x, b: torch.ops.effkern.cuda_int_softmax(x, -10, 15, 12), "'out_bits' must be 8 or 16"),
-        (lambda x, b: torch.ops.effkern.cuda_int_softmax(x, 3, 15, 8), "'x0' must be in"),
-        (lambda x, b: torch.ops.effkern.cuda_int_softmax(x, -10, 40, 8), "'n' must be in"),
-        (lambda x, b: torch.ops.effkern.cuda_int_gelu(x.int(), -10, 15, 8), "'x' must be int8 or int16"),
-        (lambda x, b: torch.ops.effkern.cuda_int_gelu(x, -10, 15, 17), "'out_bits' must be in"),
-        (lambda x, b: torch.ops.effkern.cuda_int_layernorm(x, b[:-1], 8), "'bias_int' must be 1-D of size C"),
-        (lambda x, b: torch.ops.effkern.cuda_int_layernorm(x, b.long(), 8), "'bias_int' must be int32"),
-        (lambda x, b: torch.ops.effkern.cuda_int_layernorm(x, b.cpu(), 8), "'bias_int' must be on the same CUDA"),
-        (lambda x, b: torch.ops.effkern.cuda_int_layernorm(x, b, 17), "'iters' must be in"),
-    ],
-)
-def test_cuda_bad_arguments(call, match):
-    require_cuda()
-    x = torch.zeros(4, 6, dtype=torch.int8, device="cuda")
-    b = torch.zeros(6, dtype=torch.int32, device="cuda")
-    with pytest.raises(RuntimeError, match=match):
-        call(x, b)

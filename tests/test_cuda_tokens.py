@@ -2,7 +2,8 @@
 ``effkern::cuda_token_gather`` and ``effkern::cuda_token_scatter`` against the torch backend
 (:func:`effkern.ops.tokens.gather_rows` / :func:`scatter_rows` with :func:`scatter_plan`).
 
-CPU (always): the library, when built, registers both ops with the expected schemas and refuses
+CPU (always): the library, when built, registers both ops with schemas that fit the Python kernels calling
+them and refuses
 CPU tensors with a clear error; the launch plan (vector width, lanes per row, grid) and the
 kernels' row code, compiled for the host through kernels/tokens/host_check.cpp and run thread by
 thread over the launchers' grid, match the torch backend bit for bit. CUDA (marked): the kernels
@@ -23,15 +24,9 @@ import pytest
 import torch
 
 from effkern.ops.tokens import gather_rows, scatter_plan, scatter_rows
-from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_schema, build_host_check, case_id, needs_lib,
-                                    poison_allocator, require_cuda)
+from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_cuda_op_matches_python, build_host_check,
+                                    case_id, cuda_kernels, needs_lib, poison_allocator, require_cuda)
 
-SCHEMAS = {
-    "cuda_token_gather": "effkern::cuda_token_gather(Tensor x, Tensor idx) -> Tensor",
-    "cuda_token_scatter": (
-        "effkern::cuda_token_scatter(Tensor x, Tensor y, Tensor order, Tensor starts, bool add) -> Tensor"
-    ),
-}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 IDX_DTYPES = [torch.int64, torch.int32]
 NS = [1, 2, 3, 197, 785]
@@ -40,7 +35,7 @@ CS = [1, 3, 67, 384, 1024]
 # Storage offsets (in elements) giving x a base address 2/4/8 bytes off a 16-byte boundary.
 OFFSETS = [0, 1, 2, 4]
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
-TYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # token_launch.h FloatType
+TYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kernels/common/dtypes.h FloatType
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,9 +187,9 @@ def over_shapes(test):
 
 
 @needs_lib
-@pytest.mark.parametrize("name", sorted(SCHEMAS))
-def test_library_registers_ops(name):
-    assert_schema(name, SCHEMAS)
+@pytest.mark.parametrize("kernel", sorted(cuda_kernels("tokens")))
+def test_library_registers_ops(kernel):
+    assert_cuda_op_matches_python(kernel)
 
 
 @needs_lib

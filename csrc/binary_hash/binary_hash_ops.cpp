@@ -1,13 +1,11 @@
 // Host side of the binary-hash attention op, through PyTorch's stable ABI.
 //
-//   effkern::cuda_binary_attention(Tensor v, Tensor q_codes, Tensor k_codes, int nbits,
-//                                  int form) -> Tensor
-//
 // The CUDA backend of effkern.ops.binary_hash's binary_attention_fwd (the torch
 // backend there is the reference): form 0 ecoformer, 1 shiftadd; v [B, H, N, d]
 // float16/bfloat16/float32 with d in {32, 64, 128}; codes int32 [B, H, N,
 // ceil(nbits / 32)]; all contiguous, CUDA implementation only.  A float32
-// workspace (KV and ksum of pass 1) is allocated here.  The device code is in
+// workspace (KV and ksum of pass 1) is allocated here.  Its schema: the
+// registration block at the end of this file.  The device code is in
 // kernels/binary_hash/.
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
@@ -17,9 +15,12 @@
 
 #include <vector>
 
+#include "csrc/common/checks.h"
 #include "csrc/common/cuda_stream.h"
-#include "csrc/common/dtype_name.h"
-#include "kernels/binary_hash/binary_launch.h"
+#include "csrc/common/dtypes.h"
+#include "csrc/common/registration.h"
+#include "kernels/binary_hash/binary_hash_launch.h"
+#include "kernels/common/constants.h"
 
 namespace effkern {
 namespace {
@@ -30,8 +31,7 @@ namespace kb = effkern::binary_hash;
 
 void check_codes(const Tensor& c, const char* name, const Tensor& v, int64_t W, int64_t nbits,
                  const char* op) {
-  STD_TORCH_CHECK(c.is_cuda() && c.get_device_index() == v.get_device_index(), op, ": '", name,
-                  "' must be on the same CUDA device as 'v'");
+  check_same_device(c, name, v, "v", op);
   STD_TORCH_CHECK(c.scalar_type() == ScalarType::Int, op, ": '", name, "' must be int32, got ",
                   dtype_name(c.scalar_type()));
   STD_TORCH_CHECK(c.dim() == 4 && c.size(0) == v.size(0) && c.size(1) == v.size(1) &&
@@ -48,8 +48,8 @@ Tensor cuda_binary_attention(const Tensor& v, const Tensor& q_codes, const Tenso
   STD_TORCH_CHECK(v.is_cuda(), op, ": 'v' must be a CUDA tensor");
   STD_TORCH_CHECK(v.dim() == 4, op, ": 'v' must be 4-D [B, H, N, d], got ", v.dim(), " dims");
   const ScalarType t = v.scalar_type();
-  STD_TORCH_CHECK(t == ScalarType::Half || t == ScalarType::BFloat16 || t == ScalarType::Float,
-                  op, ": 'v' must be float16, bfloat16 or float32, got ", dtype_name(t));
+  STD_TORCH_CHECK(is_kernel_float(t), op, ": 'v' must be float16, bfloat16 or float32, got ",
+                  dtype_name(t));
   STD_TORCH_CHECK(v.is_contiguous(), op, ": 'v' must be contiguous");
   STD_TORCH_CHECK(nbits >= 1 && nbits <= 1024, op, ": 'nbits' must be in [1, 1024], got ", nbits);
   STD_TORCH_CHECK(form == 0 || form == 1, op,
@@ -57,7 +57,7 @@ Tensor cuda_binary_attention(const Tensor& v, const Tensor& q_codes, const Tenso
   const int64_t B = v.size(0), H = v.size(1), N = v.size(2), d = v.size(3);
   STD_TORCH_CHECK(kb::supported_head_dim(d), op,
                   ": 'v' head dim d = v.size(3) must be 32, 64 or 128, got ", d);
-  const int64_t W = (nbits + 31) / 32;
+  const int64_t W = num_words(nbits);
   check_codes(q_codes, "q_codes", v, W, nbits, op);
   check_codes(k_codes, "k_codes", v, W, nbits, op);
   const std::vector<int64_t> sizes{B, H, N, d};
@@ -66,28 +66,26 @@ Tensor cuda_binary_attention(const Tensor& v, const Tensor& q_codes, const Tenso
   if (BH == 0 || N == 0) return out;
   const std::vector<int64_t> ws_sizes{kb::binary_attention_workspace_elems(BH, nbits, d)};
   Tensor ws = torch::stable::new_empty(v, ws_sizes, ScalarType::Float);
-  const kb::FloatType type = t == ScalarType::Half       ? kb::FloatType::F16
-                             : t == ScalarType::BFloat16 ? kb::FloatType::BF16
-                                                         : kb::FloatType::F32;
   torch::stable::accelerator::DeviceGuard guard(v.get_device_index());
   const char* err = kb::launch_binary_attention(
       v.const_data_ptr(), static_cast<const int32_t*>(q_codes.const_data_ptr()),
-      static_cast<const int32_t*>(k_codes.const_data_ptr()), type,
+      static_cast<const int32_t*>(k_codes.const_data_ptr()), float_type(t),
       form == 0 ? kb::Form::Ecoformer : kb::Form::ShiftAdd, nbits,
       static_cast<float*>(ws.mutable_data_ptr()), out.mutable_data_ptr(), BH, N, d,
       current_cuda_stream(v.get_device_index()));
-  STD_TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+  check_launch(op, err);
   return out;
 }
 
 }  // namespace
 }  // namespace effkern
 
-// FRAGMENT: the Python side and the other csrc families define more ops in "effkern".
+// The family's registration block, the only place its schema is written (csrc/common/
+// registration.h).  FRAGMENT: the Python side and the other families define more "effkern" ops.
 STABLE_TORCH_LIBRARY_FRAGMENT(effkern, m) {
-  m.def("cuda_binary_attention(Tensor v, Tensor q_codes, Tensor k_codes, int nbits, int form) -> Tensor");
+  effkern::def_op(m, "cuda_binary_attention(Tensor v, Tensor q_codes, Tensor k_codes, int nbits, int form) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(effkern, CUDA, m) {
-  m.impl("cuda_binary_attention", TORCH_BOX(&effkern::cuda_binary_attention));
+  effkern::impl_op(m, "cuda_binary_attention", TORCH_BOX(&effkern::cuda_binary_attention));
 }

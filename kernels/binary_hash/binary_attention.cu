@@ -6,8 +6,8 @@
 //   pass 2 binary_out_kernel: grid min(BH * ceil(N / kTokensPerBlock),
 //     kMaxGrid) blocks of kBlock, one warp per token, grid-strided.
 // The per-thread code is in binary_attention.cuh (shared with host_check.cpp).
-#include "binary_attention.cuh"
-#include "binary_launch.h"
+#include "kernels/binary_hash/binary_attention.cuh"
+#include "kernels/binary_hash/binary_hash_launch.h"
 #include "kernels/common/launch_error.cuh"
 
 namespace effkern {

@@ -2,9 +2,10 @@
 // thread layouts, shared with the host transcription (host_check.cpp).
 //
 // Every helper is __host__ __device__ under nvcc and plain C++ elsewhere (the
-// element types F16 / BF16 / F32 and the EK_TOK_HD macro come from the token
-// family's token_rows.cuh), so the kernels (binary_attention.cu) and the host
-// check run the exact same arithmetic, thread by thread.
+// element types F16 / BF16 / F32 come from kernels/common/vec_rows.cuh, the
+// EK_HD macro from kernels/common/host_device.h, num_words and kShiftAddEps
+// from kernels/common/constants.h), so the kernels (binary_attention.cu) and
+// the host check run the exact same arithmetic, thread by thread.
 //
 // Pass 1 (kv_thread): one block of kBlock threads per (bh, code word w),
 // grid-strided; thread t owns column c = t % D and the kBitsPerThread<D> bits
@@ -25,21 +26,24 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "../tokens/token_rows.cuh"
+#include "kernels/common/constants.h"
+#include "kernels/common/host_device.h"
+#include "kernels/common/vec_rows.cuh"
 
 namespace effkern {
 namespace binary_hash {
 
-using effkern::tokens::BF16;
-using effkern::tokens::F16;
-using effkern::tokens::F32;
+using effkern::BF16;
+using effkern::F16;
+using effkern::F32;
+using effkern::kShiftAddEps;
+using effkern::num_words;
 
 constexpr int kBlock = 256;                    // threads per block, both passes
 constexpr int kWarps = kBlock / 32;
 constexpr int kTokensPerWarp = 4;
 constexpr int kTokensPerBlock = kWarps * kTokensPerWarp;  // pass-2 token tile
 constexpr int64_t kMaxGrid = 1 << 20;          // blocks; more work is grid-strided
-constexpr float kShiftAddEps = 1e-12f;          // SHIFTADD_EPS
 constexpr float kInvPi = 0.318309886183790671537767526745028724f;
 
 template <int D> struct Layout {
@@ -49,11 +53,9 @@ template <int D> struct Layout {
   static constexpr int kColsPerLane = D / 32;            // pass 2
 };
 
-EK_TOK_HD int64_t num_words(int64_t nbits) { return (nbits + 31) / 32; }
-
 // Pass 1, thread t of the block for (bh, word w).
 template <typename T, int D>
-EK_TOK_HD void kv_thread(const typename T::storage* v, const int32_t* k_codes, float* kv,
+EK_HD void kv_thread(const typename T::storage* v, const int32_t* k_codes, float* kv,
                          float* ksum, int64_t bh, int w, int t, int64_t N, int64_t nbits,
                          bool is_signed) {
   using L = Layout<D>;
@@ -65,7 +67,7 @@ EK_TOK_HD void kv_thread(const typename T::storage* v, const int32_t* k_codes, f
   if (first_bit >= nbits) return;  // uniform over the thread's group
   float acc[L::kBitsPerThread];
   int64_t cnt[L::kBitsPerThread];
-  EK_TOK_UNROLL
+  EK_UNROLL
   for (int k = 0; k < L::kBitsPerThread; ++k) {
     acc[k] = 0.f;
     cnt[k] = 0;
@@ -75,7 +77,7 @@ EK_TOK_HD void kv_thread(const typename T::storage* v, const int32_t* k_codes, f
   for (int64_t j = 0; j < N; ++j) {
     const float x = T::load(vp[j * D]);
     const uint32_t bits = (uint32_t)kp[j * W] >> shift;
-    EK_TOK_UNROLL
+    EK_UNROLL
     for (int k = 0; k < L::kBitsPerThread; ++k) {
       const bool on = (bits >> k) & 1u;
       if (is_signed) {
@@ -86,7 +88,7 @@ EK_TOK_HD void kv_thread(const typename T::storage* v, const int32_t* k_codes, f
       cnt[k] += on ? 1 : 0;
     }
   }
-  EK_TOK_UNROLL
+  EK_UNROLL
   for (int k = 0; k < L::kBitsPerThread; ++k) {
     const int64_t i = first_bit + k;
     if (i < nbits) {
@@ -99,14 +101,14 @@ EK_TOK_HD void kv_thread(const typename T::storage* v, const int32_t* k_codes, f
 // Pass 2, lane `lane` of the warp on token n of head bh: val[k] (column lane + 32 k) is the
 // ecoformer output or the shiftadd t; returns the lane's sum of t^2 (shiftadd; 0 otherwise).
 template <typename T, int D>
-EK_TOK_HD float token_partial(const typename T::storage* v, const int32_t* q_codes,
+EK_HD float token_partial(const typename T::storage* v, const int32_t* q_codes,
                               const float* kv, const float* ksum, int64_t bh, int64_t n,
                               int lane, int64_t N, int64_t nbits, bool ecoformer,
                               float (&val)[Layout<D>::kColsPerLane]) {
   constexpr int C = Layout<D>::kColsPerLane;
   const int64_t W = num_words(nbits);
   float num[C];
-  EK_TOK_UNROLL
+  EK_UNROLL
   for (int k = 0; k < C; ++k) num[k] = 0.f;
   int64_t den = 0;
   const float* kvh = kv + bh * nbits * D + lane;
@@ -121,12 +123,12 @@ EK_TOK_HD float token_partial(const typename T::storage* v, const int32_t* q_cod
       if (ecoformer) {
         const float* row = kvh + i * D;
         const int64_t ks = (int64_t)ksh[i];  // an integer in [-N, N]
-        EK_TOK_UNROLL
+        EK_UNROLL
         for (int k = 0; k < C; ++k) num[k] += on ? row[32 * k] : -row[32 * k];
         den += on ? ks : -ks;
       } else if (on) {  // uniform over the warp: one token's code
         const float* row = kvh + i * D;
-        EK_TOK_UNROLL
+        EK_UNROLL
         for (int k = 0; k < C; ++k) num[k] += row[32 * k];
       }
     }
@@ -136,10 +138,10 @@ EK_TOK_HD float token_partial(const typename T::storage* v, const int32_t* q_cod
   if (ecoformer) {
     const float cc = (float)(nbits + 1);
     const float dn = (float)(den + N * (nbits + 1));
-    EK_TOK_UNROLL
+    EK_UNROLL
     for (int k = 0; k < C; ++k) val[k] = (num[k] + cc * T::load(vp[32 * k])) / dn;
   } else {
-    EK_TOK_UNROLL
+    EK_UNROLL
     for (int k = 0; k < C; ++k) {
       val[k] = 0.5f * T::load(vp[32 * k]) + num[k] * kInvPi;
       sq += val[k] * val[k];
@@ -150,7 +152,7 @@ EK_TOK_HD float token_partial(const typename T::storage* v, const int32_t* q_cod
 
 // Pass 2, after the warp's reduction: norm_sq is the token's sum of t^2 (shiftadd).
 template <typename T, int D>
-EK_TOK_HD void token_store(typename T::storage* out, int64_t bh, int64_t n, int lane, int64_t N,
+EK_HD void token_store(typename T::storage* out, int64_t bh, int64_t n, int lane, int64_t N,
                            bool ecoformer, float norm_sq,
                            const float (&val)[Layout<D>::kColsPerLane]) {
   constexpr int C = Layout<D>::kColsPerLane;
@@ -160,7 +162,7 @@ EK_TOK_HD void token_store(typename T::storage* out, int64_t bh, int64_t n, int 
     const float nrm = sqrtf(norm_sq);
     div = nrm > kShiftAddEps ? nrm : kShiftAddEps;
   }
-  EK_TOK_UNROLL
+  EK_UNROLL
   for (int k = 0; k < C; ++k) op[32 * k] = T::store(ecoformer ? val[k] : val[k] / div);
 }
 

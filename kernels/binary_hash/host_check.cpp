@@ -8,10 +8,10 @@
 // effkern/ops/binary_hash.py.  Not part of effkern/_C*.so.
 //
 // type: 0 float16, 1 bfloat16, 2 float32; form: 0 ecoformer, 1 shiftadd
-// (binary_launch.h's FloatType / Form).
+// (kernels/common/dtypes.h' FloatType, binary_hash_launch.h's Form).
 #include <stdint.h>
 
-#include "binary_attention.cuh"
+#include "kernels/binary_hash/binary_attention.cuh"
 
 using namespace effkern::binary_hash;
 
@@ -66,6 +66,10 @@ int run_d(const void* v, const int32_t* q, const int32_t* k, bool eco, int64_t n
 }  // namespace
 
 extern "C" {
+
+// The constants the kernels share with the Python side (kernels/common/constants.h).
+float ek_shiftadd_eps() { return kShiftAddEps; }
+int64_t ek_num_words(int64_t nbits) { return num_words(nbits); }
 
 // As launch_binary_attention (ws: binary_attention_workspace_elems floats); returns 0, 2 for a
 // bad type / form / nbits, 3 for an unsupported d.

@@ -1,8 +1,8 @@
 // Host transcription of the integer row kernels, for checking their math
-// without a GPU.  It runs the exact int_math.cuh helpers the kernels run, in
+// without a GPU.  It runs the exact integer_math.cuh helpers the kernels run, in
 // the kernels' order of passes (max / saturating sum / write), on one row at
 // a time; reductions are exact, so only their order differs from the GPU.
-// tests/test_cuda_build.py compiles this with the host C++ compiler into a
+// tests/test_cuda_integer.py compiles this with the host C++ compiler into a
 // small shared library and compares it, via ctypes, with the torch reference
 // in effkern/ops/integer.py.  Not part of effkern/_C*.so.
 //
@@ -10,7 +10,7 @@
 // holding the value after the kernel's cast to its output type.
 #include <stdint.h>
 
-#include "int_math.cuh"
+#include "kernels/integer/integer_math.cuh"
 
 using namespace effkern::integer;
 

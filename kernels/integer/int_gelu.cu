@@ -3,7 +3,7 @@
 //   m = max(row); e = shift_exp(I - m); em = shift_exp(-m) (2^31 if its shift
 //   is >= 32); s = min(e + em, 2^31-1); f = (2^31-1) / s;
 //   sig = (e * f) >> (32 - out_bits); y = I * sig  (int32 out).
-#include "int_common.cuh"
+#include "kernels/integer/integer_common.cuh"
 
 namespace effkern {
 namespace integer {

@@ -3,7 +3,7 @@
 //   mu = round-half-even(sum(I) / C); y = I - mu; var = sum(y^2) (int64);
 //   k = 2^16, iters x: k = (k + var / k) / 2; f = (2^31-1) / k;
 //   out = ((y * f) >> 1) + bias[c]  (int32 out).
-#include "int_common.cuh"
+#include "kernels/integer/integer_common.cuh"
 
 namespace effkern {
 namespace integer {

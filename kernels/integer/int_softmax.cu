@@ -1,7 +1,7 @@
 // I-ViT integer softmax, one thread block per row.
 //   m = max(row); e = shift_exp(I - m) (int64, >= 1); s = min(sum e, 2^31-1);
 //   f = (2^31-1) / s; y = (e * f) >> (32 - out_bits)  (int8 or int16 out).
-#include "int_common.cuh"
+#include "kernels/integer/integer_common.cuh"
 
 namespace effkern {
 namespace integer {

@@ -1,5 +1,5 @@
 // Host transcription of the token gather/scatter launches, for checking them
-// without a GPU.  It makes the launchers' plan (token_rows.cuh: vector width,
+// without a GPU.  It makes the launchers' plan (tokens_rows.cuh: vector width,
 // lanes per row, grid) and then runs every thread of that grid in turn:
 // the same thread -> row mapping (RowLoop) and the same row code
 // (gather_row, scatter_replace_row, scatter_add_row) the kernels run.  Lanes
@@ -8,12 +8,12 @@
 // compiler into a small shared library and compares it, via ctypes, with the
 // torch backend in effkern/ops/tokens.py.  Not part of effkern/_C*.so.
 //
-// Element types (type): 0 float16, 1 bfloat16, 2 float32 (token_launch.h's
+// Element types (type): 0 float16, 1 bfloat16, 2 float32 (kernels/common/dtypes.h'
 // FloatType).  max_grid > 0 caps the grid below the launchers' kMaxGrid, so
 // that small inputs exercise the grid-stride loop too.
 #include <stdint.h>
 
-#include "token_rows.cuh"
+#include "kernels/tokens/tokens_rows.cuh"
 
 using namespace effkern::tokens;
 

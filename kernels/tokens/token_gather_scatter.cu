@@ -1,10 +1,10 @@
 // Token gather / scatter kernels: contiguous row moves, one group of G lanes
 // (1..32, a power of two) per output row, kBlock / G rows per block,
 // grid-strided over the rows.  The row code, the thread -> row mapping and the
-// launch plan are in token_rows.cuh (shared with the host check).
+// launch plan are in tokens_rows.cuh (shared with the host check).
 #include "kernels/common/launch_error.cuh"
-#include "token_launch.h"
-#include "token_rows.cuh"
+#include "kernels/tokens/tokens_launch.h"
+#include "kernels/tokens/tokens_rows.cuh"
 
 namespace effkern {
 namespace tokens {

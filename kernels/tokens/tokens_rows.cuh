@@ -17,24 +17,17 @@
 #pragma once
 
 #include <stdint.h>
-#include <string.h>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#define EK_TOK_HD __host__ __device__ __forceinline__
-#else
-#define EK_TOK_HD inline
-#endif
-#if defined(__CUDA_ARCH__)  // device pass only: host compilers do not know the pragma
-#define EK_TOK_UNROLL _Pragma("unroll")
-#else
-#define EK_TOK_UNROLL
-#endif
+#include "kernels/common/host_device.h"
+#include "kernels/common/vec_rows.cuh"
 
 namespace effkern {
 namespace tokens {
+
+using effkern::BF16;
+using effkern::F16;
+using effkern::F32;
+using effkern::Vec;
 
 constexpr int kBlock = 256;       // threads per block
 constexpr int kUnroll = 4;        // vectors per lane per step
@@ -123,7 +116,7 @@ inline Plan scatter_launch_plan(const void* x, const void* y, const void* out, i
 struct RowLoop {
   int lane, G;
   int64_t first, stride;
-  EK_TOK_HD RowLoop(int64_t block, int thread, int64_t grid, int log2g) {
+  EK_HD RowLoop(int64_t block, int thread, int64_t grid, int log2g) {
     G = 1 << log2g;
     lane = thread & (G - 1);
     const int64_t per_block = kBlock >> log2g;
@@ -132,142 +125,21 @@ struct RowLoop {
   }
 };
 
-// ---- vectors ---------------------------------------------------------------------------------
-
-#if defined(__CUDACC__)
-template <int VB> struct VecOf;
-template <> struct VecOf<16> { using type = uint4; };
-template <> struct VecOf<8> { using type = uint2; };
-template <> struct VecOf<4> { using type = uint32_t; };
-template <> struct VecOf<2> { using type = uint16_t; };
-#else
-template <int VB> struct alignas(VB) HostVec { unsigned char b[VB]; };
-template <int VB> struct VecOf { using type = HostVec<VB>; };
-#endif
-template <int VB> using Vec = typename VecOf<VB>::type;
-
-template <typename V>
-EK_TOK_HD V load_vec(const V* p) {
-#if defined(__CUDA_ARCH__)
-  return *p;
-#else
-  V v;
-  memcpy(&v, p, sizeof(V));
-  return v;
-#endif
-}
-
-template <typename V>
-EK_TOK_HD void store_vec(V* p, const V& v) {
-#if defined(__CUDA_ARCH__)
-  *p = v;
-#else
-  memcpy(p, &v, sizeof(V));
-#endif
-}
-
-template <typename V>
-EK_TOK_HD V zero_vec() {
-  return V();
-}
-
-// ---- element types: storage bits <-> float -------------------------------------------------
-
-EK_TOK_HD float f32_from_bits(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-
-EK_TOK_HD uint32_t f32_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-
-struct F32 {
-  using storage = float;
-  static EK_TOK_HD float load(float v) { return v; }
-  static EK_TOK_HD float store(float f) { return f; }
-};
-
-struct BF16 {
-  using storage = uint16_t;
-  static EK_TOK_HD float load(uint16_t v) { return f32_from_bits((uint32_t)v << 16); }
-  static EK_TOK_HD uint16_t store(float f) {  // round to nearest even
-#if defined(__CUDACC__)
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-#else
-    const uint32_t u = f32_to_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  // quiet NaN
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-#endif
-  }
-};
-
-struct F16 {
-  using storage = uint16_t;
-  static EK_TOK_HD float load(uint16_t v) {
-#if defined(__CUDACC__)
-    return __half2float(__ushort_as_half(v));
-#else
-    const uint32_t sign = (uint32_t)(v & 0x8000u) << 16;
-    const uint32_t e = (v >> 10) & 0x1fu, m = v & 0x3ffu;
-    if (e == 0x1f) return f32_from_bits(sign | 0x7f800000u | (m << 13));  // inf / NaN
-    if (e != 0) return f32_from_bits(sign | ((e + 112u) << 23) | (m << 13));
-    const float sub = (float)m * (1.0f / 16777216.0f);  // m * 2^-24, exact
-    return sign ? -sub : sub;
-#endif
-  }
-  static EK_TOK_HD uint16_t store(float f) {  // round to nearest even
-#if defined(__CUDACC__)
-    return __half_as_ushort(__float2half_rn(f));
-#else
-    // F. Giesen's float_to_half_fast3_rtne.
-    uint32_t u = f32_to_bits(f);
-    const uint32_t sign = u & 0x80000000u;
-    u ^= sign;
-    uint32_t o;
-    if (u >= (uint32_t)(127 + 16) << 23) {  // |f| >= 2^16: inf or NaN
-      o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
-    } else if (u < (uint32_t)113 << 23) {  // half subnormal or zero
-      const uint32_t magic_u = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
-      const float r = f32_from_bits(u) + f32_from_bits(magic_u);
-      o = f32_to_bits(r) - magic_u;
-    } else {
-      const uint32_t mant_odd = (u >> 13) & 1u;
-      u += ((uint32_t)(15 - 127) << 23) + 0xfffu;
-      u += mant_odd;
-      o = u >> 13;
-    }
-    return (uint16_t)(o | (sign >> 16));
-#endif
-  }
-};
-
 // ---- rows ------------------------------------------------------------------------------------
 
 // d[i] = s[i] for the vectors i of lane `lane` (of G); all loads of a step before its stores.
 template <typename V>
-EK_TOK_HD void copy_row(const V* __restrict__ s, V* __restrict__ d, int64_t nvec, int lane,
+EK_HD void copy_row(const V* __restrict__ s, V* __restrict__ d, int64_t nvec, int lane,
                         int G) {
   const int64_t step = (int64_t)G * kUnroll;
   for (int64_t v0 = lane; v0 < nvec; v0 += step) {
     V t[kUnroll];
-    EK_TOK_UNROLL
+    EK_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = v0 + (int64_t)u * G;
       t[u] = i < nvec ? load_vec(s + i) : zero_vec<V>();
     }
-    EK_TOK_UNROLL
+    EK_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = v0 + (int64_t)u * G;
       if (i < nvec) store_vec(d + i, t[u]);
@@ -276,12 +148,12 @@ EK_TOK_HD void copy_row(const V* __restrict__ s, V* __restrict__ d, int64_t nvec
 }
 
 template <typename V>
-EK_TOK_HD void zero_row(V* __restrict__ d, int64_t nvec, int lane, int G) {
+EK_HD void zero_row(V* __restrict__ d, int64_t nvec, int lane, int G) {
   for (int64_t i = lane; i < nvec; i += G) store_vec(d + i, zero_vec<V>());
 }
 
 // a / b for a >= 0, b > 0, through the cheaper 32-bit divide when both fit.
-EK_TOK_HD int64_t udiv(int64_t a, int64_t b) {
+EK_HD int64_t udiv(int64_t a, int64_t b) {
   if ((((uint64_t)a | (uint64_t)b) >> 32) == 0) return (int64_t)((uint32_t)a / (uint32_t)b);
   return a / b;
 }
@@ -289,7 +161,7 @@ EK_TOK_HD int64_t udiv(int64_t a, int64_t b) {
 // Gather, output row r in [0, B*K) (rows of nvec vectors): out[r] = x[b, idx[r]], b = r / K;
 // a zero row when idx[r] is outside [0, N) (x is then not read).
 template <typename V, typename Idx>
-EK_TOK_HD void gather_row(const V* __restrict__ x, const Idx* __restrict__ idx,
+EK_HD void gather_row(const V* __restrict__ x, const Idx* __restrict__ idx,
                           V* __restrict__ out, int64_t r, int64_t N, int64_t K, int64_t nvec,
                           int lane, int G) {
   const int64_t b = udiv(r, K);
@@ -309,7 +181,7 @@ struct Segment {
   int64_t b, j, s0, s1;
 };
 
-EK_TOK_HD Segment scatter_segment(const int64_t* __restrict__ starts, int64_t r, int64_t N,
+EK_HD Segment scatter_segment(const int64_t* __restrict__ starts, int64_t r, int64_t N,
                                   int64_t K) {
   Segment g;
   g.b = udiv(r, N);
@@ -326,7 +198,7 @@ EK_TOK_HD Segment scatter_segment(const int64_t* __restrict__ starts, int64_t r,
 // Scatter (replace), output row r in [0, B*N): y[b, order[b, s1 - 1]] when the
 // segment is not empty (x is then not read), else x[b, j].
 template <typename V>
-EK_TOK_HD void scatter_replace_row(const V* __restrict__ x, const V* __restrict__ y,
+EK_HD void scatter_replace_row(const V* __restrict__ x, const V* __restrict__ y,
                                    const int64_t* __restrict__ order,
                                    const int64_t* __restrict__ starts, V* __restrict__ out,
                                    int64_t r, int64_t N, int64_t K, int64_t nvec, int lane,
@@ -342,25 +214,25 @@ EK_TOK_HD void scatter_replace_row(const V* __restrict__ x, const V* __restrict_
 
 // acc[e] (+)= the E elements of vector v.
 template <typename T, typename V, int E>
-EK_TOK_HD void unpack(const V& v, float (&acc)[E], bool add) {
+EK_HD void unpack(const V& v, float (&acc)[E], bool add) {
   using S = typename T::storage;
   union {
     V v;
     S e[E];
   } p;
   p.v = v;
-  EK_TOK_UNROLL
+  EK_UNROLL
   for (int e = 0; e < E; ++e) acc[e] = add ? acc[e] + T::load(p.e[e]) : T::load(p.e[e]);
 }
 
 template <typename T, typename V, int E>
-EK_TOK_HD V pack(const float (&acc)[E]) {
+EK_HD V pack(const float (&acc)[E]) {
   using S = typename T::storage;
   union {
     V v;
     S e[E];
   } p;
-  EK_TOK_UNROLL
+  EK_UNROLL
   for (int e = 0; e < E; ++e) p.e[e] = T::store(acc[e]);
   return p.v;
 }
@@ -369,7 +241,7 @@ EK_TOK_HD V pack(const float (&acc)[E]) {
 // y[b, order[b, s]] (an order entry outside [0, K) is skipped), accumulated in
 // float32 in ascending s and rounded once.  Needs sizeof(V) % sizeof(T::storage) == 0.
 template <typename T, typename V>
-EK_TOK_HD void scatter_add_row(const V* __restrict__ x, const V* __restrict__ y,
+EK_HD void scatter_add_row(const V* __restrict__ x, const V* __restrict__ y,
                                const int64_t* __restrict__ order,
                                const int64_t* __restrict__ starts, V* __restrict__ out,
                                int64_t r, int64_t N, int64_t K, int64_t nvec, int lane, int G) {
@@ -384,7 +256,7 @@ EK_TOK_HD void scatter_add_row(const V* __restrict__ x, const V* __restrict__ y,
   const int64_t step = (int64_t)G * kUnroll;
   for (int64_t v0 = lane; v0 < nvec; v0 += step) {
     float acc[kUnroll][E];
-    EK_TOK_UNROLL
+    EK_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = v0 + (int64_t)u * G;
       unpack<T>(i < nvec ? load_vec(xr + i) : zero_vec<V>(), acc[u], false);
@@ -394,15 +266,15 @@ EK_TOK_HD void scatter_add_row(const V* __restrict__ x, const V* __restrict__ y,
       if (k < 0 || k >= K) continue;
       const V* yr = yb + k * nvec;
       V t[kUnroll];
-      EK_TOK_UNROLL
+      EK_UNROLL
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = v0 + (int64_t)u * G;
         t[u] = i < nvec ? load_vec(yr + i) : zero_vec<V>();
       }
-      EK_TOK_UNROLL
+      EK_UNROLL
       for (int u = 0; u < kUnroll; ++u) unpack<T>(t[u], acc[u], true);
     }
-    EK_TOK_UNROLL
+    EK_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = v0 + (int64_t)u * G;
       if (i < nvec) store_vec(d + i, pack<T, V>(acc[u]));

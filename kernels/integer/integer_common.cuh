@@ -8,9 +8,9 @@
 
 #include <type_traits>
 
-#include "int_math.cuh"
-#include "int_launch.h"
 #include "kernels/common/launch_error.cuh"
+#include "kernels/integer/integer_launch.h"
+#include "kernels/integer/integer_math.cuh"
 
 namespace effkern {
 namespace integer {

@@ -13,11 +13,13 @@
 
 #include <stdint.h>
 
+#include "kernels/common/dtypes.h"
+
 namespace effkern {
 namespace tokens {
 
-enum class FloatType : int { F16 = 0, BF16 = 1, F32 = 2 };
-enum class IndexType : int { I32 = 0, I64 = 1 };
+using effkern::FloatType;  // kernels/common/dtypes.h
+using effkern::IndexType;
 
 // out[b, k, :] = x[b, idx[b, k], :], a zero row where idx[b, k] is outside
 // [0, N).  x: [B, N, row_bytes] bytes; idx: [B, K] of idx_type; out: [B, K,

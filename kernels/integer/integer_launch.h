@@ -9,10 +9,12 @@
 
 #include <stdint.h>
 
+#include "kernels/common/dtypes.h"
+
 namespace effkern {
 namespace integer {
 
-enum class IntType : int { I8 = 0, I16 = 1, I32 = 2 };
+using effkern::IntType;  // kernels/common/dtypes.h
 
 // x: [rows, L] of in_type (I8/I16/I32); y: [rows, L] int8 if out_bits == 8,
 // int16 if out_bits == 16.

@@ -1,11 +1,9 @@
 // Host side of the sparse token gather/scatter ops, through PyTorch's stable ABI.
 //
-//   effkern::cuda_token_gather(Tensor x, Tensor idx) -> Tensor
-//   effkern::cuda_token_scatter(Tensor x, Tensor y, Tensor order, Tensor starts, bool add) -> Tensor
-//
 // The CUDA backend of effkern.ops.tokens' gather_rows / scatter_rows (the torch
 // backend there is the reference): contiguous inputs, CUDA implementation only.
-// The device code is in kernels/tokens/.
+// Their schemas: the registration block at the end of this file.  The device
+// code is in kernels/tokens/.
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -14,9 +12,11 @@
 
 #include <vector>
 
+#include "csrc/common/checks.h"
 #include "csrc/common/cuda_stream.h"
-#include "csrc/common/dtype_name.h"
-#include "kernels/tokens/token_launch.h"
+#include "csrc/common/dtypes.h"
+#include "csrc/common/registration.h"
+#include "kernels/tokens/tokens_launch.h"
 
 namespace effkern {
 namespace {
@@ -26,30 +26,23 @@ using torch::stable::Tensor;
 namespace kt = effkern::tokens;
 
 // x: a contiguous 3-D [B, N, C] CUDA tensor of float16, bfloat16 or float32.
-kt::FloatType check_x(const Tensor& x, const char* op) {
+FloatType check_x(const Tensor& x, const char* op) {
   STD_TORCH_CHECK(x.is_cuda(), op, ": 'x' must be a CUDA tensor");
   STD_TORCH_CHECK(x.dim() == 3, op, ": 'x' must be 3-D [B, N, C], got ", x.dim(), " dims");
   const ScalarType t = x.scalar_type();
-  STD_TORCH_CHECK(t == ScalarType::Half || t == ScalarType::BFloat16 || t == ScalarType::Float,
-                  op, ": 'x' must be float16, bfloat16 or float32, got ", dtype_name(t));
+  STD_TORCH_CHECK(is_kernel_float(t), op, ": 'x' must be float16, bfloat16 or float32, got ",
+                  dtype_name(t));
   STD_TORCH_CHECK(x.is_contiguous(), op, ": 'x' must be contiguous");
-  return t == ScalarType::Half ? kt::FloatType::F16
-         : t == ScalarType::BFloat16 ? kt::FloatType::BF16
-                                     : kt::FloatType::F32;
+  return float_type(t);
 }
 
-int64_t element_bytes(kt::FloatType t) { return t == kt::FloatType::F32 ? 4 : 2; }
-
-void check_same_device(const Tensor& t, const char* name, const Tensor& x, const char* op) {
-  STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == x.get_device_index(), op, ": '", name,
-                  "' must be on the same CUDA device as 'x'");
-}
+int64_t element_bytes(FloatType t) { return t == FloatType::F32 ? 4 : 2; }
 
 // t: a contiguous 2-D [B, cols] tensor on x's device (cols < 0: any number of columns,
 // else `cols_desc` says where cols comes from).
 void check_index_2d(const Tensor& t, const char* name, const char* shape, int64_t B, int64_t cols,
                     const char* cols_desc, const Tensor& x, const char* op) {
-  check_same_device(t, name, x, op);
+  check_same_device(t, name, x, "x", op);
   STD_TORCH_CHECK(t.dim() == 2, op, ": '", name, "' must be 2-D ", shape, ", got ", t.dim(),
                   " dims");
   STD_TORCH_CHECK(t.size(0) == B, op, ": '", name, "' must be ", shape, " with B = x.size(0) = ",
@@ -59,13 +52,9 @@ void check_index_2d(const Tensor& t, const char* name, const char* shape, int64_
   STD_TORCH_CHECK(t.is_contiguous(), op, ": '", name, "' must be contiguous");
 }
 
-void check_launch(const char* op, const char* err) {
-  STD_TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
-}
-
 Tensor cuda_token_gather(const Tensor& x, const Tensor& idx) {
   const char* op = "effkern::cuda_token_gather";
-  const kt::FloatType type = check_x(x, op);
+  const FloatType type = check_x(x, op);
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   check_index_2d(idx, "idx", "[B, K]", B, -1, "", x, op);
   const ScalarType it = idx.scalar_type();
@@ -79,7 +68,7 @@ Tensor cuda_token_gather(const Tensor& x, const Tensor& idx) {
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   check_launch(op, kt::launch_token_gather(
                        x.const_data_ptr(), idx.const_data_ptr(),
-                       it == ScalarType::Long ? kt::IndexType::I64 : kt::IndexType::I32,
+                       it == ScalarType::Long ? IndexType::I64 : IndexType::I32,
                        out.mutable_data_ptr(), B, N, K, C * element_bytes(type),
                        current_cuda_stream(x.get_device_index())));
   return out;
@@ -88,9 +77,9 @@ Tensor cuda_token_gather(const Tensor& x, const Tensor& idx) {
 Tensor cuda_token_scatter(const Tensor& x, const Tensor& y, const Tensor& order,
                           const Tensor& starts, bool add) {
   const char* op = "effkern::cuda_token_scatter";
-  const kt::FloatType type = check_x(x, op);
+  const FloatType type = check_x(x, op);
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  check_same_device(y, "y", x, op);
+  check_same_device(y, "y", x, "x", op);
   STD_TORCH_CHECK(y.dim() == 3, op, ": 'y' must be 3-D [B, K, C], got ", y.dim(), " dims");
   STD_TORCH_CHECK(y.size(0) == B && y.size(2) == C, op,
                   ": 'y' must be [B, K, C] with B = x.size(0) = ", B, " and C = x.size(2) = ", C,
@@ -122,13 +111,14 @@ Tensor cuda_token_scatter(const Tensor& x, const Tensor& y, const Tensor& order,
 }  // namespace
 }  // namespace effkern
 
-// FRAGMENT: the Python side and csrc/integer define more ops in the same "effkern" namespace.
+// The family's registration block, the only place its schemas are written (csrc/common/
+// registration.h).  FRAGMENT: the Python side and the other families define more "effkern" ops.
 STABLE_TORCH_LIBRARY_FRAGMENT(effkern, m) {
-  m.def("cuda_token_gather(Tensor x, Tensor idx) -> Tensor");
-  m.def("cuda_token_scatter(Tensor x, Tensor y, Tensor order, Tensor starts, bool add) -> Tensor");
+  effkern::def_op(m, "cuda_token_gather(Tensor x, Tensor idx) -> Tensor");
+  effkern::def_op(m, "cuda_token_scatter(Tensor x, Tensor y, Tensor order, Tensor starts, bool add) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(effkern, CUDA, m) {
-  m.impl("cuda_token_gather", TORCH_BOX(&effkern::cuda_token_gather));
-  m.impl("cuda_token_scatter", TORCH_BOX(&effkern::cuda_token_scatter));
+  effkern::impl_op(m, "cuda_token_gather", TORCH_BOX(&effkern::cuda_token_gather));
+  effkern::impl_op(m, "cuda_token_scatter", TORCH_BOX(&effkern::cuda_token_scatter));
 }

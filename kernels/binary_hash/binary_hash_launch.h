@@ -11,10 +11,12 @@
 
 #include <stdint.h>
 
+#include "kernels/common/dtypes.h"
+
 namespace effkern {
 namespace binary_hash {
 
-enum class FloatType : int { F16 = 0, BF16 = 1, F32 = 2 };
+using effkern::FloatType;  // kernels/common/dtypes.h
 enum class Form : int { Ecoformer = 0, ShiftAdd = 1 };
 
 // Head dims the kernels are instantiated for (d is a template parameter).
