@@ -11,8 +11,10 @@
 #   build      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=8.0;9.0a)  build.log
 #   info       python -m effkern info                                                        info.txt
 #   tests      python -m pytest tests/ --maxfail=25 -q -rs (CUDA tests included)                 tests.log
-#   memcheck   compute-sanitizer --tool memcheck on the CUDA ops, long rows included           sanitizer.log
-#   racecheck  compute-sanitizer --tool racecheck on a smaller set (only if time allows)      sanitizer.log
+#   memcheck   compute-sanitizer --tool memcheck over the CUDA tests named sanitizer_smoke    sanitizer.log
+#              (tests/test_cuda_sanitize.py: every CUDA kernel of the op registry, long rows included);
+#              fails when a CUDA kernel the registry lists was not driven
+#   racecheck  the same with EFFKERN_SANITIZE_SMALL=1 (smaller shapes; only if time allows)  sanitizer.log
 #   bench-F    python bench/F.py --out OUTDIR for each benchmark family F       bench_F.log, F.csv/.md/.png
 #              (integer, tokens, binary_hash; appends to bench/results/ in this tree and copies F.csv/.md/.png to OUTDIR)
 #   pytest-bench-F  pytest bench/test_bench_F.py --benchmark-json=OUTDIR/bench_F.json   pytest_bench_F.log
@@ -152,22 +154,23 @@ EOF
     run_step tests 200 150 40 "$OUTDIR/tests.log" -- \
         "$PY" -m pytest tests/ --maxfail=25 -q -rs -p no:cacheprovider
 
-    # ---- compute-sanitizer ------------------------------------------------------------------
-    local san script
+    # ---- compute-sanitizer: every CUDA kernel the op registry lists --------------------------
+    local san kernels
     san=$(command -v compute-sanitizer || true)
     [[ -z "$san" && -x /usr/local/cuda/bin/compute-sanitizer ]] && san=/usr/local/cuda/bin/compute-sanitizer
+    kernels=$("$PY" -c "$CUDA_KERNELS_PY" 2>/dev/null || true)
     if [[ -z "$san" ]]; then
         record memcheck "SKIP (compute-sanitizer not on PATH)" 0 ""
+    elif [[ -z "$kernels" ]]; then
+        record memcheck "FAIL (could not list the CUDA kernels: python -c \"\$CUDA_KERNELS_PY\")" 0 ""
     else
-        script=$(mktemp /tmp/effkern_sanitize_XXXX.py)
-        write_sanitizer_script "$script"
-        sanitize memcheck 120 150 45 "$san" "$script" full
+        echo "   CUDA kernels (effkern._dispatch.OPS): $kernels"
+        sanitize memcheck 120 150 45 "$san" 0 "$kernels"
         if (($(left) > 330)); then
-            sanitize racecheck 75 150 45 "$san" "$script" small
+            sanitize racecheck 75 150 45 "$san" 1 "$kernels"
         else
             record racecheck "SKIP (time budget)" 0 ""
         fi
-        rm -f "$script"
     fi
 
     # ---- benchmarks: each family an equal share of the time left before pytest-benchmark -----
@@ -205,10 +208,16 @@ EOF
     return $FAILED
 }
 
-# sanitize NAME CAP RESERVE MIN SANITIZER SCRIPT full|small
+# The kernel dispatchers with a cuda implementation, from the op registry (space separated).
+CUDA_KERNELS_PY="import effkern.ops; from effkern import _dispatch; \
+print(' '.join(n for n, o in _dispatch.OPS.items() if 'cuda' in o.impls))"
+
+# sanitize NAME CAP RESERVE MIN SANITIZER SMALL KERNELS: compute-sanitizer --tool NAME over the
+# CUDA tests named sanitizer_smoke (EFFKERN_SANITIZE_SMALL=SMALL); every kernel in KERNELS must
+# have passed its test_cuda_sanitize.py::test_cuda_sanitizer_smoke[<kernel>].
 sanitize() {
-    local name=$1 cap=$2 reserve=$3 min=$4 san=$5 script=$6 size=$7 log="$OUTDIR/sanitizer.log"
-    local t t0 rc status
+    local name=$1 cap=$2 reserve=$3 min=$4 san=$5 small=$6 kernels=$7 log="$OUTDIR/sanitizer.log"
+    local t t0 rc status run k missing=() skipped=()
     t=$(timeout_for "$cap" "$reserve")
     if ((t < min)); then
         record "$name" "SKIPPED (time budget)" 0 ""
@@ -216,95 +225,40 @@ sanitize() {
     fi
     echo
     echo "== $name (timeout ${t}s, $(left)s of the budget left) $(date -u +%T)"
-    echo "===== $name ($size shapes) =====" >>"$log"
+    run=$(mktemp /tmp/effkern_sanitize_XXXX.log)
     t0=$(date +%s)
-    if PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 15 "$t" "$san" --tool "$name" --error-exitcode 99 \
-        --print-limit 30 "$PY" "$script" "$size" >>"$log" 2>&1; then rc=0; else rc=$?; fi
-    if ((rc == 0)); then
-        status=PASS
-    elif grep -q -E "Device not supported|Unable to find injection library|not supported on this" "$log"; then
+    if EFFKERN_SANITIZE_SMALL=$small PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 15 "$t" \
+        "$san" --tool "$name" --error-exitcode 99 --print-limit 30 \
+        "$PY" -m pytest tests/test_cuda_*.py -m cuda -k sanitizer_smoke -v -rs -p no:cacheprovider \
+        >"$run" 2>&1; then rc=0; else rc=$?; fi
+    { echo "===== $name (EFFKERN_SANITIZE_SMALL=$small) ====="; cat "$run"; } >>"$log"
+    for k in $kernels; do
+        if grep -q -E "test_cuda_sanitizer_smoke\[$k\] PASSED" "$run"; then
+            :
+        elif grep -q -E "test_cuda_sanitizer_smoke\[$k\] SKIPPED" "$run"; then
+            skipped+=("$k")
+        else
+            missing+=("$k")
+        fi
+    done
+    if grep -q -E "Device not supported|Unable to find injection library|not supported on this" "$run"; then
         status="SKIP (compute-sanitizer cannot use this device)"
-    elif ((rc == 3)); then
-        status="SKIP (no CUDA op ran: the cuda backend is unavailable)"
     elif ((rc == 124 || rc == 137)); then
         status="TIMEOUT (${t}s)"
     elif ((rc == 99)); then
         status="FAIL (sanitizer errors)"
-    else
+    elif ((rc != 0)); then
         status="FAIL (rc=$rc)"
+    elif ((${#skipped[@]} > 0 && ${#missing[@]} == 0)) && ! grep -q " PASSED" "$run"; then
+        status="SKIP (the CUDA tests skipped: no GPU or no CUDA library)"
+    elif ((${#missing[@]} + ${#skipped[@]} > 0)); then
+        status="FAIL (not driven: ${missing[*]} ${skipped[*]})"
+    else
+        status=PASS
     fi
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize:" "$log" | tail -n 4 | sed 's/^/   | /' || true
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^FAILED| in [0-9.]+s" "$run" | tail -n 4 | sed 's/^/   | /' || true
+    rm -f "$run"
     record "$name" "$status" $(($(date +%s) - t0)) "sanitizer.log"
-}
-
-write_sanitizer_script() {
-    cat >"$1" <<'EOF'
-# The CUDA ops on a few shapes, long rows included, each compared with the torch reference.
-import sys
-import torch
-import effkern
-from effkern.ops import int_gelu, int_layernorm, int_softmax
-
-small = len(sys.argv) > 1 and sys.argv[1] == "small"
-shapes = [(3, 197), (2, 785), (2, 4099)] if small else [(1, 1), (3, 197), (5, 785), (2, 1000), (3, 4099), (2, 16385), (1, 65537)]
-gen = torch.Generator(device="cuda").manual_seed(0)
-ran = bad = declined = 0
-
-
-def check(name, fn, *args, **kwargs):
-    global ran, bad, declined
-    try:
-        with effkern.backend("cuda"):
-            y = fn(*args, **kwargs)[0]
-    except effkern.BackendNotSupported as e:
-        declined += 1
-        print(f"sanitize: {name}: cuda declined: {str(e).strip().splitlines()[-1].strip()}")
-        return
-    torch.cuda.synchronize()
-    with effkern.backend("torch"):
-        r = fn(*args, **kwargs)[0]
-    ran += 1
-    if not torch.equal(y, r):
-        bad += 1
-        print(f"sanitize: {name}: MISMATCH vs reference ({int((y != r).sum())} elements)")
-
-
-for rows, c in shapes:
-    w = 1.0 + 0.1 * torch.randn(c, device="cuda", generator=gen)
-    b = 0.1 * torch.randn(c, device="cuda", generator=gen)
-    for dt, s_soft, s_gelu in ((torch.int8, 0.08, 0.05), (torch.int16, 0.0005, 0.001)):
-        info = torch.iinfo(dt)
-        x = torch.randint(info.min, info.max + 1, (rows, c), dtype=dt, device="cuda", generator=gen)
-        tag = f"{str(dt)[6:]} {rows}x{c}"
-        check(f"int_softmax {tag}", int_softmax, x, s_soft)
-        check(f"int_softmax out16 {tag}", int_softmax, x, s_soft, out_bits=16)
-        check(f"int_gelu {tag}", int_gelu, x, s_gelu)
-        check(f"int_layernorm {tag}", int_layernorm, x, w, b)
-
-# The token gather/scatter pair: every vector width (C), both index dtypes, out-of-range indices
-# (validate=False: gathered as zero rows, scattered nowhere) and repeated ones (reduce="add").
-from effkern.ops import token_gather, token_scatter  # noqa: E402
-
-for b_, n_ in ((2, 197), (1, 785)) if small else ((1, 1), (2, 197), (3, 785), (64, 197)):
-    for c in (1024, 384, 67, 3):
-        for dt in (torch.bfloat16, torch.float16, torch.float32):
-            x = torch.randn(b_, n_, c, device="cuda", generator=gen).to(dt)
-            k = max(1, int(0.7 * n_))
-            idx = torch.randint(-3, n_ + 3, (b_, k), device="cuda", generator=gen)
-            y = torch.randn(b_, k, c, device="cuda", generator=gen).to(dt)
-            tag = f"{str(dt)[6:]} {b_}x{n_}x{c}"
-            wrap = lambda f: (lambda *a, **kw: (f(*a, **kw),))  # noqa: E731  (check() compares [0])
-            for i in (idx, idx.int()):
-                check(f"token_gather {tag} {str(i.dtype)[6:]}", wrap(token_gather), x, i, validate=False)
-            check(f"token_scatter replace {tag}", wrap(token_scatter), x, y, idx, validate=False)
-            # unique targets for "add": sums of repeats may be ordered differently by the torch
-            # backend's atomics on the GPU, while x + y rounded once is the same everywhere
-            uniq = torch.stack([torch.randperm(n_, device="cuda", generator=gen)[:k] for _ in range(b_)])
-            check(f"token_scatter add {tag}", wrap(token_scatter), x, y, uniq, reduce="add", validate=False)
-torch.cuda.synchronize()
-print(f"sanitize: {ran} CUDA-op calls checked, {bad} mismatches, {declined} declined by the cuda backend")
-sys.exit(1 if bad else 3 if ran == 0 else 0)
-EOF
 }
 
 summary() {
@@ -326,7 +280,7 @@ summary() {
     grep -E "^(SKIPPED|FAILED|ERROR)" "$OUTDIR/tests.log" 2>/dev/null | cut -c1-160 | head -n 10 || true
     tail -n 1 "$OUTDIR/tests.log" 2>/dev/null || true
     echo "-- sanitizer:"
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize: [0-9]|MISMATCH" "$OUTDIR/sanitizer.log" 2>/dev/null | head -n 8 || true
+    grep -E "^=====|ERROR SUMMARY|RACECHECK SUMMARY|^FAILED| in [0-9.]+s" "$OUTDIR/sanitizer.log" 2>/dev/null | head -n 10 || true
     echo "-- pytest bench:"
     for fam in "${FAMILIES[@]}"; do
         tail -n 1 "$OUTDIR/pytest_bench_$fam.log" 2>/dev/null || true

@@ -1,0 +1,157 @@
+"""Every CUDA kernel of the op registry on a few small cases: the tests scripts/gpu_check.sh runs
+under compute-sanitizer (memcheck, then racecheck with EFFKERN_SANITIZE_SMALL=1).
+
+The kernels come from ``effkern._dispatch.OPS`` (each dispatcher with a cuda implementation),
+never from a hand list: each is called through its cuda implementation with the canonical
+kernel arguments (the torch reference's signature) and compared with the torch reference (bit
+for bit, on the same GPU tensors; binary attention: against float64 on the CPU). A new CUDA kernel without cases here fails ``test_every_cuda_kernel_has_cases`` on
+CPU, so the sanitizer step can never silently skip it. Cases cover every kernel instantiation:
+the integer kernels' register and looped row paths, every vector width of the token kernels
+with out-of-range and repeated indices, every head dim, form and dtype of binary attention.
+"""
+
+import os
+
+import pytest
+import torch
+
+from effkern.ops.tokens import scatter_plan
+from tests.cuda_lib_helpers import case_id, cuda_kernels, require_cuda
+from tests.test_cuda_binary_hash import check_close
+from tests.test_cuda_binary_hash import make_inputs as make_binary_inputs
+from tests.test_cuda_tokens import assert_bits_equal, make_idx, make_x
+
+SMALL = os.environ.get("EFFKERN_SANITIZE_SMALL", "") not in ("", "0")
+INT_RANGE = {torch.int8: (-128, 127), torch.int16: (-(2**15), 2**15 - 1), torch.int32: (-(2**31), 2**31 - 1)}
+
+
+def _exact(got, ref, what):
+    assert got.dtype == ref.dtype and got.shape == ref.shape, what
+    if got.is_floating_point():
+        assert_bits_equal(got, ref, what)
+    else:
+        assert torch.equal(got, ref), what
+
+
+# --------------------------------------------------------------------------------------------
+# cases: kernel name -> builder(gen) yielding (kernel arguments on the CPU, compare, label);
+# compare(got, args, ref_fn, label) checks the cuda result got of the arguments args (on the GPU)
+# --------------------------------------------------------------------------------------------
+
+
+def _against_reference(got, args, ref_fn, what):
+    _exact(got, ref_fn(*args), what)
+
+
+def _int_rows(gen, dtypes):
+    shapes = [(3, 197), (2, 785), (2, 4099)] if SMALL else [(1, 1), (3, 197), (5, 785), (2, 1000), (3, 4099),
+                                                           (2, 16385), (1, 65537)]
+    for rows, c in shapes:  # register paths (<= 1024, <= 4096) and the looped path
+        for dt in dtypes:
+            lo, hi = INT_RANGE[dt]
+            yield torch.randint(lo, hi + 1, (rows, c), generator=gen).to(dt), f"{case_id(dt)} {rows}x{c}"
+
+
+def int_softmax_cases(gen):
+    for x, tag in _int_rows(gen, (torch.int8, torch.int16, torch.int32)):
+        for x0, n, out_bits in ((-10, 15, 8), (-3, 15, 16)):
+            yield (x, x0, n, out_bits), _against_reference, f"{tag} x0={x0} n={n} out_bits={out_bits}"
+
+
+def int_gelu_cases(gen):
+    for x, tag in _int_rows(gen, (torch.int8, torch.int16)):
+        for x0, n, out_bits in ((-6, 23, 8), (-1, 23, 16)):
+            yield (x, x0, n, out_bits), _against_reference, f"{tag} x0={x0} n={n} out_bits={out_bits}"
+
+
+def int_layernorm_cases(gen):
+    for x, tag in _int_rows(gen, (torch.int8, torch.int16)):
+        bias = torch.randint(-(2**30), 2**30 + 1, (x.shape[1],), generator=gen).to(torch.int32)
+        yield (x, bias, 10), _against_reference, tag
+
+
+def _token_shapes():
+    return ((2, 197), (1, 785)) if SMALL else ((1, 1), (2, 197), (3, 785), (64, 197))
+
+
+# rows of 1024 / 384 / 67 / 3 elements: 16-, 8-, 4- (or 2-) byte vectors in every dtype
+TOKEN_CS = (1024, 384, 67, 3)
+FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def token_gather_cases(gen):
+    for b, n in _token_shapes():
+        for c in TOKEN_CS:
+            for dt in FLOATS:
+                x = make_x(gen, (b, n, c), dt)
+                for idx_dt in (torch.int64, torch.int32):  # out-of-range and repeated indices
+                    idx = make_idx(gen, b, n, max(1, int(0.7 * n)), "repeats_oob", idx_dt)
+                    yield (x, idx), _against_reference, f"{case_id(dt)} {b}x{n}x{c} idx {case_id(idx_dt)}"
+
+
+def token_scatter_cases(gen):
+    for b, n in _token_shapes():
+        for c in TOKEN_CS:
+            for dt in FLOATS:
+                x = make_x(gen, (b, n, c), dt)
+                k = max(1, int(0.7 * n))
+                y = make_x(gen, (b, k, c), dt)
+                tag = f"{case_id(dt)} {b}x{n}x{c}"
+                idx = make_idx(gen, b, n, k, "repeats_oob", torch.int64)
+                yield (x, y, idx, *scatter_plan(idx, n), False), _against_reference, f"replace {tag}"
+                # unique targets for "add": x + y rounded once, the same in any summation order
+                uniq = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(b)])
+                yield (x, y, uniq, *scatter_plan(uniq, n), True), _against_reference, f"add {tag}"
+
+
+def binary_attention_cases(gen):
+    def compare(got, args, ref_fn, what):
+        v, q, k, nbits, form = args
+        check_close(got, v, q, k, nbits, form, what)
+
+    b, h, n = (1, 2, 197) if SMALL else (2, 3, 197)
+    for form in ("ecoformer", "shiftadd"):
+        for d in (32, 64, 128):
+            for i, dt in enumerate(FLOATS):
+                nbits = (16, 33, 64)[i]  # one, two (a padded one) and two full code words
+                v, q, k = make_binary_inputs(gen, b, h, n, d, nbits, dt)
+                yield (v, q, k, nbits, form), compare, f"{form} d={d} nbits={nbits} {case_id(dt)}"
+
+
+CASES = {
+    "int_softmax": int_softmax_cases,
+    "int_gelu": int_gelu_cases,
+    "int_layernorm": int_layernorm_cases,
+    "token_gather": token_gather_cases,
+    "token_scatter": token_scatter_cases,
+    "binary_attention": binary_attention_cases,
+}
+
+
+def test_every_cuda_kernel_has_cases():
+    """The registry's CUDA kernels and the kernels with sanitizer cases are the same set."""
+    assert sorted(CASES) == sorted(cuda_kernels())
+
+
+def _poison_like(t):
+    """Fill the allocator block of an output-sized tensor with garbage before the kernel runs."""
+    torch.empty(max(t.numel() * t.element_size(), 1), dtype=torch.uint8, device="cuda").fill_(0x5B)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", sorted(cuda_kernels()))
+def test_cuda_sanitizer_smoke(kernel, gen):
+    require_cuda()
+    from effkern import _dispatch
+
+    assert kernel in CASES, f"{kernel}: no sanitizer cases (add a builder to tests/test_cuda_sanitize.py)"
+    impls = _dispatch.OPS[kernel].impls
+    ran = 0
+    for args, compare, what in CASES[kernel](gen):
+        on_gpu = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        _poison_like(on_gpu[0])
+        got = impls["cuda"].fn(*on_gpu)
+        torch.cuda.synchronize()
+        compare(got, on_gpu, impls["torch"].fn, f"{kernel} {what}")
+        ran += 1
+    assert ran, kernel
