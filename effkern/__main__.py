@@ -1,6 +1,9 @@
 """effkern's command line.
 
     python -m effkern info                 what is built and which backend can run each op
+    python -m effkern ops [--backend B] [--family F]
+                                           the registered ops, one per line (for scripts:
+                                           scripts/gpu_check.sh reads its CUDA op list here)
     python -m effkern bench FAMILY [...]   benchmark a kernel family (bench/FAMILY.py: integer, tokens,
                                            binary_hash; without a GPU: the correctness self-check)
 """
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 
 import effkern
-from effkern import _cuda_lib, _dispatch
+from effkern import _cuda_lib, _dispatch, _registry
 
 
 def _version(module: str) -> str:
@@ -44,17 +47,44 @@ def info_text() -> str:
     lines.append(f"forced backends (EFFKERN_BACKEND): {','.join(forced) if forced else 'none (auto)'}")
     lines.append("")
     lines.append(f"ops on {device.type} tensors (auto order: {', '.join(_dispatch._PRIORITY.get(device.type, ()))}):")
-    width = max(len(name) for name in _dispatch.OPS)
-    for name, op in sorted(_dispatch.OPS.items()):
-        for i, (backend, reasons) in enumerate(op.environment_reasons(device).items()):
-            if reasons is None:
-                status = "-  (not implemented)"
-            elif reasons:
-                status = "unavailable: " + "; ".join(reasons)
-            else:
-                status = "available"
-            lines.append(f"  {name if i == 0 else '':<{width}}  {backend:<7} {status}")
+    width = max(len(name) for name in _registry.OPS)
+    for family in _registry.families():
+        lines.append(f" {family}")
+        for name, op in sorted(_registry.OPS.items()):
+            if op.family != family or op.kernels is None:
+                continue
+            label = name if op.public else f"{name} (internal)"
+            for i, (backend, reasons) in enumerate(op.kernels.environment_reasons(device).items()):
+                if reasons is None:
+                    status = "-  (not implemented)"
+                elif reasons:
+                    status = "unavailable: " + "; ".join(reasons)
+                else:
+                    status = "available"
+                lines.append(f"  {label if i == 0 else '':<{width + 11}}  {backend:<7} {status}")
     return "\n".join(lines)
+
+
+def _ops(argv: list[str]) -> int:
+    """``python -m effkern ops``: the registered ops (internal ones too), one per line."""
+    parser = argparse.ArgumentParser(prog="python -m effkern ops")
+    parser.add_argument("--backend", choices=_dispatch.BACKENDS, help="only ops with a kernel on this backend")
+    parser.add_argument("--family", choices=_registry.families(), help="only this family's ops")
+    parser.add_argument("--cuda-ops", action="store_true",
+                        help="print the torch.ops.effkern.cuda_* ops the CUDA kernels call instead")
+    args = parser.parse_args(argv)
+    for name, op in sorted(_registry.OPS.items()):
+        if args.family and op.family != args.family:
+            continue
+        if args.backend and args.backend not in op.backends:
+            continue
+        if args.cuda_ops:
+            impl = op.kernels.impls.get("cuda") if op.kernels else None
+            if impl is not None:
+                print(impl.cuda_op)
+        else:
+            print(name)
+    return 0
 
 
 def _bench(argv: list[str]) -> int:
@@ -73,13 +103,20 @@ def _bench(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The subcommands parse their own options (and their own --help).
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    if argv[:1] == ["ops"]:
+        return _ops(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m effkern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["info", "bench"])
+    parser.add_argument("command", choices=["info", "ops", "bench"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         print(info_text())
         return 0
+    if args.command == "ops":
+        return _ops(rest)
     return _bench(rest)
 
 
