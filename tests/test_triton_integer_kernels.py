@@ -154,6 +154,8 @@ def test_softmax_rejects_bad_arguments():
         tri.int_softmax_rows(x[0], -1, 15, 8)
     with pytest.raises(ValueError, match="block"):
         tri.int_softmax_rows(x, -1, 15, 8, block=24)
+    with pytest.raises(ValueError, match="out_bits must be 8 or 16"):  # the op's limit, not another
+        tri.int_softmax_rows(x, -1, 15, 12)
 
 
 # --------------------------------------------------------------------------------------------

@@ -387,7 +387,8 @@ def int_softmax_rows(x: Tensor, x0: int, n: int, out_bits: int, *, block: int | 
     """Shiftmax over each row of the 2-D int8/int16/int32 tensor x (ref_int_softmax_rows)."""
     op = "int_softmax_rows"
     x = _check_rows(op, x, (torch.int8, torch.int16, torch.int32))
-    _check_int(op, "out_bits", out_bits, 1, 32)
+    if out_bits not in (8, 16):  # the op's limit: the output dtype is int8 or int16
+        raise ValueError(f"{op}: out_bits must be 8 or 16, got {out_bits!r}")
     nx0, div32 = _shift_exp_args(op, x0, n)
     if -x0 * 2**n > INT32_MAX:
         raise ValueError(f"{op}: -x0 * 2^n = {-x0 * 2**n} exceeds 2^31 - 1 (the exp terms would overflow)")
@@ -407,7 +408,7 @@ def int_gelu_rows(x: Tensor, x0: int, n: int, out_bits: int, *, block: int | Non
     """ShiftGELU over each row of the 2-D int8/int16 tensor x (ref_int_gelu_rows); int32 out."""
     op = "int_gelu_rows"
     x = _check_rows(op, x, (torch.int8, torch.int16))
-    _check_int(op, "out_bits", out_bits, 1, 32)
+    _check_int(op, "out_bits", out_bits, 2, 16)  # the op's limit
     nx0, div32 = _shift_exp_args(op, x0, n)
     # Keeps every exp term (and shiftexp(-max), whose shift exceeds n) inside int64; the op's
     # own check (I * sigmoid within int32) is stricter: -x0 * 2^n < 2^54.
