@@ -554,3 +554,202 @@ def test_other_argument_errors(gen):
         unmerge_tokens(plan, randn(gen, 2, 9, 4))
     with pytest.raises(ValueError, match="weights must be"):
         fuse_tokens(randn(gen, 2, 9, 4), torch.rand(2, 8, device=DEVICE), torch.zeros(2, 1, dtype=torch.int64, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------------
+# defects found by fuzzing (issue 8): each test failed before its fix
+# --------------------------------------------------------------------------------------------
+
+
+def _storages(tensors) -> list[int]:
+    return [t.untyped_storage().data_ptr() for t in tensors if t.numel()]
+
+
+@pytest.mark.parametrize("backend", op_backends("bipartite_matching"))
+@pytest.mark.parametrize("n,r", [(9, 0), (2, 3), (1, 1), (9, 2)])
+def test_bipartite_matching_outputs_never_alias(gen, backend, n, r):
+    """r = 0 or N too small at batch size 1 used to return views of one arange (torch.library's
+    output-aliasing error); every plan tensor is now fresh."""
+    metric = randn(gen, 1, n, 4)
+    with use("bipartite_matching", backend):
+        plan = bipartite_matching(metric, r)
+    ptrs = _storages(plan)
+    assert len(set(ptrs)) == len(ptrs) and metric.untyped_storage().data_ptr() not in ptrs
+    assert all(t.is_contiguous() for t in plan)
+    if r == 0:
+        assert torch.equal(plan.dest, torch.arange(n, device=DEVICE)[None]) and plan.num_merged == 0
+
+
+@pytest.mark.parametrize("backend", op_backends("bipartite_matching"))
+def test_bipartite_matching_huge_and_non_finite_metrics(gen, backend):
+    """Huge finite metric values are normalised without overflow (the plan of 1e20 * m is the
+    plan of m on every backend); non-finite values raise ValueError (validate=True), and with
+    validate=False the class token is still never merged."""
+    metric = randn(gen, 2, 17, 8)
+    with use("bipartite_matching", backend):
+        plain = bipartite_matching(metric, 6)
+        huge = bipartite_matching(metric * 1e20, 6)
+        huger = bipartite_matching(metric * 3e37, 6)
+    for a, b, c in zip(plain, huge, huger):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    bad = metric.clone()
+    bad[0, 3, 1] = math.nan
+    bad[1, 5, 0] = math.inf
+    with effkern.backend(backend):
+        with pytest.raises(ValueError, match="bipartite_matching: metric must be finite"):
+            bipartite_matching(bad, 6)
+        for values in (bad, torch.full_like(metric, math.nan), torch.full_like(metric, math.inf)):
+            plan = bipartite_matching(values, 8, validate=False)  # r capped at 8 of 17
+            assert plan.num_merged == 8
+            assert bool((plan.unm_idx[:, 0] == 0).all()) and bool((plan.dest[:, 0] == 0).all())
+            assert not bool((plan.src_idx == 0).any())
+
+
+@pytest.mark.parametrize("backend", op_backends("masked_softmax"))
+@pytest.mark.parametrize("eps", [0.0, 1e-6, 0.5])
+def test_masked_softmax_rows_without_weight_are_uniform(gen, backend, eps):
+    """A fully masked (-inf) row, or (eps = 0) a row whose kept keys are all -inf, used to give
+    NaN on the torch backend and 1/N (or NaN) on Triton; it is the uniform 1/N on every backend,
+    with zero logit gradients and finite policy gradients."""
+    n = 7
+    logits = randn(gen, 2, 3, n, n) * 3
+    logits[0, 1, 2] = -math.inf  # fully masked row
+    logits[1, 0, 4, 4:] = -math.inf  # the query itself and the keys after it
+    policy = torch.rand(2, n, generator=gen).to(DEVICE)
+    policy[1, :4] = 0  # batch 1: only keys 4.. kept, all -inf in row (0, 4)
+    logits = logits.requires_grad_(True)
+    policy = policy.requires_grad_(True)
+    grad = randn(gen, 2, 3, n, n)
+    with use("masked_softmax", backend), effkern.backend(backend):
+        out = masked_softmax(logits, policy, eps=eps)
+        d_logits, d_policy = torch.autograd.grad(out, (logits, policy), grad)
+    uniform = torch.full((n,), 1 / n, device=DEVICE)
+    assert torch.equal(out[0, 1, 2], uniform) and torch.equal(out[1, 0, 4], uniform)
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(d_logits).all()) and bool(torch.isfinite(d_policy).all())
+    assert not d_logits[0, 1, 2].any() and not d_logits[1, 0, 4].any()
+    with effkern.backend("torch"):
+        e_out = masked_softmax(logits, policy, eps=eps)
+        e_logits, e_policy = torch.autograd.grad(e_out, (logits, policy), grad)
+    torch.testing.assert_close(out, e_out)
+    torch.testing.assert_close(d_logits, e_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d_policy, e_policy, rtol=1e-4, atol=1e-5)
+    # elsewhere: DynamicViT's formula
+    keep = torch.ones(2, 3, n, dtype=torch.bool, device=DEVICE)
+    keep[0, 1, 2] = keep[1, 0, 4] = False
+    expected = pub.softmax_with_policy(logits.detach().double(), policy.detach().double()[:, :, None], eps=eps)
+    torch.testing.assert_close(out.detach().double()[keep], expected[keep], rtol=1e-5, atol=1e-6)
+
+
+def test_cls_attention_head_dim_zero_raises_value_error(gen):
+    with pytest.raises(ValueError, match="cls_attention: the head dim d must be >= 1"):
+        cls_attention(randn(gen, 2, 3, 0), randn(gen, 2, 3, 9, 0))
+    with pytest.raises(ValueError, match="head dim"):
+        cls_attention(randn(gen, 2, 3, 0), randn(gen, 2, 3, 9, 0), scale=1.0)
+
+
+def test_integer_arguments_refuse_bools(gen):
+    with pytest.raises(ValueError, match="topk_tokens: k must be an integer, got True"):
+        topk_tokens(randn(gen, 2, 5), True)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        topk_tokens(randn(gen, 2, 5), False)
+    with pytest.raises(ValueError, match="bipartite_matching: r must be an integer, got True"):
+        bipartite_matching(randn(gen, 2, 9, 4), True)
+
+
+@pytest.mark.parametrize("backend", op_backends("merge_tokens"))
+def test_merge_tokens_refuses_hand_edited_plans(gen, backend):
+    """A hand-edited plan used to make the Triton merge loop for minutes (starts = 2^40); plans
+    are validated (ValueError naming the tensor), and with validate=False every backend stays in
+    bounds and loops at most N steps."""
+    require_backend("merge_tokens", backend)
+    plan = bipartite_matching(randn(gen, 2, 9, 4), 3)
+    x = randn(gen, 2, 9, 5)
+
+    def edited(field, fn):
+        t = getattr(plan, field).clone()
+        fn(t)
+        return plan._replace(**{field: t})
+
+    def set_(b, i, v):
+        def fn(t):
+            t[b, i] = v
+        return fn
+
+    bad = {
+        "plan.starts must rise strictly": [edited("starts", set_(0, 1, 2**40)), edited("starts", set_(1, 2, -5)),
+                                           edited("starts", set_(0, 0, 1))],
+        "plan.sources must list every token": [edited("sources", set_(0, 0, 9)), edited("sources", set_(1, 1, 0))],
+        r"plan.dest must lie in \[0, 6\)": [edited("dest", set_(1, 4, 6))],
+        "plan.dest disagrees": [edited("dest", lambda t: t[0].copy_(t[0].flip(0)))],
+    }
+    for match, plans in bad.items():
+        for p in plans:
+            with effkern.backend("torch"), pytest.raises(ValueError, match=match):
+                merge_tokens(p, x)
+            with effkern.backend(backend), pytest.raises(ValueError, match=match):
+                merge_tokens(p, x)
+            with effkern.backend(backend):
+                merge_tokens(p, x, validate=False)  # returns: no hang, no out-of-bounds access
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fake_strides_equal_real_strides(gen, backend):
+    """token_scatter(reduce="add") used to return a strided view of its scratch buffer on the
+    torch backend while the fake promised a contiguous tensor; every output now has exactly
+    the fake's strides (batch size 1 included, where a size-1 dim hides odd strides)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    require_backend("token_scatter", backend, "cpu")
+    g = torch.Generator().manual_seed(6)
+    x1 = torch.randn(1, 9, 5, generator=g).transpose(1, 2).transpose(1, 2)
+    plan = bipartite_matching(torch.randn(1, 9, 4, generator=g), 0)
+    calls = [
+        ("token_scatter", (x1, torch.randn(1, 3, 5, generator=g), torch.tensor([[1, 1, 4]]), "add", True)),
+        ("token_scatter", (torch.randn(2, 9, 5, generator=g), torch.randn(2, 3, 5, generator=g),
+                           torch.tensor([[1, 1, 4], [0, 2, 2]]), "add", True)),
+        ("token_gather", (torch.randn(1, 9, generator=g), torch.tensor([[1, 1, 4]]), True)),
+        ("merge_tokens", (torch.randn(1, 9, 3, generator=g), None, plan.dest, plan.sources, plan.starts, True)),
+        ("bipartite_matching", (torch.randn(1, 9, 4, generator=g), 0, True, True)),
+        ("cls_attention_backward", (torch.randn(1, 9, generator=g), torch.randn(1, 2, 3, generator=g),
+                                    torch.randn(1, 2, 9, 3, generator=g), 0.5, True)),
+    ]
+    for name, args in calls:
+        op = getattr(torch.ops.effkern, name)
+        mode = FakeTensorMode()
+        with mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        with effkern.backend(backend, "torch"):
+            real = op(*args)
+        for f, r in zip(fake if isinstance(fake, tuple) else (fake,), real if isinstance(real, tuple) else (real,)):
+            assert f.shape == r.shape and f.stride() == r.stride(), (name, f.shape, f.stride(), r.stride())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inductor_trains_through_token_gather_and_scatter(backend):
+    """EViT / IdleViT steps compiled by inductor, forward and backward, on timm's permuted
+    (non-contiguous) activations: used to crash on token_scatter(reduce="add")'s strides."""
+    require_backend("token_gather", backend, "cpu")
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(2, 9, 3, 6, generator=g).permute(2, 0, 1, 3)  # [3, B, N, C] views
+    x, w = qkv[0].clone().requires_grad_(True), torch.rand(2, 9, generator=g).requires_grad_(True)
+    keep = torch.tensor([[0, 3, 5, 8], [0, 1, 2, 7]])
+    drop = torch.tensor([[1, 2, 4, 6, 7], [3, 4, 5, 6, 8]])
+
+    def step(x, w):
+        v = x.transpose(1, 2).transpose(1, 2) * 2  # a strided activation
+        kept = token_gather(v, keep, validate=False)
+        fused = fuse_tokens(v, w, drop, validate=False)
+        idle = token_scatter(v, kept * 3, keep, validate=False)  # IdleViT: kept rows updated
+        added = token_scatter(v, kept, keep, reduce="add", validate=False)
+        return (kept.square().sum() + fused.sum() + (idle * idle.detach()).sum() + added.sum()), kept
+
+    with effkern.backend(backend, "torch"):
+        (loss, kept) = step(x, w)
+        expected = torch.autograd.grad(loss, (x, w))
+        compiled = torch.compile(step, backend="inductor", fullgraph=True)
+        (c_loss, c_kept) = compiled(x, w)
+        got = torch.autograd.grad(c_loss, (x, w))
+    torch.testing.assert_close(c_loss, loss)
+    torch.testing.assert_close(c_kept, kept)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

@@ -179,6 +179,30 @@ def test_masked_softmax_empty(shape, gen):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("eps", EPS)
+def test_masked_softmax_rows_without_weight(block, eps, gen):
+    """Rows whose A sums to 0 (all logits -inf; or, with a dropped-key policy, every kept key
+    -inf) are the uniform 1/N with zero logit gradients, in one pass and in chunks (block = 16,
+    N = 37: three chunks), as the torch primitive (it used to give NaN there)."""
+    b, h, n = 2, 2, 37
+    logits = randn((b, h, n, n), gen, std=3.0)
+    logits[0, 1, 5] = -math.inf
+    logits[1, 0, 30] = -math.inf
+    logits[1, 1, 7, 7:] = -math.inf  # the query and every key after it
+    policy = _policy("fractional", b, n, gen)
+    policy[1, :7] = 0
+    _check_masked_softmax(logits, policy, eps, gen, block=block)
+    out = run(tri.masked_softmax_fwd, logits, policy, eps, block=block)
+    uniform = torch.full((n,), 1 / n, device=DEVICE)
+    for row in ((0, 1, 5), (1, 0, 30), (1, 1, 7)):
+        assert torch.equal(out[row], uniform), row
+    d_logits, d_policy = run(tri.masked_softmax_bwd, randn(logits.shape, gen), logits, policy, eps, block=block)
+    assert bool(torch.isfinite(d_logits).all()) and bool(torch.isfinite(d_policy).all())
+    for row in ((0, 1, 5), (1, 0, 30), (1, 1, 7)):
+        assert not d_logits[row].any(), row
+
+
 # --------------------------------------------------------------------------------------------
 # tome_match
 # --------------------------------------------------------------------------------------------
@@ -249,3 +273,21 @@ def test_tome_match_empty_batch():
     node_max, node_idx = run(tri.tome_match, torch.zeros((0, 7, 16), device=DEVICE), True)
     assert node_max.shape == (0, 4) and node_max.dtype == torch.float32
     assert node_idx.shape == (0, 4) and node_idx.dtype == torch.int64
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tome_match_huge_and_tiny_rows(dtype, class_token, gen):
+    """Rows scaled by 2^-10 .. 2^124 (squares far beyond float32) score as the unscaled rows do:
+    each row is scaled by a power of two before its norm is taken (the squares of |x| ~ 1e20
+    used to overflow to inf, and inf * 0 to NaN scores). Rows below the 1e-12 norm clamp are
+    not unit rows (F.normalize's semantics); none is drawn here."""
+    b, n, c = 2, 37, 40  # C = 40: two metric chunks
+    base = randn((b, n, c), gen, dtype)
+    exps = torch.randint(-10, 125, (b, n, 1), generator=gen).double().to(DEVICE)
+    metric = (base.double() * 2.0**exps).to(dtype)  # exact: powers of two
+    _check_tome(metric, class_token)
+    node_max, node_idx = run(tri.tome_match, metric, class_token)
+    b_max, b_idx = run(tri.tome_match, base, class_token)
+    torch.testing.assert_close(node_max, b_max, rtol=1e-5, atol=1e-6)
+    assert bool(torch.isfinite(node_max[:, int(class_token):]).all())

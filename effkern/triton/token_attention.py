@@ -34,12 +34,16 @@ Kernels.
   row-max term uses the closed form -sum_j dL/dA_j A_j = eps (S_g S_A / N - G_A) / z^2
   (G_A = sum g A, S_A = sum A, S_g = sum g, z = S_A + eps), exact algebra that avoids the
   cancellation of O(|g|) terms in the direct sum (the term itself is O(eps)).
-* ``tome_match``: one program per (b, block of a-rows) loops over blocks of b-rows, and for each
-  over chunks of :data:`TOME_BLOCK_C` metric columns: ``tl.dot`` in IEEE fp32 (tf32 would
-  reorder close scores) of the raw rows, plus the b-rows' sums of squares; the cosine score is
-  the dot times both inverse norms (1 / max(||x||, 1e-12), torch's clamp), then a running max
-  and first argmax. The [ceil(N/2), N/2] score matrix never exists in memory. fp32 dots run on
-  FMA units, which hold operand rows per thread: C chunks keep them from spilling.
+* ``tome_match``: ``_tome_row_scale_kernel`` first gives every metric row a power-of-two scale
+  2^-e (its largest |x| = f 2^e, f in [0.5, 1)) and the inverse norm of the scaled row
+  1 / max(||x 2^-e||, 1e-12 2^-e) (torch's clamp, scaled): exact scaling, so the scores equal
+  the plain formula's wherever that does not overflow, and huge finite values (|x| ~ 1e20,
+  whose squares overflow float32) still give cosines. Then one program per (b, block of
+  a-rows) loops over blocks of b-rows, and for each over chunks of :data:`TOME_BLOCK_C` metric
+  columns: ``tl.dot`` in IEEE fp32 (tf32 would reorder close scores) of the scaled rows; the
+  cosine score is the dot times both inverse norms, then a running max and first argmax. The
+  [ceil(N/2), N/2] score matrix never exists in memory. fp32 dots run on FMA units, which hold
+  operand rows per thread: C chunks keep them from spilling.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from effkern._common import NORM_EPS
 
 # Row kernels of masked_softmax: the longest row kept in registers in one pass (longer rows are
 # chunked by this much), and the elements a program aims to own when it packs short rows.
@@ -65,7 +71,8 @@ STAT_BLOCK = 16
 TOME_BLOCK_C = 32
 
 # Constants used inside kernels must be tl.constexpr globals (compiled Triton rejects others).
-_NORM_EPS = tl.constexpr(1e-12)  # effkern.ops.tokens.NORM_EPS
+_NORM_EPS = tl.constexpr(NORM_EPS)
+_SCALE_EXP_LIMIT = tl.constexpr(125)  # effkern.ops.tokens.row_scale's clamp for float32
 _NO_INDEX = tl.constexpr(2147483647)  # larger than any column index: "not a maximum"
 
 
@@ -266,7 +273,15 @@ def _policy_gate(p_ptr, pbase, diag, c, mask):
 
 
 @triton.jit
-def _masked_softmax_fwd_kernel(x_ptr, p_ptr, y_ptr, R, N, HN, eps, eps_n,
+def _masked_softmax_out(big_a, sa, eps, eps_n, inv_n, row_mask):
+    """(A + eps / N) / (S_A + eps), and 1/N for rows without weight (S_A = 0; see
+    effkern.ops.tokens.masked_softmax). Padding rows and weightless rows divide by 1: no 0 / 0."""
+    z = tl.where(row_mask & (sa + eps > 0), sa + eps, 1.0)
+    return tl.where(sa == 0, inv_n, (big_a + eps_n) / z)
+
+
+@triton.jit
+def _masked_softmax_fwd_kernel(x_ptr, p_ptr, y_ptr, R, N, HN, eps, eps_n, inv_n,
                                ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     # ROWS rows of any (b, h) per program; row r belongs to batch r // (H N), query i = r % N.
     # Row numbers fit int32 (the host checks R < 2^31; int64 division would be a call per row);
@@ -282,8 +297,9 @@ def _masked_softmax_fwd_kernel(x_ptr, p_ptr, y_ptr, R, N, HN, eps, eps_n,
         a = tl.load(x_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m = _safe_max(tl.max(a, axis=1))[:, None]
         big_a = tl.exp(a - m) * _policy_gate(p_ptr, pbase, diag, cols, mask)
-        z = tl.where(row_mask, tl.sum(big_a, axis=1)[:, None] + eps, 1.0)  # padding rows: no 0 / 0
-        tl.store(y_ptr + base + cols, ((big_a + eps_n) / z).to(y_ptr.dtype.element_ty), mask=mask)
+        sa = tl.sum(big_a, axis=1)[:, None]
+        tl.store(y_ptr + base + cols, _masked_softmax_out(big_a, sa, eps, eps_n, inv_n, row_mask).to(y_ptr.dtype.element_ty),
+                 mask=mask)
     else:
         # Pass 1: online row max and sum of A (rescaled when the max grows).
         m_run = tl.full([ROWS, 1], float("-inf"), tl.float32)
@@ -298,22 +314,23 @@ def _masked_softmax_fwd_kernel(x_ptr, p_ptr, y_ptr, R, N, HN, eps, eps_n,
             sa = sa * tl.exp(m_run - ms) + tl.sum(big_a, axis=1)[:, None]
             m_run = m_new
         m = _safe_max(m_run)
-        z = tl.where(row_mask, sa + eps, 1.0)
         # Pass 2: recompute A and write.
         for start in range(0, N, BLOCK):
             c = start + cols
             mask = row_mask & (c < N)
             a = tl.load(x_ptr + base + c, mask=mask, other=float("-inf")).to(tl.float32)
             big_a = tl.exp(a - m) * _policy_gate(p_ptr, pbase, diag, c, mask)
-            tl.store(y_ptr + base + c, ((big_a + eps_n) / z).to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + base + c, _masked_softmax_out(big_a, sa, eps, eps_n, inv_n, row_mask).to(y_ptr.dtype.element_ty),
+                     mask=mask)
 
 
 @triton.jit
 def _masked_softmax_row_terms(sa, ga, sg, eps, eps_n, row_mask):
     """From S_A = sum A, G_A = sum g A, S_g = sum g of a row: z; c = sum_j g_j out_j; and
     dL/dm = -sum_j dL/dA_j A_j in closed form (see the module docstring). Padding rows get
-    z = 1 (with eps = 0 they would compute 0 / 0, and leak NaN into the policy gradient)."""
-    z = tl.where(row_mask, sa + eps, 1.0)
+    z = 1 (with eps = 0 they would compute 0 / 0, and leak NaN into the policy gradient); a
+    weightless row with eps = 0 (z = 0) gets z = inf: zero gradients, as the torch backend."""
+    z = tl.where(row_mask, tl.where(sa + eps > 0, sa + eps, float("inf")), 1.0)
     c = (ga + eps_n * sg) / z
     d_max = (eps_n * sg * sa - eps * ga) / (z * z)
     return z, c, d_max
@@ -394,45 +411,66 @@ def _masked_softmax_bwd_kernel(g_ptr, x_ptr, p_ptr, dx_ptr, dp_ptr, N, H, NRB, e
 
 
 @triton.jit
-def _inv_norm(sq_sum):
-    """1 / max(||x||, 1e-12) (torch's norm(...).clamp_min) from the sum of squares."""
-    return 1.0 / tl.maximum(tl.sqrt(sq_sum), _NORM_EPS)
+def _tome_row_scale_kernel(x_ptr, scale_ptr, inv_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per metric row: the power-of-two scale 2^-e (max |x| = f 2^e, f in [0.5, 1), e clamped to
+    +-125; effkern.ops.tokens.row_scale) and 1 / max(||x 2^-e||, NORM_EPS 2^-e): the scaled row
+    times it is x / max(||x||, NORM_EPS), without overflow for huge finite values."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = (rows < R)[:, None]
+    base = rows.to(tl.int64)[:, None] * C
+    cc = tl.arange(0, BLOCK_C)[None, :]
+    mx = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        v = tl.load(x_ptr + base + c0 + cc, mask=row_ok & (c0 + cc < C), other=0.0).to(tl.float32)
+        mx = tl.maximum(mx, tl.max(tl.abs(v), axis=1))
+    # frexp's exponent from the float32 bits (a zero or subnormal max clamps to -125)
+    e = ((mx.to(tl.int32, bitcast=True) >> 23) & 255) - 126
+    e = tl.minimum(tl.maximum(e, -_SCALE_EXP_LIMIT), _SCALE_EXP_LIMIT)
+    scale = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    sq = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        v = tl.load(x_ptr + base + c0 + cc, mask=row_ok & (c0 + cc < C), other=0.0).to(tl.float32)
+        v = v * scale[:, None]
+        sq += tl.sum(v * v, axis=1)
+    inv = 1.0 / tl.maximum(tl.sqrt(sq), _NORM_EPS * scale)
+    tl.store(scale_ptr + rows, scale, mask=rows < R)
+    tl.store(inv_ptr + rows, inv, mask=rows < R)
 
 
 @triton.jit
-def _tome_match_kernel(x_ptr, max_ptr, idx_ptr, N, C, TA, TB, NAB,
+def _tome_match_kernel(x_ptr, scale_ptr, inv_ptr, max_ptr, idx_ptr, N, C, TA, TB, NAB,
                        CLASS_TOKEN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
-    xb = x_ptr + (pid // NAB).to(tl.int64) * N * C
+    batch = (pid // NAB).to(tl.int64)
+    xb = x_ptr + batch * N * C
     ia = (pid % NAB) * BLOCK_A + tl.arange(0, BLOCK_A)  # a-row t is metric row 2 t
-    a_mask = (ia < TA)[:, None]
+    a_ok = ia < TA
+    a_mask = a_ok[:, None]
     a_off = (2 * ia).to(tl.int64)[:, None] * C
+    a_scale = tl.load(scale_ptr + batch * N + 2 * ia, mask=a_ok, other=0.0)[:, None]
+    a_inv = tl.load(inv_ptr + batch * N + 2 * ia, mask=a_ok, other=0.0)
     jb0 = tl.arange(0, BLOCK_B)
     cc = tl.arange(0, BLOCK_C)[None, :]
-    sq_a = tl.zeros([BLOCK_A], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        a_c = tl.load(xb + a_off + c0 + cc, mask=a_mask & (c0 + cc < C), other=0.0).to(tl.float32)
-        sq_a += tl.sum(a_c * a_c, axis=1)
-    a_inv = _inv_norm(sq_a)
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_A], tl.int32)
     for j0 in range(0, TB, BLOCK_B):
         jb = j0 + jb0  # b-row t is metric row 2 t + 1
-        b_mask = (jb < TB)[:, None]
+        b_ok = jb < TB
+        b_mask = b_ok[:, None]
         b_off = (2 * jb + 1).to(tl.int64)[:, None] * C
-        # Raw dot products and the b-rows' squared norms in one sweep over C (the a-rows are
+        b_scale = tl.load(scale_ptr + batch * N + 2 * jb + 1, mask=b_ok, other=0.0)[:, None]
+        b_inv = tl.load(inv_ptr + batch * N + 2 * jb + 1, mask=b_ok, other=0.0)
+        # Dot products of the power-of-two-scaled rows in one sweep over C (the a-rows are
         # re-read from cache); register tiles over C keep the FMA dot from spilling.
         dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-        sq_b = tl.zeros([BLOCK_B], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            a_c = tl.load(xb + a_off + c0 + cc, mask=a_mask & (c0 + cc < C), other=0.0).to(tl.float32)
-            b_c = tl.load(xb + b_off + c0 + cc, mask=b_mask & (c0 + cc < C), other=0.0).to(tl.float32)
+            a_c = tl.load(xb + a_off + c0 + cc, mask=a_mask & (c0 + cc < C), other=0.0).to(tl.float32) * a_scale
+            b_c = tl.load(xb + b_off + c0 + cc, mask=b_mask & (c0 + cc < C), other=0.0).to(tl.float32) * b_scale
             dots = tl.dot(a_c, tl.trans(b_c), dots, input_precision="ieee")
-            sq_b += tl.sum(b_c * b_c, axis=1)
-        # Cosine similarity: the raw dot scaled by both inverse norms (the same values as
+        # Cosine similarity: the scaled dot times both inverse scaled norms (the same values as
         # normalising first, to a few ulp, for BLOCK_A + BLOCK_B divisions instead of a tile's).
-        scores = dots * a_inv[:, None] * _inv_norm(sq_b)[None, :]
+        scores = dots * a_inv[:, None] * b_inv[None, :]
         scores = tl.where((jb < TB)[None, :], scores, float("-inf"))
         blk_max = tl.max(scores, axis=1)
         blk_idx = tl.min(tl.where(scores == blk_max[:, None], jb[None, :], _NO_INDEX), axis=1)
@@ -524,7 +562,7 @@ def masked_softmax_fwd(logits: Tensor, policy: Tensor, eps: float, *, block: int
         raise ValueError(f"masked_softmax: B * H * N = {r} rows exceed {MAX_MASKED_SOFTMAX_ROWS} (int32 row numbers)")
     rows = max(1, min(ROW_TILE // block, triton.next_power_of_2(r))) if one_pass else 1
     _masked_softmax_fwd_kernel[(triton.cdiv(r, rows),)](
-        logits, policy, out, r, n, h * n, float(eps), float(eps) / n,
+        logits, policy, out, r, n, h * n, float(eps), float(eps) / n, 1.0 / n,
         ROWS=rows, BLOCK=block, ONE_PASS=one_pass, num_warps=max(1, min(8, rows * block // 512)))
     return out
 
@@ -564,8 +602,13 @@ def tome_match(metric: Tensor, class_token: bool) -> tuple[Tensor, Tensor]:
     block_a = min(32, max(16, triton.next_power_of_2(ta)))
     block_b = min(64, max(16, triton.next_power_of_2(tb)))
     nab = triton.cdiv(ta, block_a)
+    rows = b * n
+    norms = torch.empty((2, rows), dtype=torch.float32, device=metric.device)  # row scale, inverse norm
+    block_r = min(64, triton.next_power_of_2(rows))
+    _tome_row_scale_kernel[(triton.cdiv(rows, block_r),)](
+        metric, norms[0], norms[1], rows, c, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     _tome_match_kernel[(b * nab,)](
-        metric, node_max, node_idx, n, c, ta, tb, nab,
+        metric, norms[0], norms[1], node_max, node_idx, n, c, ta, tb, nab,
         CLASS_TOKEN=bool(class_token), BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c,
         num_warps=8 if block_a * block_b >= 2048 else 4)
     return node_max, node_idx

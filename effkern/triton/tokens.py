@@ -249,8 +249,11 @@ def _segment_mean_rows_kernel(x_ptr, size_ptr, sources_ptr, starts_ptr, out_ptr,
     col_ok = (cols < C)[None, :]
     b = (rows // M).to(tl.int64)
     seg = b * (M + 1) + (rows - (rows // M) * M)
-    start = tl.load(starts_ptr + seg, mask=row_ok, other=0).to(tl.int64)
-    count = tl.load(starts_ptr + seg + 1, mask=row_ok, other=0).to(tl.int64) - start
+    # Clamped into [0, N]: a malformed plan (validate=False) can neither read sources out of
+    # bounds nor make the loop below run more than N steps.
+    start = tl.minimum(tl.maximum(tl.load(starts_ptr + seg, mask=row_ok, other=0).to(tl.int64), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(starts_ptr + seg + 1, mask=row_ok, other=0).to(tl.int64), start), N)
+    count = end - start
     src_row = sources_ptr + b * N + start
     num = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     den = tl.zeros([BLOCK_R], dtype=tl.float32)
