@@ -35,5 +35,5 @@ def launch_all(T, g: torch.Generator) -> None:
             q, k = codes(b, h, n, nbits), codes(b, h, n, nbits)
             grad = randn(b, h, n, d, dtype=dtype)
             for form in FORMS:
-                T.binary_attention_fwd(v, q, k, nbits, form)
+                T.binary_attention_fwd(q, k, v, nbits, form)
                 T.binary_attention_bwd(grad, q, k, v, nbits, form)

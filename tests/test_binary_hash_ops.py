@@ -11,7 +11,7 @@ import torch
 
 import effkern
 from effkern.ops import binary_hash as bh
-from tests.conftest import DEVICE, require_backend
+from tests.conftest import DEVICE, backend_reasons, require_backend
 
 BACKENDS = ["torch", "triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -314,3 +314,128 @@ def test_opcheck_per_backend(backend):
         torch.library.opcheck(torch.ops.effkern.ksh_hash, (x, anchors, mu, proj, False))
         for form in bh.FORMS:
             torch.library.opcheck(torch.ops.effkern.hashed_attention, (y_q, y_k, v, form))
+
+
+# --------------------------------------------------------------------------------------------
+# Defects found by fuzzing (issue 8): extreme inputs, fake strides, inductor on timm's views
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ksh_hash_huge_and_tiny_rows(gen, backend, dtype):
+    """Rows with |x| near 1e20 (their squares overflow float32) hash as their direction, like
+    any other row, on every backend; so do rows near 1e37 (||x|| itself overflows) and rows
+    whose squares underflow; the gradient is the float64 one (tiny, not 0 or NaN)."""
+    require_backend("ksh_hash", backend)
+    b, h, n, d, m, nbits = 2, 2, 9, 40, 7, 16
+    base = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)
+    scale = torch.ones(b, h, n, 1, dtype=torch.float64)
+    scale[0, 0, :3] = 1e20
+    scale[1, 1, 4] = 1e37
+    scale[0, 1, 5] = 1e-25  # squares underflow; ||x|| < 1e-12: x / eps
+    x = (base * scale).to(dtype).to(DEVICE)
+    anchors, mu, proj = ksh_params(gen, h, m, d, nbits, torch.float32)
+    with effkern.backend(backend):
+        y = bh.ksh_hash(x.clone().requires_grad_(True), anchors, mu, proj)
+    assert bool(torch.isfinite(y).all())
+    expected = ref_ksh(x, anchors, mu, proj)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    grad = randn(gen, b, h, n, nbits)
+    xg = x.clone().requires_grad_(True)
+    with effkern.backend(backend):
+        (gx,) = torch.autograd.grad(bh.ksh_hash(xg, anchors, mu, proj), xg, grad)
+    x64 = x.double().requires_grad_(True)
+    (want,) = torch.autograd.grad(ref_ksh(x64, anchors, mu, proj), x64, grad.double())
+    assert bool(torch.isfinite(gx).all())
+    # Per row, the gradient scales as 1 / max(||x||, eps): compare rows relative to their own
+    # size, where it is a normal float32 number (the 1e37 row's is subnormal: hardware-dependent).
+    row_scale = want.abs().amax(-1, keepdim=True)
+    normal = (row_scale > 2**10 * torch.finfo(torch.float32).tiny)[..., 0]
+    assert normal.sum() == b * h * n - 1
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # bfloat16: the rounding of gx itself
+    torch.testing.assert_close((gx.double() / row_scale)[normal], (want / row_scale)[normal], rtol=tol, atol=tol)
+
+
+def _family_op_calls(gen, form):
+    """One call per op of the family, on permuted (timm-layout) inputs: (op name, args)."""
+    b, n, h, d, nbits = 2, 7, 3, 32, 16
+
+    def views(parts, width, dtype=torch.float32):
+        t = torch.randn(b, n, parts * h * width, generator=gen).to(dtype).to(DEVICE)
+        return t.reshape(b, n, parts, h, width).permute(2, 0, 3, 1, 4).unbind(0)
+
+    q, k, v = views(3, d)
+    y_q, y_k = views(2, nbits)
+    anchors, mu, proj = ksh_params(gen, h, 5, d, nbits, torch.float32)
+    qc, kc = bh.pack_bits(y_q), bh.pack_bits(y_k)
+    g = views(1, d)[0]
+    return [
+        ("ksh_hash", (q, anchors, mu, proj, True)),
+        ("ksh_hash_backward", (y_q, q, anchors, mu, proj)),
+        ("pack_bits", (y_q,)),
+        ("binary_attention", (qc, kc, v, nbits, form, True)),
+        ("binary_attention_backward", (g, qc, kc, v, nbits, form)),
+        ("hashed_attention", (y_q, y_k, v, form)),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", bh.FORMS)
+def test_fake_strides_are_the_real_strides(gen, backend, form):
+    """Every op of the family (the backward ops included) returns, on every backend, exactly
+    the shapes, dtypes and strides its fake promises, on timm's permuted q/k/v views."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from effkern._registry import OPS
+
+    calls = _family_op_calls(gen, form)
+    assert sorted(name for name, _ in calls) == sorted(n for n, o in OPS.items() if o.family == "binary_hash")
+    checked = 0
+    for name, args in calls:
+        reasons = backend_reasons(name, backend)
+        if reasons is None or reasons:
+            continue  # the op has no such backend, or it cannot run here
+        op = getattr(torch.ops.effkern, name)
+        with effkern.backend(backend):
+            real = op(*args)
+        mode = FakeTensorMode()
+        with mode, effkern.backend(backend):
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        real = real if isinstance(real, tuple) else (real,)
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        for i, (r, f) in enumerate(zip(real, fake, strict=True)):
+            assert (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride()), (
+                f"{name}[{backend}] output {i}: fake {tuple(f.shape)} {f.dtype} {f.stride()} != real "
+                f"{tuple(r.shape)} {r.dtype} {r.stride()}")
+        checked += 1
+    if not checked:
+        pytest.skip(f"no op of the family runs on {backend} here")
+
+
+@pytest.mark.parametrize("form", bh.FORMS)
+def test_inductor_training_on_timm_views(gen, form):
+    """torch.compile(backend="inductor") of a training step through binary_hash_attention on
+    timm's permuted q/k/v views: the forward and every gradient match eager."""
+    torch._dynamo.reset()
+    b, n, h, d, nbits = 2, 7, 3, 8, 16
+    anchors, mu, proj = (t.float().cpu() for t in ksh_params(gen, h, 4, d, nbits))
+    hash_fn = bh.KSHParams(anchors, mu, proj)
+    qkv = torch.randn(b, n, 3 * h * d, generator=gen)
+
+    def step(qkv):
+        q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out = bh.binary_hash_attention(q, k, v, hash_fn, form, validate=False)
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
+    weight = torch.randn(b, n, h * d, generator=gen)
+    eager_in, comp_in = qkv.clone().requires_grad_(True), qkv.clone().requires_grad_(True)
+    expected = step(eager_in)
+    (expected * weight).sum().backward()
+    # No compiled-graph caches: a graph compiled against an older fake must not be reused.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = torch.compile(step, backend="inductor", fullgraph=True)(comp_in)
+        (got * weight).sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(comp_in.grad, eager_in.grad)
+    assert comp_in.grad.abs().sum() > 0

@@ -61,9 +61,9 @@ IDS = [f"{'x'.join(map(str, s))}-b{nb}-{str(dt).removeprefix('torch.')}" for s, 
 @pytest.mark.parametrize("shape,nbits,dtype", CASES, ids=IDS)
 def test_binary_attention_fwd(shape, nbits, dtype, form, gen):
     v, qc, kc = _inputs(shape, nbits, dtype, gen)
-    out = run(tri.binary_attention_fwd, v, qc, kc, nbits, form)
-    check(out, ref.binary_attention_fwd(v.double(), qc, kc, nbits, form),
-          ref.binary_attention_fwd(v, qc, kc, nbits, form), "out")
+    out = run(tri.binary_attention_fwd, qc, kc, v, nbits, form)
+    check(out, ref.binary_attention_fwd(qc, kc, v.double(), nbits, form),
+          ref.binary_attention_fwd(qc, kc, v, nbits, form), "out")
 
 
 @pytest.mark.parametrize("form", ref.FORMS)
@@ -101,7 +101,7 @@ def test_binary_attention_degenerate_sizes(shape, form, gen):
     nbits = 40
     v, qc, kc = _inputs(shape, nbits, torch.float32, gen)
     g = torch.randn(shape, generator=gen).to(DEVICE)
-    out = run(tri.binary_attention_fwd, v, qc, kc, nbits, form)
+    out = run(tri.binary_attention_fwd, qc, kc, v, nbits, form)
     assert out.shape == v.shape and out.dtype == v.dtype
     got = run(tri.binary_attention_bwd, g, qc, kc, v, nbits, form)
     code_shape = tuple(shape[:3]) + (nbits,)
@@ -111,3 +111,25 @@ def test_binary_attention_degenerate_sizes(shape, form, gen):
         for o, want in zip(got, ref.binary_attention_bwd(g, qc, kc, v, nbits, form)):
             torch.testing.assert_close(o, want)
         assert not bool(got[0].any()) and not bool(got[1].any())
+
+
+@pytest.mark.parametrize("form", ref.FORMS)
+def test_hashed_attention_fwd(form, gen):
+    """pack both hashes, then the attention: the torch kernel's result on the same codes."""
+    v = torch.randn((2, 3, 37, 32), generator=gen).to(DEVICE)
+    y_q, y_k = (torch.randn((2, 3, 37, 20), generator=gen).to(DEVICE) for _ in range(2))
+    out = run(tri.hashed_attention_fwd, y_q, y_k, v, form)
+    check(out, ref.hashed_attention_fwd(y_q, y_k, v.double(), form), ref.hashed_attention_fwd(y_q, y_k, v, form), "out")
+
+
+def test_constants_and_imports_agree_with_the_op_module():
+    """The kernels' copy of the family constant is the op module's; the Triton module imports
+    nothing of effkern but effkern._common (dependencies point ops -> triton -> common)."""
+    import ast
+    import inspect
+
+    assert tri._SHIFTADD_EPS.value == ref.SHIFTADD_EPS
+    tree = ast.parse(inspect.getsource(tri))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m and m.startswith("effkern")} <= {"effkern._common"}

@@ -121,3 +121,45 @@ def test_ksh_hash_degenerate(shape, gen):
     gx = run(tri.ksh_hash_bwd, grad, *args)
     assert gx.shape == args[0].shape
     assert torch.equal(gx, ref.ksh_hash_bwd(grad, *args))
+
+
+def test_ksh_hash_imports_only_common():
+    """Dependencies point ops -> triton -> common: the kernels import nothing else of effkern."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(tri))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m and m.startswith("effkern")} <= {"effkern._common"}
+    assert tri._NORM_EPS.value == ref.NORM_EPS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ksh_hash_huge_and_tiny_rows(dtype, gen):
+    """Rows whose squares overflow (|x| ~ 1e20, 1e37) or underflow float32, over several d
+    chunks (d = 150: the running power-of-two scale grows chunk by chunk), against the torch
+    kernel in float64."""
+    shape = (1, 2, 70, 150, 25, 16)
+    x, anchors, mu, proj = _inputs(shape, torch.float32, gen)
+    x[0, 0, :5] *= 1e20
+    x[0, 0, 6, 100:] *= 1e20  # only the last chunks are huge
+    x[0, 1, 7] *= 1e37
+    x[0, 1, 8] *= 1e-25
+    x[0, 1, 9, :64] = 0  # a first chunk of zeros
+    x = x.to(dtype)
+    args = (x, anchors, mu, proj)
+    y = run(tri.ksh_hash_fwd, *args)
+    check(y, ref.ksh_hash_fwd(*f64(*args)), ref.ksh_hash_fwd(*args), "ksh_hash_fwd")
+    grad = randn((*shape[:3], shape[5]), gen)
+    gx = run(tri.ksh_hash_bwd, grad, *args)
+    exact = ref.ksh_hash_bwd(*f64(grad, *args))
+    lowp = ref.ksh_hash_bwd(grad, *args)
+    # Gradients scale as 1 / ||x||: compare per row, where they are normal float32 numbers (the
+    # 1e37 row's are subnormal, which hardware may flush); finite everywhere.
+    assert bool(gx.isfinite().all())
+    rows = exact.abs().amax(-1, keepdim=True)
+    normal = (rows > 2**10 * torch.finfo(torch.float32).tiny)[..., 0]
+    assert int((~normal).sum()) == 1
+    check((gx.double() / rows)[normal].to(gx.dtype), (exact / rows)[normal], (lowp.double() / rows)[normal].to(lowp.dtype),
+          "ksh_hash_bwd")

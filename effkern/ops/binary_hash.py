@@ -3,14 +3,15 @@ binary codes, packed codes, and linear attention computed from them with additio
 
 Layout of this module:
 
-1. *Backend primitives* (``ksh_hash_fwd``, ``pack_codes``, ``binary_attention_fwd``, ...): the
-   torch backend, written for clarity; float64 where the tests need it. The Triton backend
-   (:mod:`effkern.triton.binary_hash`) and the CUDA backend (the two attention passes,
-   ``csrc/binary_hash``) implement the same functions with the same signatures on contiguous,
-   validated inputs.
-2. *Public ops*: typed functions over ``torch.library`` custom ops with fake impls; the
-   training path's backward runs the backward primitives (fused kernels), not autograd over
-   torch code.
+1. *Kernels of the torch backend* (``ksh_hash_fwd``, ``pack_codes``, ``binary_attention_fwd``,
+   ...), written for clarity; float64 where the tests need it. The Triton backend
+   (:mod:`effkern.triton.ksh_hash`, :mod:`effkern.triton.binary_hash`) implements the same
+   functions with the same signatures on contiguous, validated inputs; the CUDA backend
+   (``csrc/binary_hash``) the attention forward, through an adapter.
+2. *Argument checks*, one per op, run by the op and by its fake (see :mod:`effkern._registry`).
+3. *Ops*, one declaration each (kernels, check, implementation, fake, autograd, test cases),
+   then the typed public function. The training path's backward runs the backward kernels
+   (fused), not autograd over torch code.
 
 Definitions (the published models' semantics), per batch element and head:
 
@@ -18,6 +19,9 @@ Definitions (the published models' semantics), per batch element and head:
   sigma = mean(D) (over n and j, not detached); K = exp(-D / (2 sigma)) - mu; y = K proj^T,
   [N, b]. Codes: EcoFormer h = sign(y) in {-1, +1} (y <= 0 -> -1); ShiftAddViT h = 1[y > 0].
   Straight-through gradient: dL/dy = dL/dh where |y| < 1 ({-1, +1}) or 0 < y < 1 ({0, 1}).
+  The normalisation x / max(||x||, NORM_EPS) scales each row by a power of two (exact) before
+  squaring, so it neither overflows nor underflows for any finite x (|x| near 1e20 is a unit
+  vector, not the origin).
 * Packed codes: int32 [..., ceil(b / 32)]; bit j of a code is bit j % 32 of word j // 32
   (least significant first); bits beyond b are zero.
 * Attention with codes h_q, h_k [N, b] and values v [N, d], KV = sum_j h_k[j] v_j^T [b, d],
@@ -28,6 +32,9 @@ Definitions (the published models' semantics), per batch element and head:
     SHIFTADD_EPS).
   Both use the token's own v_n, as the published code does. Accumulation in float32 (float64
   for float64).
+
+Every op returns freshly allocated, contiguous outputs (row-major strides, whatever the input
+layout), and so does its fake.
 """
 
 from __future__ import annotations
@@ -38,44 +45,72 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from effkern._dispatch import op_dispatcher, triton_impl
+from effkern._common import FLOAT_DTYPES, NORM_EPS, TORCH_FLOAT_DTYPES, acc_dtype, check_choice, check_int, check_same_device, check_tensor, num_words
+from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TORCH_DTYPES = FLOAT_DTYPES + (torch.float64,)
+FAMILY = "binary_hash"
 FORMS = ("ecoformer", "shiftadd")
 SIGNED = {"ecoformer": True, "shiftadd": False}  # code values {-1, +1} or {0, 1}
-NORM_EPS = 1e-12  # x / max(||x||, eps) in the hash (a zero query stays zero)
 SHIFTADD_EPS = 1e-12  # t / max(||t||, eps) in the shiftadd form
 MAX_NBITS = 1024
+CUDA_HEAD_DIMS = (32, 64, 128)  # the CUDA kernels are specialised on d
+# What pack_bits takes on the torch backend (anything compared with > 0).
+PACK_DTYPES = TORCH_FLOAT_DTYPES + (torch.int8, torch.int32, torch.int64, torch.bool)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def num_words(nbits: int) -> int:
-    """int32 words per packed code of ``nbits`` bits."""
-    return (nbits + 31) // 32
+def _dense(t: Tensor) -> Tensor:
+    """t with row-major strides (the strides the fakes promise), copied only when needed:
+    ``.contiguous()`` keeps any stride of a size-1 dim, this does not."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    return t if t.stride() == tuple(reversed(expected)) else t.clone(memory_format=torch.contiguous_format)
 
 
 # ============================================================================================
-# 1. Backend primitives (torch backend)
+# 1. Kernels of the torch backend
 # ============================================================================================
+
+
+def normalize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x / max(||x||, NORM_EPS), ||x||) over the last dim, in x's dtype, for any finite x.
+
+    Each row is scaled by 2^-k, k = frexp(max |x|) clamped to the dtype's normal exponents
+    (exact), before squaring: the sum of squares then neither overflows (|x| near 1e20 in
+    float32) nor underflows. ||x|| itself is inf when it exceeds the dtype's range, which only
+    makes the normalisation's Jacobian (1 / ||x||) zero.
+    """
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    lim = int(math.log2(torch.finfo(x.dtype).max)) - 1  # 126 for float32, 1022 for float64
+    k = torch.frexp(amax).exponent.clamp(-lim, lim)
+    one = torch.ones_like(amax)
+    xs = x * torch.ldexp(one, -k)
+    ns = xs.norm(dim=-1, keepdim=True)
+    nrm = ns * torch.ldexp(one, k)
+    xn = torch.where(nrm > NORM_EPS, xs / torch.where(ns > 0, ns, one), x / NORM_EPS)
+    return xn, nrm
+
+
+def _ksh_dist(x: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(xn, ||x||, anchors, D) in the accumulation dtype."""
+    acc = acc_dtype(x.dtype)
+    xn, nrm = normalize_rows(x.to(acc))
+    a = anchors.to(acc)
+    # ||x - a||^2 = ||x||^2 + ||a||^2 - 2 x.a, clamped at 0 against rounding
+    dist = (xn.pow(2).sum(-1, keepdim=True) + a.pow(2).sum(-1)[None, :, None, :]
+            - 2 * torch.einsum("bhnd,hmd->bhnm", xn, a)).clamp_min(0)
+    return xn, nrm, a, dist
 
 
 def ksh_hash_fwd(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> Tensor:
     """y [B, H, N, b] (float32; float64 for float64) of the KSH hash of x [B, H, N, d] with
     anchors [H, m, d], mu [H, m], proj [H, b, m]."""
-    acc = _acc_dtype(x.dtype)
-    xf = x.to(acc)
-    xn = xf / xf.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    a = anchors.to(acc)
-    # ||x - a||^2 = ||x||^2 + ||a||^2 - 2 x.a, clamped at 0 against rounding
-    dist = (xn.pow(2).sum(-1, keepdim=True) + a.pow(2).sum(-1)[None, :, None, :]
-            - 2 * torch.einsum("bhnd,hmd->bhnm", xn, a)).clamp_min(0)
+    acc = acc_dtype(x.dtype)
+    _, _, _, dist = _ksh_dist(x, anchors)
     sigma = dist.mean(dim=(-1, -2), keepdim=True)
     k = torch.exp(-dist / (2 * sigma)) - mu.to(acc)[None, :, None, :]
-    return torch.einsum("bhnm,hkm->bhnk", k, proj.to(acc)).contiguous()
+    return _dense(torch.einsum("bhnm,hkm->bhnk", k, proj.to(acc)))
 
 
 def ksh_hash_bwd(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> Tensor:
@@ -84,12 +119,8 @@ def ksh_hash_bwd(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: T
     With E = exp(-D / (2 sigma)) and gK = grad_y proj: gD = -gK E / (2 sigma) + sum(gK E D) /
     (2 sigma^2 N m) (the second term through sigma = mean(D)); g_xn = 2 (sum_j gD) xn - 2 gD a;
     g_x = (g_xn - (g_xn . xn) xn) / ||x|| (the normalisation's Jacobian)."""
-    acc = _acc_dtype(x.dtype)
-    xf, a = x.to(acc), anchors.to(acc)
-    nrm = xf.norm(dim=-1, keepdim=True)
-    xn = xf / nrm.clamp_min(NORM_EPS)
-    dist = (xn.pow(2).sum(-1, keepdim=True) + a.pow(2).sum(-1)[None, :, None, :]
-            - 2 * torch.einsum("bhnd,hmd->bhnm", xn, a)).clamp_min(0)
+    acc = acc_dtype(x.dtype)
+    xn, nrm, a, dist = _ksh_dist(x, anchors)
     n, m = dist.shape[-2], dist.shape[-1]
     sigma = dist.mean(dim=(-1, -2), keepdim=True)
     e = torch.exp(-dist / (2 * sigma))
@@ -99,7 +130,7 @@ def ksh_hash_bwd(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: T
     g_xn = 2 * g_dist.sum(-1, keepdim=True) * xn - 2 * torch.einsum("bhnm,hmd->bhnd", g_dist, a)
     projected = (g_xn - (g_xn * xn).sum(-1, keepdim=True) * xn) / nrm.clamp_min(NORM_EPS)
     g_x = torch.where(nrm > NORM_EPS, projected, g_xn / NORM_EPS)
-    return g_x.to(x.dtype).contiguous()
+    return _dense(g_x.to(x.dtype))
 
 
 def pack_codes(h: Tensor) -> Tensor:
@@ -108,7 +139,7 @@ def pack_codes(h: Tensor) -> Tensor:
     w = num_words(b)
     bits = torch.nn.functional.pad((h > 0).to(torch.int64), (0, 32 * w - b))
     words = (bits.reshape(*h.shape[:-1], w, 32) << torch.arange(32, device=h.device)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
+    return _dense(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))  # two's complement
 
 
 def unpack_codes(codes: Tensor, nbits: int, signed: bool, dtype: torch.dtype) -> Tensor:
@@ -122,7 +153,7 @@ def unpack_codes(codes: Tensor, nbits: int, signed: bool, dtype: torch.dtype) ->
 def _attention_parts(hq: Tensor, hk: Tensor, v: Tensor, form: str):
     """KV [B, H, b, d], ksum [B, H, b] and out [B, H, N, d] (accumulation dtype) from unpacked
     code values (float) and v."""
-    acc = _acc_dtype(v.dtype)
+    acc = acc_dtype(v.dtype)
     vf = v.to(acc)
     kv = torch.einsum("bhnk,bhnd->bhkd", hk, vf)
     ksum = hk.sum(2)
@@ -138,13 +169,12 @@ def _attention_parts(hq: Tensor, hk: Tensor, v: Tensor, form: str):
     return kv, ksum, out
 
 
-def binary_attention_fwd(v: Tensor, q_codes: Tensor, k_codes: Tensor, nbits: int, form: str) -> Tensor:
-    """out [B, H, N, d] in v's dtype from v [B, H, N, d] and packed codes [B, H, N, W] (v comes
-    first: its dtype and device choose the backend)."""
-    acc = _acc_dtype(v.dtype)
+def binary_attention_fwd(q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str) -> Tensor:
+    """out [B, H, N, d] in v's dtype from packed codes [B, H, N, W] and v [B, H, N, d]."""
+    acc = acc_dtype(v.dtype)
     signed = SIGNED[form]
     hq, hk = (unpack_codes(c, nbits, signed, acc) for c in (q_codes, k_codes))
-    return _attention_parts(hq, hk, v, form)[2].to(v.dtype).contiguous()
+    return _dense(_attention_parts(hq, hk, v, form)[2].to(v.dtype))
 
 
 def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int,
@@ -157,7 +187,7 @@ def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: 
     d h_k = v dKV^T + dksum; dv = h_k dKV + c g_num. shiftadd, with t and out = t / ||t||:
     g_t = (g - (g . out) out) / ||t||; d h_q = g_t KV^T / pi; dKV = sum_n h_q[n] g_t[n]^T / pi;
     d h_k = v dKV^T; dv = h_k dKV + g_t / 2."""
-    acc = _acc_dtype(v.dtype)
+    acc = acc_dtype(v.dtype)
     signed = SIGNED[form]
     hq, hk = (unpack_codes(c, nbits, signed, acc) for c in (q_codes, k_codes))
     vf, g = v.to(acc), grad_out.to(acc)
@@ -181,37 +211,27 @@ def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: 
         d_kv = torch.einsum("bhnk,bhnd->bhkd", hq, g_t) / math.pi
         d_hk = torch.einsum("bhnd,bhkd->bhnk", vf, d_kv)
         dv = torch.einsum("bhnk,bhkd->bhnd", hk, d_kv) + g_t / 2
-    return d_hq.contiguous(), d_hk.contiguous(), dv.to(v.dtype).contiguous()
+    return _dense(d_hq), _dense(d_hk), _dense(dv.to(v.dtype))
+
+
+def hashed_attention_fwd(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> Tensor:
+    """binary_attention_fwd of the packed codes of the hashes y_q, y_k [B, H, N, b]."""
+    return binary_attention_fwd(pack_codes(y_q), pack_codes(y_k), v, y_q.shape[-1], form)
 
 
 # ============================================================================================
-# 2. Argument checks
+# 2. Argument checks (one per op; the op and its fake run it)
 # ============================================================================================
 
 
-def _check_float(op: str, name: str, t, dims: int, dtypes=TORCH_DTYPES) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{op}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"{op}: {name} must have dtype {names}, got {str(t.dtype).removeprefix('torch.')}")
-
-
-def _check_device(op: str, name: str, t: Tensor, ref: Tensor) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but the input is on {ref.device}")
-
-
-def _check_form(op: str, form: str) -> None:
-    if form not in FORMS:
-        raise ValueError(f"{op}: form must be 'ecoformer' or 'shiftadd', got {form!r}")
+def _check_float(op: str, name: str, t, dims: int, dtypes=TORCH_FLOAT_DTYPES) -> None:
+    check_tensor(op, name, t, dims=(dims,), dtypes=dtypes)
 
 
 def _check_nbits(op: str, nbits: int) -> None:
-    if isinstance(nbits, bool) or not isinstance(nbits, int) or not 1 <= nbits <= MAX_NBITS:
-        raise ValueError(f"{op}: nbits must be an integer in [1, {MAX_NBITS}], got {nbits!r}")
+    if isinstance(nbits, torch.SymInt) and 1 <= nbits <= MAX_NBITS:
+        return  # traced with dynamic shapes (the backward's nbits is the hashes' width)
+    check_int(op, "nbits", nbits, 1, MAX_NBITS)
 
 
 def _check_finite(op: str, **tensors: Tensor) -> None:
@@ -225,13 +245,25 @@ def _check_finite(op: str, **tensors: Tensor) -> None:
         raise ValueError(f"{op}: {', '.join(bad)} must be finite, found inf or NaN")
 
 
+def _check_code_padding(op: str, nbits: int, **codes: Tensor) -> None:
+    """Bits beyond nbits must be zero (else the codes were packed for more bits): one host read."""
+    if nbits % 32 == 0 or not any(c.numel() for c in codes.values()):
+        return
+    mask = -(1 << (nbits % 32))  # the unused high bits of the last word, as an int32 pattern
+    flags = torch.stack([(c[..., -1] & mask).ne(0).any() for c in codes.values()]).tolist()
+    bad = [n for n, f in zip(codes, flags) if f]
+    if bad:
+        raise ValueError(f"{op}: {', '.join(bad)} have bits set beyond nbits = {nbits}: packed for "
+                         f"more bits than nbits says?")
+
+
 def _check_hash_params(op: str, x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> None:
     _check_float(op, "x", x, 4)
     _check_float(op, "anchors", anchors, 3)
     _check_float(op, "mu", mu, 2)
     _check_float(op, "proj", proj, 3)
     for name, t in (("anchors", anchors), ("mu", mu), ("proj", proj)):
-        _check_device(op, name, t, x)
+        check_same_device(op, name, t, "x", x)
     h, d = x.shape[1], x.shape[3]
     m = anchors.shape[1]
     if anchors.shape != (h, m, d) or m == 0:
@@ -245,69 +277,153 @@ def _check_hash_params(op: str, x: Tensor, anchors: Tensor, mu: Tensor, proj: Te
         raise ValueError(f"{op}: x must have N >= 1 tokens and d >= 1 channels, got {tuple(x.shape)}")
 
 
-def _check_attention(op: str, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str) -> None:
+def _check_ksh_hash(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, validate: bool) -> None:
+    _check_hash_params("ksh_hash", x, anchors, mu, proj)
+
+
+def _check_ksh_hash_backward(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> None:
+    op = "ksh_hash_backward"
+    _check_hash_params(op, x, anchors, mu, proj)
+    _check_float(op, "grad_y", grad_y, 4)
+    check_same_device(op, "grad_y", grad_y, "x", x)
+    if grad_y.shape != x.shape[:3] + (proj.shape[1],):
+        raise ValueError(f"{op}: grad_y must be [B, H, N, b] = {tuple(x.shape[:3]) + (proj.shape[1],)}, "
+                         f"got {tuple(grad_y.shape)}")
+
+
+def _check_pack_bits(h: Tensor) -> None:
+    check_tensor("pack_bits", "h", h, dtypes=PACK_DTYPES)
+    if h.dim() == 0 or not 1 <= h.shape[-1] <= MAX_NBITS:
+        raise ValueError(f"pack_bits: h must be [..., b] with 1 <= b <= {MAX_NBITS}, got {tuple(h.shape)}")
+
+
+def _check_codes(op: str, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str) -> None:
     _check_float(op, "v", v, 4)
     _check_nbits(op, nbits)
-    _check_form(op, form)
+    check_choice(op, "form", form, FORMS)
     w = num_words(nbits)
     for name, c in (("q_codes", q_codes), ("k_codes", k_codes)):
         _check_float(op, name, c, 4, (torch.int32,))
-        _check_device(op, name, c, v)
+        check_same_device(op, name, c, "v", v)
         if c.shape != v.shape[:3] + (w,):
             raise ValueError(f"{op}: {name} must be [B, H, N, ceil(nbits / 32)] = "
                              f"{tuple(v.shape[:3]) + (w,)} for v of shape {tuple(v.shape)} and "
                              f"nbits = {nbits}, got {tuple(c.shape)}")
 
 
-def _check_code_padding(op: str, nbits: int, **codes: Tensor) -> None:
-    """Bits beyond nbits must be zero (else the codes were packed for more bits): one host read."""
-    if nbits % 32 == 0:
-        return
-    mask = -(1 << (nbits % 32))  # the unused high bits of the last word, as an int32 pattern
-    flags = torch.stack([(c[..., -1] & mask).ne(0).any() for c in codes.values()]).tolist()
-    bad = [n for n, f in zip(codes, flags) if f]
-    if bad:
-        raise ValueError(f"{op}: {', '.join(bad)} have bits set beyond nbits = {nbits}: packed for "
-                         f"more bits than nbits says?")
+def _check_binary_attention(q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str,
+                            validate: bool) -> None:
+    _check_codes("binary_attention", q_codes, k_codes, v, nbits, form)
+
+
+def _check_binary_attention_backward(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int,
+                                     form: str) -> None:
+    op = "binary_attention_backward"
+    _check_codes(op, q_codes, k_codes, v, nbits, form)
+    _check_float(op, "grad_out", grad_out, 4)
+    check_same_device(op, "grad_out", grad_out, "v", v)
+    if grad_out.shape != v.shape:
+        raise ValueError(f"{op}: grad_out must have v's shape {tuple(v.shape)}, got {tuple(grad_out.shape)}")
+
+
+def _check_hashed_attention(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> None:
+    op = "hashed_attention"
+    check_choice(op, "form", form, FORMS)
+    _check_float(op, "v", v, 4)
+    for name, y in (("y_q", y_q), ("y_k", y_k)):
+        _check_float(op, name, y, 4)
+        check_same_device(op, name, y, "v", v)
+    if y_q.shape != y_k.shape or y_q.shape[:3] != v.shape[:3] or not 1 <= y_q.shape[-1] <= MAX_NBITS:
+        raise ValueError(f"{op}: the query and key hashes y_q, y_k must both be [B, H, N, b] with "
+                         f"1 <= b <= {MAX_NBITS} and v [B, H, N, d], got {tuple(y_q.shape)}, "
+                         f"{tuple(y_k.shape)} and {tuple(v.shape)}")
 
 
 # ============================================================================================
-# 3. Public ops
+# 3. Ops
 # ============================================================================================
+
+# Test-case builders (see effkern._registry.Cases): inputs drawn from a CPU generator, moved to
+# the device.
+
+
+def _randn(gen, *shape, dtype=torch.float32, device="cpu", std=1.0) -> Tensor:
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(dtype).to(device)
+
+
+def _timm_views(gen, b, n, h, d, parts, dtype=torch.float32, device="cpu", std=1.0) -> tuple[Tensor, ...]:
+    """``parts`` [B, H, N, d] views of one [B, N, parts * H * d] tensor, taken apart as timm's
+    Attention takes q, k, v: ``reshape(B, N, parts, H, d).permute(2, 0, 3, 1, 4).unbind(0)``."""
+    t = _randn(gen, b, n, parts * h * d, dtype=dtype, device=device, std=std)
+    return t.reshape(b, n, parts, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _ksh_buffers(gen, h, m, d, nbits, device="cpu", dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """anchors [H, m, d] of unit norm (like normalised queries), mu [H, m], proj [H, b, m]."""
+    anchors = torch.randn(h, m, d, generator=gen, dtype=torch.float64)
+    anchors = anchors / anchors.norm(dim=-1, keepdim=True)
+    mu = 0.3 * torch.rand(h, m, generator=gen, dtype=torch.float64)
+    proj = torch.randn(h, nbits, m, generator=gen, dtype=torch.float64)
+    return tuple(t.to(dtype).to(device) for t in (anchors, mu, proj))
+
+
+def _codes(gen, shape, nbits, device="cpu") -> Tensor:
+    return pack_codes(torch.randn(*shape, nbits, generator=gen)).to(device)
+
+
+def _draw(gen, lo: int, hi: int) -> int:
+    """An integer in [lo, hi] from gen."""
+    return int(torch.randint(lo, hi + 1, (), generator=gen))
+
+
+def _pick(gen, options):
+    return options[_draw(gen, 0, len(options) - 1)]
+
 
 # ---- ksh_hash ------------------------------------------------------------------------------
 
-_hash_dispatch = op_dispatcher("ksh_hash", "fused KSH hash: normalise, RBF to anchors, centre, project")
-_hash_dispatch.register("torch", ksh_hash_fwd, dtypes=TORCH_DTYPES)
-_hash_dispatch.register("triton", triton_impl("ksh_hash", "ksh_hash_fwd"), dtypes=FLOAT_DTYPES)
-_hash_bwd_dispatch = op_dispatcher("ksh_hash_backward", "gradient of ksh_hash")
-_hash_bwd_dispatch.register("torch", ksh_hash_bwd, dtypes=TORCH_DTYPES)
-_hash_bwd_dispatch.register("triton", triton_impl("ksh_hash", "ksh_hash_bwd"), dtypes=FLOAT_DTYPES)
+KSH_HASH_BACKWARD = define_op(
+    "ksh_hash_backward", family=FAMILY, doc="gradient of ksh_hash", public=False,
+    check=_check_ksh_hash_backward, dispatch_on="x",
+    kernels=[
+        torch_kernel(ksh_hash_bwd, dtypes=TORCH_FLOAT_DTYPES),
+        triton_kernel("ksh_hash:ksh_hash_bwd", dtypes=FLOAT_DTYPES),
+    ],
+)
 
 
-@torch.library.custom_op("effkern::ksh_hash", mutates_args=())
+@KSH_HASH_BACKWARD.impl
+def _ksh_hash_backward_op(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> Tensor:
+    return KSH_HASH_BACKWARD.kernels(grad_y=grad_y.contiguous(), x=x.contiguous(), anchors=anchors.contiguous(),
+                                     mu=mu.contiguous(), proj=proj.contiguous())
+
+
+@KSH_HASH_BACKWARD.fake
+def _(grad_y, x, anchors, mu, proj):
+    return x.new_empty(x.shape)
+
+
+KSH_HASH = define_op(
+    "ksh_hash", family=FAMILY, doc="fused KSH hash: normalise, RBF to anchors, centre, project",
+    check=_check_ksh_hash, dispatch_on="x",
+    kernels=[
+        torch_kernel(ksh_hash_fwd, dtypes=TORCH_FLOAT_DTYPES),
+        triton_kernel("ksh_hash:ksh_hash_fwd", dtypes=FLOAT_DTYPES),
+    ],
+)
+
+
+@KSH_HASH.impl
 def _ksh_hash_op(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, validate: bool) -> Tensor:
-    _check_hash_params("ksh_hash", x, anchors, mu, proj)
     if validate:
         _check_finite("ksh_hash", x=x, anchors=anchors, mu=mu, proj=proj)
-    return _hash_dispatch(x.contiguous(), anchors.contiguous(), mu.contiguous(), proj.contiguous())
+    return KSH_HASH.kernels(x=x.contiguous(), anchors=anchors.contiguous(), mu=mu.contiguous(),
+                            proj=proj.contiguous())
 
 
-@_ksh_hash_op.register_fake
+@KSH_HASH.fake
 def _(x, anchors, mu, proj, validate):
-    _check_hash_params("ksh_hash", x, anchors, mu, proj)
-    return x.new_empty(tuple(x.shape[:3]) + (proj.shape[1],), dtype=_acc_dtype(x.dtype))
-
-
-@torch.library.custom_op("effkern::ksh_hash_backward", mutates_args=())
-def _ksh_hash_backward_op(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> Tensor:
-    return _hash_bwd_dispatch(grad_y.contiguous(), x.contiguous(), anchors.contiguous(), mu.contiguous(),
-                              proj.contiguous())
-
-
-@_ksh_hash_backward_op.register_fake
-def _(grad_y, x, anchors, mu, proj):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(tuple(x.shape[:3]) + (proj.shape[1],), dtype=acc_dtype(x.dtype))
 
 
 def _ksh_hash_setup(ctx, inputs, output):
@@ -320,7 +436,61 @@ def _ksh_hash_backward(ctx, grad_y):
     return torch.ops.effkern.ksh_hash_backward(grad_y, x, anchors, mu, proj), None, None, None, None
 
 
-_ksh_hash_op.register_autograd(_ksh_hash_backward, setup_context=_ksh_hash_setup)
+KSH_HASH.autograd(_ksh_hash_backward, _ksh_hash_setup)
+
+
+def _ksh_hash_samples(gen, device):
+    def call(x, h, m, d, nbits):
+        return (x, *_ksh_buffers(gen, h, m, d, nbits, device), True)
+
+    extreme = _randn(gen, 2, 2, 9, 16, device=device)
+    extreme[0, 0, 0] *= 1e20  # squares overflow float32
+    extreme[0, 0, 1] *= 1e37  # and ||x|| itself
+    extreme[0, 1, 2] *= 1e-30  # squares underflow; ||x|| < NORM_EPS
+    extreme[1, 1, 3] = 0  # hashes like the origin
+    q = _timm_views(gen, 2, 197, 3, 32, 3, device=device)[0]
+    return [
+        Sample(call(_randn(gen, 1, 1, 1, 32, device=device), 1, 25, 32, 16), "one token"),
+        Sample(call(q, 3, 25, 32, 64), "timm-permuted q, N = 197"),
+        Sample(call(_randn(gen, 3, 2, 17, 7, dtype=torch.bfloat16, device=device).transpose(-1, -2), 2, 7, 17, 8),
+               "bfloat16, odd sizes, transposed x"),
+        Sample(call(_timm_views(gen, 1, 3, 2, 8, 2, torch.float16, device)[1], 2, 3, 8, 100), "float16 k view, b = 100"),
+        Sample(call(extreme, 2, 5, 16, 16), "|x| near 1e20 and 1e37, tiny and zero rows"),
+    ]
+
+
+def _ksh_hash_random(gen, device):
+    b, h, n, d = _draw(gen, 1, 2), _draw(gen, 1, 3), _draw(gen, 1, 64), _draw(gen, 2, 32)
+    m, nbits = _draw(gen, 1, 25), _draw(gen, 1, 64)
+    dtype = _pick(gen, FLOAT_DTYPES)
+    std = 10.0 ** _draw(gen, -3, 2)
+    if _draw(gen, 0, 1):
+        x = _timm_views(gen, b, n, h, d, 3, dtype, device, std)[_draw(gen, 0, 2)]
+    else:
+        x = _randn(gen, b, h, n, d, dtype=dtype, device=device, std=std)
+    return Sample((x, *_ksh_buffers(gen, h, m, d, nbits, device), True), f"{dtype} x {tuple(x.shape)} m={m} b={nbits}")
+
+
+def _ksh_hash_invalid(gen, device):
+    x = _randn(gen, 2, 3, 5, 8, device=device)
+    a, mu, p = _ksh_buffers(gen, 3, 4, 8, 16, device)
+    bad = x.clone()
+    bad[1, 2, 3, 4] = math.inf
+    return [
+        Invalid((x, a[:, :, :4], mu, p, True), ValueError, r"ksh_hash: anchors must be \[H, m, d\]"),
+        Invalid((x, a, mu[:, :3], p, True), ValueError, r"ksh_hash: mu must be \[H, m\]"),
+        Invalid((x, a, mu, p[:, :, :3], True), ValueError, r"ksh_hash: proj must be \[H, b, m\]"),
+        Invalid((x, a, mu, torch.zeros(3, MAX_NBITS + 1, 4, device=device), True), ValueError,
+                r"ksh_hash: proj must be .* 1 <= b <= 1024"),
+        Invalid((x[0], a, mu, p, True), ValueError, "ksh_hash: x must be 4-D"),
+        Invalid((x.to(torch.int32), a, mu, p, True), TypeError, "ksh_hash: x must have dtype"),
+        Invalid((x, a.to("meta"), mu, p, True), ValueError, "ksh_hash: anchors is on meta"),
+        Invalid((x[:, :, :0], a, mu, p, True), ValueError, "ksh_hash: x must have N >= 1 tokens"),
+        Invalid((bad, a, mu, p, True), ValueError, "ksh_hash: x must be finite"),
+    ]
+
+
+KSH_HASH.cases(samples=_ksh_hash_samples, random=_ksh_hash_random, invalid=_ksh_hash_invalid, grad_args=(0,))
 
 
 def ksh_hash(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, *, validate: bool = True) -> Tensor:
@@ -328,41 +498,76 @@ def ksh_hash(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, *, validate: 
 
     Args:
         x: ``[B, H, N, d]`` queries or keys (float16/bfloat16/float32; float64 on the torch
-            backend).
+            backend), any layout (timm's permuted q/k views included).
         anchors: ``[H, m, d]``; mu: ``[H, m]``; proj: ``[H, b, m]`` (buffers, not trained).
         validate: check that every input is finite (one device sync).
 
-    Returns ``y [B, H, N, b]`` in float32 (float64 for float64 x): x normalised over d,
-    D = ||x - anchor||^2, sigma = mean(D) per sample and head, K = exp(-D / (2 sigma)) - mu,
-    y = K proj^T. Differentiable in x (through sigma too).
+    Returns ``y [B, H, N, b]`` in float32 (float64 for float64 x), contiguous: x normalised
+    over d (overflow-free for any finite x), D = ||x - anchor||^2, sigma = mean(D) per sample
+    and head, K = exp(-D / (2 sigma)) - mu, y = K proj^T. Differentiable in x (through sigma too).
     """
     return torch.ops.effkern.ksh_hash(x, anchors, mu, proj, validate)
 
 
 # ---- pack_bits / unpack_bits ---------------------------------------------------------------
 
-_pack_dispatch = op_dispatcher("pack_bits", "binary codes -> packed int32 words")
-_pack_dispatch.register("torch", pack_codes, dtypes=TORCH_DTYPES + (torch.int8, torch.int32, torch.int64, torch.bool))
-_pack_dispatch.register("triton", triton_impl("binary_hash", "pack_codes"), dtypes=FLOAT_DTYPES)
+PACK_BITS = define_op(
+    "pack_bits", family=FAMILY, doc="binary codes -> packed int32 words",
+    check=_check_pack_bits, dispatch_on="h",
+    kernels=[
+        torch_kernel(pack_codes, dtypes=PACK_DTYPES),
+        triton_kernel("binary_hash:pack_codes", dtypes=FLOAT_DTYPES),
+    ],
+)
 
 
-def _check_pack(h: Tensor) -> None:
-    if not isinstance(h, Tensor):
-        raise TypeError(f"pack_bits: h must be a torch.Tensor, got {type(h).__name__}")
-    if h.dim() == 0 or not 1 <= h.shape[-1] <= MAX_NBITS:
-        raise ValueError(f"pack_bits: h must be [..., b] with 1 <= b <= {MAX_NBITS}, got {tuple(h.shape)}")
-
-
-@torch.library.custom_op("effkern::pack_bits", mutates_args=())
+@PACK_BITS.impl
 def _pack_bits_op(h: Tensor) -> Tensor:
-    _check_pack(h)
-    return _pack_dispatch(h.contiguous())
+    return PACK_BITS.kernels(h=h.contiguous())
 
 
-@_pack_bits_op.register_fake
+@PACK_BITS.fake
 def _(h):
-    _check_pack(h)
     return h.new_empty(tuple(h.shape[:-1]) + (num_words(h.shape[-1]),), dtype=torch.int32)
+
+
+def _with_zeros(h: Tensor) -> Tensor:
+    """h with exact zeros and negative zeros (both count as 0)."""
+    h = h.clone()
+    h[..., ::7] = 0.0
+    h[..., 3::11] = -0.0
+    return h
+
+
+def _pack_bits_samples(gen, device):
+    y = _timm_views(gen, 2, 197, 3, 64, 1, torch.float16, device)[0]  # [B, H, N, b], permuted
+    return [
+        Sample((_randn(gen, 3, 5, 1, device=device),), "b = 1"),
+        Sample((_with_zeros(y),), "timm-permuted float16 hashes, b = 64, zeros"),
+        Sample((_with_zeros(_randn(gen, 4, 100, dtype=torch.bfloat16, device=device)),), "bfloat16, b = 100"),
+        Sample((_randn(gen, 3, MAX_NBITS, device=device)[:, None],), "b = 1024"),
+        Sample((_randn(gen, 0, 16, device=device),), "empty batch"),
+    ]
+
+
+def _pack_bits_random(gen, device):
+    shape = [_draw(gen, 1, 5) for _ in range(_draw(gen, 0, 3))] + [_draw(gen, 1, 64)]
+    h = _randn(gen, *shape, dtype=_pick(gen, FLOAT_DTYPES), device=device)
+    return Sample((_with_zeros(h) if _draw(gen, 0, 1) else h.transpose(0, -1).contiguous().transpose(0, -1),),
+                  f"{h.dtype} {tuple(h.shape)}")
+
+
+def _pack_bits_invalid(gen, device):
+    h = _randn(gen, 3, 40, device=device)
+    return [
+        Invalid((h[0, 0],), ValueError, r"pack_bits: h must be \[\.\.\., b\] with 1 <= b <= 1024"),
+        Invalid((h[:, :0],), ValueError, r"pack_bits: h must be \[\.\.\., b\]"),
+        Invalid((torch.ones(2, MAX_NBITS + 1, device=device),), ValueError, r"pack_bits: h must be \[\.\.\., b\]"),
+        Invalid((h.to(torch.int16),), TypeError, "pack_bits: h must have dtype"),
+    ]
+
+
+PACK_BITS.cases(samples=_pack_bits_samples, random=_pack_bits_random, invalid=_pack_bits_invalid, exact=True)
 
 
 def pack_bits(h: Tensor) -> Tensor:
@@ -376,7 +581,7 @@ def unpack_bits(codes: Tensor, b: int, *, signed: bool = False, dtype: torch.dty
     """Inverse of :func:`pack_bits`: ``[..., b]`` of {0, 1} (``signed``: {-1, +1}) in ``dtype``."""
     if not isinstance(codes, Tensor) or codes.dtype != torch.int32 or codes.dim() == 0:
         raise TypeError("unpack_bits: codes must be an int32 tensor [..., ceil(b / 32)]")
-    _check_nbits("unpack_bits", b)
+    check_int("unpack_bits", "b", b, 1, MAX_NBITS)
     if codes.shape[-1] != num_words(b):
         raise ValueError(f"unpack_bits: codes hold {codes.shape[-1]} words but b = {b} needs {num_words(b)}")
     return unpack_codes(codes, b, signed, dtype)
@@ -384,41 +589,65 @@ def unpack_bits(codes: Tensor, b: int, *, signed: bool = False, dtype: torch.dty
 
 # ---- binary_attention (inference, packed codes) --------------------------------------------
 
-_attn_dispatch = op_dispatcher("binary_attention", "linear attention from packed binary codes")
-_attn_dispatch.register("torch", binary_attention_fwd, dtypes=TORCH_DTYPES)
-_attn_dispatch.register("triton", triton_impl("binary_hash", "binary_attention_fwd"), dtypes=FLOAT_DTYPES)
-CUDA_HEAD_DIMS = (32, 64, 128)  # the CUDA kernels are specialised on d
 
-
-def _cuda_head_dim(v: Tensor, q_codes: Tensor, k_codes: Tensor, nbits: int, form: str) -> list[str]:
+def _cuda_head_dim(q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str) -> list[str]:
     return [] if v.shape[-1] in CUDA_HEAD_DIMS else [f"head dim d = {v.shape[-1]} is not one of {CUDA_HEAD_DIMS}"]
 
 
-def _cuda_binary_attention(v, q_codes, k_codes, nbits, form):
-    return torch.ops.effkern.cuda_binary_attention(v, q_codes, k_codes, nbits, FORMS.index(form))
+def _cuda_binary_attention(op, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str) -> Tensor:
+    """cuda_binary_attention(v, q_codes, k_codes, nbits, form index) (csrc/binary_hash)."""
+    return op(v, q_codes, k_codes, nbits, FORMS.index(form))
 
 
-_cuda_binary_attention.__name__ = "torch.ops.effkern.cuda_binary_attention"
-_attn_dispatch.register("cuda", _cuda_binary_attention, dtypes=FLOAT_DTYPES, check=_cuda_head_dim)
-_attn_bwd_dispatch = op_dispatcher("binary_attention_backward", "gradient of binary_attention")
-_attn_bwd_dispatch.register("torch", binary_attention_bwd, dtypes=TORCH_DTYPES)
-_attn_bwd_dispatch.register("triton", triton_impl("binary_hash", "binary_attention_bwd"), dtypes=FLOAT_DTYPES)
+BINARY_ATTENTION_BACKWARD = define_op(
+    "binary_attention_backward", family=FAMILY, doc="gradient of binary_attention (codes and v)", public=False,
+    check=_check_binary_attention_backward, dispatch_on="v",
+    kernels=[
+        torch_kernel(binary_attention_bwd, dtypes=TORCH_FLOAT_DTYPES),
+        triton_kernel("binary_hash:binary_attention_bwd", dtypes=FLOAT_DTYPES),
+    ],
+)
 
 
-@torch.library.custom_op("effkern::binary_attention", mutates_args=())
+@BINARY_ATTENTION_BACKWARD.impl
+def _binary_attention_backward_op(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int,
+                                  form: str) -> tuple[Tensor, Tensor, Tensor]:
+    return BINARY_ATTENTION_BACKWARD.kernels(grad_out=grad_out.contiguous(), q_codes=q_codes.contiguous(),
+                                             k_codes=k_codes.contiguous(), v=v.contiguous(), nbits=nbits, form=form)
+
+
+@BINARY_ATTENTION_BACKWARD.fake
+def _(grad_out, q_codes, k_codes, v, nbits, form):
+    code_shape = tuple(v.shape[:3]) + (nbits,)
+    acc = acc_dtype(v.dtype)
+    # Every output is allocated contiguous (v's layout, a timm-permuted view say, is not copied).
+    return v.new_empty(code_shape, dtype=acc), v.new_empty(code_shape, dtype=acc), v.new_empty(v.shape)
+
+
+BINARY_ATTENTION = define_op(
+    "binary_attention", family=FAMILY, doc="linear attention from packed binary codes",
+    check=_check_binary_attention, dispatch_on="v",
+    kernels=[
+        torch_kernel(binary_attention_fwd, dtypes=TORCH_FLOAT_DTYPES),
+        triton_kernel("binary_hash:binary_attention_fwd", dtypes=FLOAT_DTYPES),
+        cuda_kernel("cuda_binary_attention", dtypes=FLOAT_DTYPES, check=_cuda_head_dim, adapter=_cuda_binary_attention),
+    ],
+)
+
+
+@BINARY_ATTENTION.impl
 def _binary_attention_op(q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str,
                          validate: bool) -> Tensor:
-    _check_attention("binary_attention", q_codes, k_codes, v, nbits, form)
     if validate:
         _check_finite("binary_attention", v=v)
         _check_code_padding("binary_attention", nbits, q_codes=q_codes, k_codes=k_codes)
-    return _attn_dispatch(v.contiguous(), q_codes.contiguous(), k_codes.contiguous(), nbits, form)
+    return BINARY_ATTENTION.kernels(q_codes=q_codes.contiguous(), k_codes=k_codes.contiguous(), v=v.contiguous(),
+                                    nbits=nbits, form=form)
 
 
-@_binary_attention_op.register_fake
+@BINARY_ATTENTION.fake
 def _(q_codes, k_codes, v, nbits, form, validate):
-    _check_attention("binary_attention", q_codes, k_codes, v, nbits, form)
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
+    return v.new_empty(v.shape)
 
 
 def _binary_attention_setup(ctx, inputs, output):
@@ -433,6 +662,74 @@ def _binary_attention_backward(ctx, grad_out):
     return None, None, dv, None, None, None
 
 
+BINARY_ATTENTION.autograd(_binary_attention_backward, _binary_attention_setup)
+
+
+def _timm_codes(gen, b, n, h, nbits, device) -> Tensor:
+    """Packed codes [B, H, N, W] as a permuted view of [B, N, H, W]."""
+    return _codes(gen, (b, n, h), nbits, device).transpose(1, 2)
+
+
+def _binary_attention_samples(gen, device):
+    v = _timm_views(gen, 2, 197, 3, 32, 3, device=device)[2]
+    zero = _randn(gen, 1, 2, 9, 32, device=device)
+    zero[0, 1, 4] = 0
+    qz = _codes(gen, (1, 2, 9), 32, device)
+    qz[0, 1, 4] = 0  # h_q = 0 and v = 0: t = 0 (shiftadd)
+    return [
+        Sample((_codes(gen, (1, 1, 1), 16, device), _codes(gen, (1, 1, 1), 16, device),
+                _randn(gen, 1, 1, 1, 32, device=device), 16, "ecoformer", True), "one token"),
+        Sample((_codes(gen, (2, 3, 197), 64, device), _codes(gen, (2, 3, 197), 64, device), v, 64, "shiftadd", True),
+               "timm-permuted v, N = 197"),
+        Sample((_codes(gen, (3, 1, 7), 100, device), _codes(gen, (3, 1, 7), 100, device),
+                _randn(gen, 3, 1, 64, 7, dtype=torch.bfloat16, device=device).transpose(-1, -2), 100, "ecoformer", True),
+               "bfloat16, odd sizes, nbits = 100, transposed v"),
+        Sample((_timm_codes(gen, 1, 33, 3, 5, device), _timm_codes(gen, 1, 33, 3, 5, device),
+                _timm_views(gen, 1, 33, 3, 32, 3, torch.float16, device)[2], 5, "shiftadd", True),
+               "float16, permuted codes and v, nbits = 5"),
+        Sample((qz, _codes(gen, (1, 2, 9), 32, device), zero, 32, "shiftadd", True), "shiftadd t = 0 row"),
+        Sample((_codes(gen, (0, 2, 5), 16, device), _codes(gen, (0, 2, 5), 16, device),
+                _randn(gen, 0, 2, 5, 32, device=device), 16, "ecoformer", True), "empty batch"),
+    ]
+
+
+def _binary_attention_random(gen, device):
+    b, h, n, nbits = _draw(gen, 1, 2), _draw(gen, 1, 3), _draw(gen, 1, 64), _draw(gen, 1, 64)
+    # The CUDA kernels take d in CUDA_HEAD_DIMS only (they decline the rest).
+    d = _draw(gen, 1, 32) if device == "cpu" else 32
+    dtype, form = _pick(gen, FLOAT_DTYPES), _pick(gen, FORMS)
+    if _draw(gen, 0, 1):
+        v = _timm_views(gen, b, n, h, d, 3, dtype, device)[2]
+        qc, kc = _timm_codes(gen, b, n, h, nbits, device), _timm_codes(gen, b, n, h, nbits, device)
+    else:
+        v = _randn(gen, b, h, n, d, dtype=dtype, device=device)
+        qc, kc = _codes(gen, (b, h, n), nbits, device), _codes(gen, (b, h, n), nbits, device)
+    return Sample((qc, kc, v, nbits, form, True), f"{dtype} v {tuple(v.shape)} nbits={nbits} {form}")
+
+
+def _binary_attention_invalid(gen, device):
+    v = _randn(gen, 2, 3, 7, 8, device=device)
+    qc = _codes(gen, (2, 3, 7), 16, device)
+    nan = v.clone()
+    nan[0, 0, 0, 0] = math.nan
+    return [
+        Invalid((qc, qc, v, 40, "ecoformer", True), ValueError,
+                r"binary_attention: q_codes must be \[B, H, N, ceil\(nbits / 32\)\] = \(2, 3, 7, 2\)"),
+        Invalid((qc, qc, v, 8, "ecoformer", True), ValueError, "binary_attention: .*bits set beyond nbits = 8"),
+        Invalid((qc, qc, v, 16, "softmax", True), ValueError, "binary_attention: form must be"),
+        Invalid((qc, qc[:, :, :5], v, 16, "shiftadd", True), ValueError, "binary_attention: k_codes must be"),
+        Invalid((qc.long(), qc, v, 16, "shiftadd", True), TypeError, "binary_attention: q_codes must have dtype int32"),
+        Invalid((qc, qc, v.to(torch.int32), 16, "shiftadd", True), TypeError, "binary_attention: v must have dtype"),
+        Invalid((qc, qc, v, 0, "shiftadd", True), ValueError, r"binary_attention: nbits must be an integer in \[1, 1024\]"),
+        Invalid((qc.to("meta"), qc, v, 16, "shiftadd", True), ValueError, "binary_attention: q_codes is on meta"),
+        Invalid((qc, qc, nan, 16, "shiftadd", True), ValueError, "binary_attention: v must be finite"),
+    ]
+
+
+BINARY_ATTENTION.cases(samples=_binary_attention_samples, random=_binary_attention_random,
+                       invalid=_binary_attention_invalid, grad_args=(2,))
+
+
 def binary_attention(q_codes: Tensor, k_codes: Tensor, v: Tensor, *, nbits: int, form: str,
                      validate: bool = True) -> Tensor:
     """Linear attention from packed binary query/key codes (inference; not differentiable in
@@ -440,63 +737,60 @@ def binary_attention(q_codes: Tensor, k_codes: Tensor, v: Tensor, *, nbits: int,
 
     Args:
         q_codes, k_codes: int32 ``[B, H, N, ceil(nbits / 32)]`` from :func:`pack_bits`.
-        v: ``[B, H, N, d]`` values, float16/bfloat16/float32 (float64 on the torch backend).
+        v: ``[B, H, N, d]`` values, float16/bfloat16/float32 (float64 on the torch backend),
+            any layout (timm's permuted v view included).
         nbits: code length b; form: ``"ecoformer"`` ({-1, +1} codes) or ``"shiftadd"`` ({0, 1}).
         validate: check v is finite and no code bit beyond nbits is set (one device sync).
 
-    Returns ``[B, H, N, d]`` in v's dtype, accumulated in float32; see the module docstring for
-    the two forms. Differentiable in v.
+    Returns ``[B, H, N, d]`` in v's dtype, contiguous, accumulated in float32; see the module
+    docstring for the two forms. Differentiable in v.
     """
     return torch.ops.effkern.binary_attention(q_codes, k_codes, v, nbits, form, validate)
 
 
 # ---- the training path: hashes -> codes -> attention, straight-through -------------------
 
-@torch.library.custom_op("effkern::binary_attention_backward", mutates_args=())
-def _binary_attention_backward_op(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int,
-                                  form: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _attn_bwd_dispatch(grad_out.contiguous(), q_codes.contiguous(), k_codes.contiguous(), v.contiguous(),
-                              nbits, form)
+
+def _pack_for_cuda(h: Tensor) -> Tensor:
+    """The codes of h for the CUDA attention kernel (which does not pack): packed by the
+    Triton kernel where it runs, else by the torch one."""
+    triton_pack = PACK_BITS.kernels.impls["triton"]
+    return (pack_codes if triton_pack.reasons(h, (h,)) else triton_pack.fn)(h)
 
 
-@_binary_attention_backward_op.register_fake
-def _(grad_out, q_codes, k_codes, v, nbits, form):
-    code_shape = tuple(v.shape[:3]) + (nbits,)
-    acc = _acc_dtype(v.dtype)
-    return v.new_empty(code_shape, dtype=acc), v.new_empty(code_shape, dtype=acc), torch.empty_like(v)
+def _cuda_hashed_head_dim(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> list[str]:
+    return _cuda_head_dim(y_q, y_k, v, y_q.shape[-1], form)
 
 
-_binary_attention_op.register_autograd(_binary_attention_backward, setup_context=_binary_attention_setup)
+def _cuda_hashed_attention(op, y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> Tensor:
+    return op(v, _pack_for_cuda(y_q), _pack_for_cuda(y_k), y_q.shape[-1], FORMS.index(form))
+
+
+HASHED_ATTENTION = define_op(
+    "hashed_attention", family=FAMILY, doc="binary attention from the hashes y_q, y_k (codes packed inside)",
+    check=_check_hashed_attention, dispatch_on="v",
+    kernels=[
+        torch_kernel(hashed_attention_fwd, dtypes=TORCH_FLOAT_DTYPES),
+        triton_kernel("binary_hash:hashed_attention_fwd", dtypes=FLOAT_DTYPES),
+        cuda_kernel("cuda_binary_attention", dtypes=FLOAT_DTYPES, check=_cuda_hashed_head_dim,
+                    adapter=_cuda_hashed_attention),
+    ],
+)
+
+
+@HASHED_ATTENTION.impl
+def _hashed_attention_op(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> Tensor:
+    return HASHED_ATTENTION.kernels(y_q=y_q.contiguous(), y_k=y_k.contiguous(), v=v.contiguous(), form=form)
+
+
+@HASHED_ATTENTION.fake
+def _(y_q, y_k, v, form):
+    return v.new_empty(v.shape)
 
 
 def _ste_mask(y: Tensor, form: str) -> Tensor:
     """Where the straight-through estimator passes the gradient of the code to y."""
     return (y.abs() < 1) if SIGNED[form] else ((y > 0) & (y < 1))
-
-
-def _check_hashed_attention(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> None:
-    op = "binary_hash_attention"
-    _check_form(op, form)
-    _check_float(op, "v", v, 4)
-    for name, y in (("the query hashes", y_q), ("the key hashes", y_k)):
-        _check_float(op, name, y, 4)
-        _check_device(op, name, y, v)
-    if y_q.shape != y_k.shape or y_q.shape[:3] != v.shape[:3] or not 1 <= y_q.shape[-1] <= MAX_NBITS:
-        raise ValueError(f"{op}: the query and key hashes must both be [B, H, N, b] with 1 <= b <= {MAX_NBITS} and "
-                         f"v [B, H, N, d], got {tuple(y_q.shape)}, {tuple(y_k.shape)} and {tuple(v.shape)}")
-
-
-@torch.library.custom_op("effkern::hashed_attention", mutates_args=())
-def _hashed_attention_op(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> Tensor:
-    _check_hashed_attention(y_q, y_k, v, form)
-    q_codes, k_codes = _pack_dispatch(y_q.contiguous()), _pack_dispatch(y_k.contiguous())
-    return _attn_dispatch(v.contiguous(), q_codes, k_codes, y_q.shape[-1], form)
-
-
-@_hashed_attention_op.register_fake
-def _(y_q, y_k, v, form):
-    _check_hashed_attention(y_q, y_k, v, form)
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _hashed_attention_setup(ctx, inputs, output):
@@ -515,7 +809,54 @@ def _hashed_attention_backward(ctx, grad_out):
     return d_yq.to(y_q.dtype), d_yk.to(y_k.dtype), dv, None
 
 
-_hashed_attention_op.register_autograd(_hashed_attention_backward, setup_context=_hashed_attention_setup)
+HASHED_ATTENTION.autograd(_hashed_attention_backward, _hashed_attention_setup)
+
+
+def _hashed_attention_samples(gen, device):
+    y_q, y_k = _timm_views(gen, 2, 197, 3, 16, 2, device=device)
+    v = _timm_views(gen, 2, 197, 3, 32, 3, device=device)[2]
+    return [
+        Sample((*_timm_views(gen, 1, 1, 1, 8, 2, device=device), _randn(gen, 1, 1, 1, 32, device=device), "ecoformer"),
+               "one token"),
+        Sample((y_q, y_k, v, "shiftadd"), "timm-permuted y_q, y_k, v, N = 197"),
+        Sample((y_q, y_k, v, "ecoformer"), "timm-permuted y_q, y_k, v, N = 197"),
+        Sample((_randn(gen, 3, 1, 7, 5, device=device), _randn(gen, 3, 1, 7, 5, device=device),
+                _randn(gen, 3, 1, 64, 7, dtype=torch.bfloat16, device=device).transpose(-1, -2), "shiftadd"),
+               "bfloat16 v, odd sizes, b = 5"),
+        Sample((*_timm_views(gen, 1, 33, 2, 100, 2, torch.float16, device),
+                _timm_views(gen, 1, 33, 2, 32, 3, torch.float16, device)[2], "ecoformer"), "float16, b = 100"),
+    ]
+
+
+def _hashed_attention_random(gen, device):
+    b, h, n, nbits = _draw(gen, 1, 2), _draw(gen, 1, 3), _draw(gen, 1, 64), _draw(gen, 1, 64)
+    d = _draw(gen, 1, 32) if device == "cpu" else 32  # the CUDA kernels decline other d
+    dtype, form = _pick(gen, FLOAT_DTYPES), _pick(gen, FORMS)
+    if _draw(gen, 0, 1):
+        y_q, y_k = _timm_views(gen, b, n, h, nbits, 2, dtype, device)
+        v = _timm_views(gen, b, n, h, d, 3, dtype, device)[2]
+    else:
+        y_q, y_k = (_randn(gen, b, h, n, nbits, dtype=dtype, device=device) for _ in range(2))
+        v = _randn(gen, b, h, n, d, dtype=dtype, device=device)
+    return Sample((y_q, y_k, v, form), f"{dtype} v {tuple(v.shape)} b={nbits} {form}")
+
+
+def _hashed_attention_invalid(gen, device):
+    y = _randn(gen, 2, 3, 7, 16, device=device)
+    v = _randn(gen, 2, 3, 7, 8, device=device)
+    return [
+        Invalid((y, y[:, :, :5], v, "ecoformer"), ValueError, r"hashed_attention: the query and key hashes"),
+        Invalid((y, y, v[:, :2], "ecoformer"), ValueError, r"hashed_attention: the query and key hashes"),
+        Invalid((y[..., :0], y[..., :0], v, "ecoformer"), ValueError, r"hashed_attention: .* 1 <= b <= 1024"),
+        Invalid((y, y, v, "softmax"), ValueError, "hashed_attention: form must be"),
+        Invalid((y, y, v[0], "shiftadd"), ValueError, "hashed_attention: v must be 4-D"),
+        Invalid((y.to(torch.int32), y, v, "shiftadd"), TypeError, "hashed_attention: y_q must have dtype"),
+        Invalid((y, y.to("meta"), v, "shiftadd"), ValueError, "hashed_attention: y_k is on meta"),
+    ]
+
+
+HASHED_ATTENTION.cases(samples=_hashed_attention_samples, random=_hashed_attention_random,
+                       invalid=_hashed_attention_invalid, grad_args=(0, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -551,7 +892,7 @@ class RandomProjection:
                              f"got {tuple(x.shape)} and {tuple(self.weight.shape)}")
         if x.device != self.weight.device:
             raise ValueError(f"RandomProjection: x is on {x.device} but the projection on {self.weight.device}")
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         return torch.einsum("bhnd,hdk->bhnk", x.to(acc), self.weight.to(acc))
 
 
@@ -561,22 +902,25 @@ def binary_hash_attention(q: Tensor, k: Tensor, v: Tensor, hash: KSHParams | Ran
     straight-through estimator, to q and k.
 
     Args:
-        q, k, v: ``[B, H, N, d]`` (float16/bfloat16/float32; float64 on the torch backend).
+        q, k, v: ``[B, H, N, d]`` (float16/bfloat16/float32; float64 on the torch backend), any
+            layout (timm's ``qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``
+            views included; works under ``torch.compile``, inductor included).
         hash: :class:`KSHParams` (KSH, both papers) or :class:`RandomProjection`.
         form: ``"ecoformer"`` (codes sign(y)) or ``"shiftadd"`` (codes 1[y > 0]).
         validate: check q, k, v are finite (one device sync).
 
     Returns ``[B, H, N, d]`` in v's dtype. The backward is fused kernels (the attention's
-    backward primitive and the hash's), with dL/dy = dL/dh where |y| < 1 ({-1, +1} codes) or
-    0 < y < 1 ({0, 1} codes).
+    backward and the hash's), with dL/dy = dL/dh where |y| < 1 ({-1, +1} codes) or 0 < y < 1
+    ({0, 1} codes).
     """
-    _check_form("binary_hash_attention", form)
+    op = "binary_hash_attention"
+    check_choice(op, "form", form, FORMS)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float("binary_hash_attention", name, t, 4)
+        _check_float(op, name, t, 4)
     if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
-        raise ValueError(f"binary_hash_attention: q and k must be [B, H, N, d] and v [B, H, N, d_v] with the "
+        raise ValueError(f"{op}: q and k must be [B, H, N, d] and v [B, H, N, d_v] with the "
                          f"same B, H, N, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if validate:
-        _check_finite("binary_hash_attention", q=q, k=k, v=v)
+        _check_finite(op, q=q, k=k, v=v)
     y_q, y_k = hash(q, validate=False), hash(k, validate=False)
     return torch.ops.effkern.hashed_attention(y_q, y_k, v, form)

@@ -1,5 +1,5 @@
-"""Triton backend of the binary-hash attention primitives of :mod:`effkern.ops.binary_hash`:
-``pack_codes``, ``binary_attention_fwd`` and ``binary_attention_bwd``.
+"""Triton backend of the binary-hash attention kernels of :mod:`effkern.ops.binary_hash`:
+``pack_codes``, ``binary_attention_fwd``, ``binary_attention_bwd`` and ``hashed_attention_fwd``.
 
 The host wrappers have the names and signatures of the torch primitives and take contiguous,
 already validated inputs: v (and grad_out) float16 / bfloat16 / float32, codes int32
@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from effkern._common import num_words
+
 # Programs the chunked reductions aim for (enough to fill an H100's 132 SMs several times).
 # Under Triton's interpreter every program costs milliseconds of Python: few there (still
 # several chunks at B * H = 1 and N >= 128, so the two-stage sum is exercised).
@@ -54,7 +56,7 @@ SUM_BLOCK = 1024
 PACK_BLOCK_R = 64
 
 # Constants used inside kernels must be tl.constexpr globals (compiled Triton rejects others).
-_SHIFTADD_EPS = tl.constexpr(1e-12)  # effkern.ops.binary_hash.SHIFTADD_EPS
+_SHIFTADD_EPS = tl.constexpr(1e-12)  # effkern.ops.binary_hash.SHIFTADD_EPS (tests check they agree)
 _PI = tl.constexpr(math.pi)
 _HALF_PI = tl.constexpr(math.pi / 2)
 
@@ -286,10 +288,6 @@ def _pack_codes_kernel(h_ptr, out_ptr, R, B, WORDS, BLOCK_R: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 
 
-def _num_words(nbits: int) -> int:
-    return (nbits + 31) // 32
-
-
 def _block_k(nbits: int) -> int:
     return 16 if nbits <= 16 else 32
 
@@ -309,7 +307,7 @@ def _warps(block_d: int) -> int:
 def pack_codes(h: Tensor) -> Tensor:
     """int32 [..., ceil(b / 32)]: bit j of word j // 32 is 1[h[..., j] > 0]."""
     b = h.shape[-1]
-    words = _num_words(b)
+    words = num_words(b)
     out = torch.empty(tuple(h.shape[:-1]) + (words,), dtype=torch.int32, device=h.device)
     if out.numel() == 0:
         return out
@@ -350,8 +348,8 @@ def _codes_outer(codes: Tensor, x: Tensor, w: Tensor | None, nbits: int, signed:
     return kv, ks
 
 
-def binary_attention_fwd(v: Tensor, q_codes: Tensor, k_codes: Tensor, nbits: int, form: str) -> Tensor:
-    """out [B, H, N, d] in v's dtype from v [B, H, N, d] and packed codes [B, H, N, W]."""
+def binary_attention_fwd(q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str) -> Tensor:
+    """out [B, H, N, d] in v's dtype from packed codes [B, H, N, W] and v [B, H, N, d]."""
     bsz, heads, n, d = v.shape
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if out.numel() == 0:
@@ -398,3 +396,8 @@ def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: 
         v, k_codes, gq, dkv, dks, d_hk, dv, n, d, words, nbits, c if eco else math.pi / 2,
         ECO=eco, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps)
     return d_hq, d_hk, dv
+
+
+def hashed_attention_fwd(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> Tensor:
+    """binary_attention_fwd of the packed codes of the hashes y_q, y_k [B, H, N, b]."""
+    return binary_attention_fwd(pack_codes(y_q), pack_codes(y_k), v, y_q.shape[-1], form)

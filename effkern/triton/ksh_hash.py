@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from effkern._common import NORM_EPS
+
 # Tokens per program, the largest d chunk, the largest chunk of the b bits.
 BLOCK_N = 64
 MAX_BLOCK_D = 64
@@ -38,7 +40,7 @@ MAX_BLOCK_B = 64
 NUM_WARPS = 4
 
 # Constants used inside kernels must be tl.constexpr globals (compiled Triton rejects others).
-_NORM_EPS = tl.constexpr(1e-12)  # effkern.ops.binary_hash.NORM_EPS
+_NORM_EPS = tl.constexpr(NORM_EPS)
 
 
 def _pow2(v: int, lo: int = 16) -> int:
@@ -51,18 +53,37 @@ def _pow2(v: int, lo: int = 16) -> int:
 
 
 @triton.jit
+def _exp2i(e):
+    """2^e in float32 for int32 e in [-126, 127], exactly (built from the exponent bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_exponent(a):
+    """frexp's exponent k of a >= 0 (a * 2^-k in [0.5, 1)), clamped to [-126, 126] (zero and
+    subnormal a give -126), so that 2^-k and 2^k are normal float32 numbers."""
+    k = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+    return tl.minimum(tl.maximum(k, -126), 126)
+
+
+@triton.jit
 def _ksh_block_dist(x_ptr, a_ptr, x_base, a_base, n0, N, M, Dd,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Tokens n0 .. n0 + BLOCK_N of one (b, h): (valid mask [BLOCK_N, BLOCK_M], ||xn||^2
-    [BLOCK_N], 1 / max(||x||, eps) [BLOCK_N], ||x|| [BLOCK_N], raw x . a [BLOCK_N, BLOCK_M],
-    D [BLOCK_N, BLOCK_M], 0 where masked). x_base / a_base are int64 element offsets of the
-    (b, h) rows / the head's anchors; tile offsets are int32 from the block's first row."""
+    [BLOCK_N], xscale [BLOCK_N], inv [BLOCK_N], big [BLOCK_N], xs . a [BLOCK_N, BLOCK_M],
+    D [BLOCK_N, BLOCK_M], 0 where masked), where xs = x * xscale is x scaled by a power of two
+    (exact) so that its squares neither overflow nor underflow, xn = xs * inv =
+    x / max(||x||, eps) and big = ||x|| > eps (as effkern.ops.binary_hash.normalize_rows). The
+    scale follows the row maximum over the d chunks, rescaling the partial sums when it grows.
+    x_base / a_base are int64 element offsets of the (b, h) rows / the head's anchors; tile
+    offsets are int32 from the block's first row."""
     nl = tl.arange(0, BLOCK_N)
     jj = tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     n_mask = n0 + nl < N
     j_mask = jj < M
     xrow = x_base + n0.to(tl.int64) * Dd
+    kx = tl.full([BLOCK_N], -126, tl.int32)  # x is scaled by 2^-kx
     sumsq = tl.zeros([BLOCK_N], tl.float32)
     a2 = tl.zeros([BLOCK_M], tl.float32)
     xa = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -74,16 +95,21 @@ def _ksh_block_dist(x_ptr, a_ptr, x_base, a_base, n0, N, M, Dd,
         # anchors transposed: [BLOCK_D, BLOCK_M]
         at = tl.load(a_ptr + a_base + jj[None, :] * Dd + d[:, None], mask=d_mask[:, None] & j_mask[None, :],
                      other=0.0).to(tl.float32)
-        sumsq += tl.sum(x * x, axis=1)
+        knew = tl.maximum(kx, _row_exponent(tl.max(tl.abs(x), axis=1)))
+        rescale = _exp2i(tl.maximum(kx - knew, -126))  # <= 1: the partial sums so far, rescaled
+        xs = x * _exp2i(-knew)[:, None]
+        sumsq = sumsq * (rescale * rescale) + tl.sum(xs * xs, axis=1)
         a2 += tl.sum(at * at, axis=0)
-        xa += tl.dot(x, at, input_precision="ieee")
-    nrm = tl.sqrt_rn(sumsq)
-    inv = 1.0 / tl.maximum(nrm, _NORM_EPS)
+        xa = xa * rescale[:, None] + tl.dot(xs, at, input_precision="ieee")
+        kx = knew
+    ns = tl.sqrt_rn(sumsq)
+    big = ns * _exp2i(kx) > _NORM_EPS  # ||x|| > eps (||x|| may be inf: still big)
+    inv = tl.where(big, 1.0 / tl.where(ns > 0, ns, 1.0), _exp2i(kx) / _NORM_EPS)
     xn2 = sumsq * inv * inv
     valid = n_mask[:, None] & j_mask[None, :]
     dist = xn2[:, None] + a2[None, :] - 2.0 * (xa * inv[:, None])
     dist = tl.where(valid, tl.maximum(dist, 0.0), 0.0)
-    return valid, xn2, inv, nrm, xa, dist
+    return valid, xn2, _exp2i(-kx), inv, big, xa, dist
 
 
 @triton.jit
@@ -121,8 +147,8 @@ def _ksh_dist_sum_kernel(x_ptr, a_ptr, part_ptr, H, N, M, Dd, NBLK,
     blk = tl.program_id(1)
     h = bh % H
     n0 = blk * BLOCK_N
-    _valid, _xn2, _inv, _nrm, _xa, dist = _ksh_block_dist(x_ptr, a_ptr, bh * N * Dd, h * M * Dd, n0, N, M, Dd,
-                                                          BLOCK_N, BLOCK_M, BLOCK_D)
+    _valid, _xn2, _xscale, _inv, _big, _xa, dist = _ksh_block_dist(x_ptr, a_ptr, bh * N * Dd, h * M * Dd, n0, N,
+                                                                   M, Dd, BLOCK_N, BLOCK_M, BLOCK_D)
     tl.store(part_ptr + bh * NBLK + blk, tl.sum(tl.sum(dist, axis=1), axis=0))
 
 
@@ -134,8 +160,8 @@ def _ksh_hash_fwd_kernel(x_ptr, a_ptr, mu_ptr, p_ptr, inv2s_ptr, y_ptr, H, N, M,
     bh = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     h = bh % H
-    valid, _xn2, _inv, _nrm, _xa, dist = _ksh_block_dist(x_ptr, a_ptr, bh * N * Dd, h * M * Dd, n0, N, M, Dd,
-                                                         BLOCK_N, BLOCK_M, BLOCK_D)
+    valid, _xn2, _xscale, _inv, _big, _xa, dist = _ksh_block_dist(x_ptr, a_ptr, bh * N * Dd, h * M * Dd, n0, N, M,
+                                                                  Dd, BLOCK_N, BLOCK_M, BLOCK_D)
     inv2s = tl.load(inv2s_ptr + bh)
     jj = tl.arange(0, BLOCK_M)
     j_mask = jj < M
@@ -165,8 +191,8 @@ def _ksh_hash_bwd_sum_kernel(gy_ptr, x_ptr, a_ptr, p_ptr, inv2s_ptr, part_ptr, H
     blk = tl.program_id(1)
     n0 = blk * BLOCK_N
     h = bh % H
-    valid, _xn2, _inv, _nrm, _xa, dist = _ksh_block_dist(x_ptr, a_ptr, bh * N * Dd, h * M * Dd, n0, N, M, Dd,
-                                                         BLOCK_N, BLOCK_M, BLOCK_D)
+    valid, _xn2, _xscale, _inv, _big, _xa, dist = _ksh_block_dist(x_ptr, a_ptr, bh * N * Dd, h * M * Dd, n0, N, M,
+                                                                  Dd, BLOCK_N, BLOCK_M, BLOCK_D)
     inv2s = tl.load(inv2s_ptr + bh)
     gk = _ksh_block_grad_k(gy_ptr, p_ptr, bh * N * NB, h * NB * M, n0, N, M, NB, BLOCK_N, BLOCK_M, BLOCK_B)
     ged = tl.where(valid, gk * tl.exp(-dist * inv2s) * dist, 0.0)
@@ -183,16 +209,15 @@ def _ksh_hash_bwd_kernel(gy_ptr, x_ptr, a_ptr, p_ptr, inv2s_ptr, coef_ptr, gx_pt
     h = bh % H
     x_base = bh * N * Dd
     a_base = h * M * Dd
-    valid, xn2, inv, nrm, xa, dist = _ksh_block_dist(x_ptr, a_ptr, x_base, a_base, n0, N, M, Dd,
+    valid, xn2, xscale, inv, big, xa, dist = _ksh_block_dist(x_ptr, a_ptr, x_base, a_base, n0, N, M, Dd,
                                                      BLOCK_N, BLOCK_M, BLOCK_D)
     inv2s = tl.load(inv2s_ptr + bh)
     coef = tl.load(coef_ptr + bh)
     gk = _ksh_block_grad_k(gy_ptr, p_ptr, bh * N * NB, h * NB * M, n0, N, M, NB, BLOCK_N, BLOCK_M, BLOCK_B)
     gd = tl.where(valid, coef - gk * tl.exp(-dist * inv2s) * inv2s, 0.0)
     rs = tl.sum(gd, axis=1)  # sum_j gD
-    # g_xn . xn = 2 rs ||xn||^2 - 2 sum_j gD (xn . a_j)
+    # g_xn . xn = 2 rs ||xn||^2 - 2 sum_j gD (xn . a_j), xn . a_j = inv (xs . a_j)
     gdot = 2.0 * rs * xn2 - 2.0 * inv * tl.sum(gd * xa, axis=1)
-    big = nrm > _NORM_EPS
     nl = tl.arange(0, BLOCK_N)
     jj = tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
@@ -204,11 +229,12 @@ def _ksh_hash_bwd_kernel(gy_ptr, x_ptr, a_ptr, p_ptr, inv2s_ptr, coef_ptr, gx_pt
         d_mask = d < Dd
         io_mask = n_mask[:, None] & d_mask[None, :]
         offs = xrow + nl[:, None] * Dd + d[None, :]
-        xn = tl.load(x_ptr + offs, mask=io_mask, other=0.0).to(tl.float32) * inv[:, None]
+        xn = (tl.load(x_ptr + offs, mask=io_mask, other=0.0).to(tl.float32) * xscale[:, None]) * inv[:, None]
         a = tl.load(a_ptr + a_base + jj[:, None] * Dd + d[None, :], mask=j_mask[:, None] & d_mask[None, :],
                     other=0.0).to(tl.float32)
         gxn = 2.0 * rs[:, None] * xn - 2.0 * tl.dot(gd, a, input_precision="ieee")
-        gx = tl.where(big[:, None], (gxn - gdot[:, None] * xn) * inv[:, None], gxn / _NORM_EPS)
+        # 1 / ||x|| = inv * xscale where big
+        gx = tl.where(big[:, None], ((gxn - gdot[:, None] * xn) * inv[:, None]) * xscale[:, None], gxn / _NORM_EPS)
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=io_mask)
 
 
