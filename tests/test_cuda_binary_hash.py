@@ -55,7 +55,7 @@ def bh_for(n):
 def check_close(got, v, q, k, nbits, form, what=""):
     """got (v's dtype) against binary_attention_fwd in float64; see the module docstring."""
     assert got.shape == v.shape and got.dtype == v.dtype, (what, got.shape, got.dtype)
-    ref = binary_attention_fwd(v.cpu().double(), q.cpu(), k.cpu(), nbits, form)
+    ref = binary_attention_fwd(q_codes=q.cpu(), k_codes=k.cpu(), v=v.cpu().double(), nbits=nbits, form=form)
     got64 = got.cpu().double()
     assert torch.isfinite(got64).all(), what
     scale = ref.abs().max().item()
@@ -63,7 +63,7 @@ def check_close(got, v, q, k, nbits, form, what=""):
     if v.dtype == torch.float32:
         torch.testing.assert_close(got64, ref, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
         return
-    prim = binary_attention_fwd(v.cpu(), q.cpu(), k.cpu(), nbits, form).double()
+    prim = binary_attention_fwd(q_codes=q.cpu(), k_codes=k.cpu(), v=v.cpu(), nbits=nbits, form=form).double()
     prim_err = (prim - ref).abs().max().item()
     err = (got64 - ref).abs().max().item()
     assert err <= 2 * prim_err + atol, f"{what}: max error {err:.3g}, torch {v.dtype} primitive {prim_err:.3g}"
@@ -240,7 +240,7 @@ def test_cuda_grid_stride(gen):
     v, q, k = make_inputs(gen, bh, 1, 2, 32, 8, torch.float32)
     for form in FORMS:
         got = cuda_run(v, q, k, 8, form).cpu()
-        ref = binary_attention_fwd(v.double(), q, k, 8, form)
+        ref = binary_attention_fwd(q_codes=q, k_codes=k, v=v.double(), nbits=8, form=form)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -257,7 +257,8 @@ def test_cuda_64bit_offsets(gen):
     k = torch.randint(0, 256, (b, h, n, 1), generator=g, device="cuda", dtype=torch.int32)
     for form in FORMS:
         got = torch.ops.effkern.cuda_binary_attention(v, q, k, nbits, FORMS[form])
-        ref = binary_attention_fwd(v[:, -1:], q[:, -1:], k[:, -1:], nbits, form)  # the last head, float32 math
+        ref = binary_attention_fwd(q_codes=q[:, -1:], k_codes=k[:, -1:], v=v[:, -1:], nbits=nbits,
+                                   form=form)  # the last head, float32 math
         torch.testing.assert_close(got[:, -1:, -1000:].float(), ref[..., -1000:, :].float(), rtol=2e-3, atol=2e-3)
         del got
 

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from effkern import _cuda_lib
-from tests.cuda_lib_helpers import assert_cuda_op_matches_python, cuda_kernels, kernel_family, needs_lib
+from tests.cuda_lib_helpers import (assert_cuda_op_matches_python, build_shared_library, cuda_kernels, kernel_family,
+                                    needs_lib)
 
 FAMILIES = ("integer", "tokens", "binary_hash")  # csrc/<family>, kernels/<family>, tests/test_cuda_<family>.py
 
@@ -30,6 +31,30 @@ def test_library_registers_what_python_calls():
     registered = _cuda_lib.registered_ops()
     assert len(set(registered)) == len(registered), registered
     assert sorted(registered) == sorted(set(cuda_kernels().values()))
+
+
+@pytest.mark.parametrize(
+    "records, problem",
+    [
+        (None, "does not report its ops"),
+        ("defined=\\nimplemented=\\n", "registered no ops"),
+        ("defined=cuda_int_gelu,cuda_int_softmax\\nimplemented=cuda_int_gelu\\n",
+         "defined ops without a CUDA kernel: cuda_int_softmax"),
+        ("defined=cuda_int_gelu\\nimplemented=cuda_int_gelu,cuda_zz\\n", "gave CUDA kernels to ops it did not define: cuda_zz"),
+        ("defined=cuda_zz_never_registered\\nimplemented=cuda_zz_never_registered\\n", "torch does not see the ops"),
+    ],
+    ids=["no-report", "no-ops", "no-kernel", "kernel-only", "unseen"],
+)
+def test_load_decided_by_the_library_report(tmp_path, records, problem):
+    """What a library reports through effkern_registered_ops decides whether it loaded."""
+    src = tmp_path / "fake_lib.cpp"
+    body = "" if records is None else (
+        'extern "C" __attribute__((visibility("default"))) const char* effkern_registered_ops() '
+        f'{{ return "{records}"; }}')
+    src.write_text(body + "\nextern \"C\" int effkern_fake_lib() { return 0; }\n")
+    path = build_shared_library(src, tmp_path / "fake_lib.so")
+    ops, found = _cuda_lib._registration_problem(path)
+    assert found is not None and problem in found, found
 
 
 @needs_lib

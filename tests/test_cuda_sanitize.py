@@ -10,11 +10,13 @@ the integer kernels' register and looped row paths, every vector width of the to
 with out-of-range and repeated indices, every head dim, form and dtype of binary attention.
 """
 
+import inspect
 import os
 
 import pytest
 import torch
 
+from effkern.ops.binary_hash import pack_codes
 from effkern.ops.tokens import scatter_plan
 from tests.cuda_lib_helpers import case_id, cuda_kernels, require_cuda
 from tests.test_cuda_binary_hash import check_close
@@ -34,13 +36,14 @@ def _exact(got, ref, what):
 
 
 # --------------------------------------------------------------------------------------------
-# cases: kernel name -> builder(gen) yielding (kernel arguments on the CPU, compare, label);
-# compare(got, args, ref_fn, label) checks the cuda result got of the arguments args (on the GPU)
+# cases: kernel name -> builder(gen) yielding (kernel arguments by name, on the CPU; compare;
+# label); compare(got, kw, ref_fn, label) checks the cuda result got of the arguments kw (on the
+# GPU). By name: the kernel signature's order is the torch reference's, whatever it is.
 # --------------------------------------------------------------------------------------------
 
 
-def _against_reference(got, args, ref_fn, what):
-    _exact(got, ref_fn(*args), what)
+def _against_reference(got, kw, ref_fn, what):
+    _exact(got, ref_fn(**kw), what)
 
 
 def _int_rows(gen, dtypes):
@@ -55,19 +58,19 @@ def _int_rows(gen, dtypes):
 def int_softmax_cases(gen):
     for x, tag in _int_rows(gen, (torch.int8, torch.int16, torch.int32)):
         for x0, n, out_bits in ((-10, 15, 8), (-3, 15, 16)):
-            yield (x, x0, n, out_bits), _against_reference, f"{tag} x0={x0} n={n} out_bits={out_bits}"
+            yield dict(x=x, x0=x0, n=n, out_bits=out_bits), _against_reference, f"{tag} x0={x0} n={n} out_bits={out_bits}"
 
 
 def int_gelu_cases(gen):
     for x, tag in _int_rows(gen, (torch.int8, torch.int16)):
         for x0, n, out_bits in ((-6, 23, 8), (-1, 23, 16)):
-            yield (x, x0, n, out_bits), _against_reference, f"{tag} x0={x0} n={n} out_bits={out_bits}"
+            yield dict(x=x, x0=x0, n=n, out_bits=out_bits), _against_reference, f"{tag} x0={x0} n={n} out_bits={out_bits}"
 
 
 def int_layernorm_cases(gen):
     for x, tag in _int_rows(gen, (torch.int8, torch.int16)):
         bias = torch.randint(-(2**30), 2**30 + 1, (x.shape[1],), generator=gen).to(torch.int32)
-        yield (x, bias, 10), _against_reference, tag
+        yield dict(x=x, bias_int=bias, iters=10), _against_reference, tag
 
 
 def _token_shapes():
@@ -86,7 +89,7 @@ def token_gather_cases(gen):
                 x = make_x(gen, (b, n, c), dt)
                 for idx_dt in (torch.int64, torch.int32):  # out-of-range and repeated indices
                     idx = make_idx(gen, b, n, max(1, int(0.7 * n)), "repeats_oob", idx_dt)
-                    yield (x, idx), _against_reference, f"{case_id(dt)} {b}x{n}x{c} idx {case_id(idx_dt)}"
+                    yield dict(x=x, idx=idx), _against_reference, f"{case_id(dt)} {b}x{n}x{c} idx {case_id(idx_dt)}"
 
 
 def token_scatter_cases(gen):
@@ -98,24 +101,43 @@ def token_scatter_cases(gen):
                 y = make_x(gen, (b, k, c), dt)
                 tag = f"{case_id(dt)} {b}x{n}x{c}"
                 idx = make_idx(gen, b, n, k, "repeats_oob", torch.int64)
-                yield (x, y, idx, *scatter_plan(idx, n), False), _against_reference, f"replace {tag}"
+                order, starts = scatter_plan(idx, n)
+                yield (dict(x=x, y=y, idx=idx, order=order, starts=starts, add=False), _against_reference,
+                       f"replace {tag}")
                 # unique targets for "add": x + y rounded once, the same in any summation order
                 uniq = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(b)])
-                yield (x, y, uniq, *scatter_plan(uniq, n), True), _against_reference, f"add {tag}"
+                order, starts = scatter_plan(uniq, n)
+                yield (dict(x=x, y=y, idx=uniq, order=order, starts=starts, add=True), _against_reference,
+                       f"add {tag}")
 
 
-def binary_attention_cases(gen):
-    def compare(got, args, ref_fn, what):
-        v, q, k, nbits, form = args
-        check_close(got, v, q, k, nbits, form, what)
-
+def _binary_shapes():
     b, h, n = (1, 2, 197) if SMALL else (2, 3, 197)
     for form in ("ecoformer", "shiftadd"):
         for d in (32, 64, 128):
             for i, dt in enumerate(FLOATS):
                 nbits = (16, 33, 64)[i]  # one, two (a padded one) and two full code words
-                v, q, k = make_binary_inputs(gen, b, h, n, d, nbits, dt)
-                yield (v, q, k, nbits, form), compare, f"{form} d={d} nbits={nbits} {case_id(dt)}"
+                yield b, h, n, d, nbits, dt, form, f"{form} d={d} nbits={nbits} {case_id(dt)}"
+
+
+def binary_attention_cases(gen):
+    def compare(got, kw, ref_fn, what):
+        check_close(got, kw["v"], kw["q_codes"], kw["k_codes"], kw["nbits"], kw["form"], what)
+
+    for b, h, n, d, nbits, dt, form, tag in _binary_shapes():
+        v, q, k = make_binary_inputs(gen, b, h, n, d, nbits, dt)
+        yield dict(q_codes=q, k_codes=k, v=v, nbits=nbits, form=form), compare, tag
+
+
+def hashed_attention_cases(gen):
+    def compare(got, kw, ref_fn, what):
+        y_q, y_k = kw["y_q"].cpu(), kw["y_k"].cpu()
+        check_close(got, kw["v"], pack_codes(y_q), pack_codes(y_k), y_q.shape[-1], kw["form"], what)
+
+    for b, h, n, d, nbits, dt, form, tag in _binary_shapes():
+        v = make_x(gen, (b, h, n, d), dt)
+        y_q, y_k = (torch.randn((b, h, n, nbits), generator=gen).to(dt) for _ in range(2))
+        yield dict(y_q=y_q, y_k=y_k, v=v, form=form), compare, tag
 
 
 CASES = {
@@ -125,17 +147,26 @@ CASES = {
     "token_gather": token_gather_cases,
     "token_scatter": token_scatter_cases,
     "binary_attention": binary_attention_cases,
+    "hashed_attention": hashed_attention_cases,
 }
 
 
 def test_every_cuda_kernel_has_cases():
-    """The registry's CUDA kernels and the kernels with sanitizer cases are the same set."""
-    assert sorted(CASES) == sorted(cuda_kernels())
+    """Every CUDA kernel of the registry has sanitizer cases."""
+    missing = sorted(set(cuda_kernels()) - set(CASES))
+    assert not missing, f"CUDA kernels without sanitizer cases in tests/test_cuda_sanitize.py: {missing}"
 
 
-def _poison_like(t):
-    """Fill the allocator block of an output-sized tensor with garbage before the kernel runs."""
-    torch.empty(max(t.numel() * t.element_size(), 1), dtype=torch.uint8, device="cuda").fill_(0x5B)
+def _bind(fn, kw):
+    """kw as positional arguments in fn's order."""
+    return inspect.signature(fn).bind(**kw).args
+
+
+def _poison(args):
+    """Leave a block of garbage as large as the largest argument in the caching allocator, so an
+    output allocated after it starts as garbage rather than zeros."""
+    nbytes = max([a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor)] + [1])
+    torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(0x5B)
 
 
 @pytest.mark.cuda
@@ -147,10 +178,11 @@ def test_cuda_sanitizer_smoke(kernel, gen):
     assert kernel in CASES, f"{kernel}: no sanitizer cases (add a builder to tests/test_cuda_sanitize.py)"
     impls = _dispatch.OPS[kernel].impls
     ran = 0
-    for args, compare, what in CASES[kernel](gen):
-        on_gpu = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
-        _poison_like(on_gpu[0])
-        got = impls["cuda"].fn(*on_gpu)
+    for kw, compare, what in CASES[kernel](gen):
+        on_gpu = {k: a.cuda() if isinstance(a, torch.Tensor) else a for k, a in kw.items()}
+        args = _bind(impls["torch"].fn, on_gpu)  # the canonical kernel signature
+        _poison(args)
+        got = impls["cuda"].fn(*args)
         torch.cuda.synchronize()
         compare(got, on_gpu, impls["torch"].fn, f"{kernel} {what}")
         ran += 1
