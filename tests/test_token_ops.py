@@ -690,6 +690,8 @@ def test_merge_tokens_refuses_hand_edited_plans(gen, backend):
                 merge_tokens(p, x)
             with effkern.backend(backend):
                 merge_tokens(p, x, validate=False)  # returns: no hang, no out-of-bounds access
+    with effkern.backend(backend), pytest.raises(ValueError, match="size must be finite and > 0"):
+        merge_tokens(plan, x, torch.zeros(2, 9, 1, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -980,10 +980,10 @@ def _check_merge(x: Tensor, size: Tensor | None, dest: Tensor, sources: Tensor, 
             raise ValueError(f"{op}: size must be [B, N, 1] or [B, N] = {tuple(x.shape[:2])}, got {tuple(size.shape)}")
 
 
-def _validate_plan(dest: Tensor, sources: Tensor, starts: Tensor) -> None:
+def _validate_plan(dest: Tensor, sources: Tensor, starts: Tensor, size: Tensor | None = None) -> None:
     """A plan is a partition of the N tokens into M non-empty merged rows, given twice: starts
     rises strictly from 0 to N, sources lists every token once, and dest[sources[k]] is the row
-    whose segment holds k. One host read of the flags."""
+    whose segment holds k; sizes, when given, are finite and > 0. One host read of the flags."""
     b, n = dest.shape
     m = starts.shape[1] - 1
     if b == 0:
@@ -999,7 +999,8 @@ def _validate_plan(dest: Tensor, sources: Tensor, starts: Tensor) -> None:
     seg = torch.searchsorted(starts.contiguous(), torch.arange(n, device=dest.device).expand(b, n).contiguous(),
                              right=True) - 1
     bad_map = (dest.gather(1, safe_src) != seg).any()
-    flags = torch.stack([bad_starts, bad_sources, bad_dest, bad_map]).tolist()
+    bad_size = dest.new_zeros((), dtype=torch.bool) if size is None else ~(torch.isfinite(size) & (size > 0)).all()
+    flags = torch.stack([bad_starts, bad_sources, bad_dest, bad_map, bad_size.to(dest.device)]).tolist()
     if flags[0]:
         raise ValueError(f"merge_tokens: plan.starts must rise strictly from 0 to N = {n} in every batch row "
                          f"(each merged row gets at least one token)")
@@ -1010,6 +1011,8 @@ def _validate_plan(dest: Tensor, sources: Tensor, starts: Tensor) -> None:
     if flags[3]:
         raise ValueError("merge_tokens: plan.dest disagrees with plan.sources / plan.starts "
                          "(dest[sources[k]] must be the merged row whose segment holds k)")
+    if flags[4]:
+        raise ValueError("merge_tokens: size must be finite and > 0 (token sizes)")
 
 
 MERGE = define_op(
@@ -1026,7 +1029,7 @@ MERGE = define_op(
 def _merge_tokens_op(x: Tensor, size: Tensor | None, dest: Tensor, sources: Tensor,
                      starts: Tensor, validate: bool = True) -> tuple[Tensor, Tensor]:
     if validate:
-        _validate_plan(dest, sources, starts)
+        _validate_plan(dest, sources, starts, size)
     size_acc = None if size is None else size.to(acc_dtype(x.dtype)).contiguous()
     return MERGE.kernels(x=x.contiguous(), size=size_acc, dest=dest.contiguous(), sources=sources.contiguous(),
                          starts=starts.contiguous())
@@ -1092,7 +1095,8 @@ def merge_tokens(plan: MergePlan, x: Tensor, size: Tensor | None = None, *,
     Args:
         plan: from :func:`bipartite_matching` on the same B and N.
         x: ``[B, N, C]`` tokens; size: ``[B, N, 1]`` (ToMe's) or ``[B, N]`` positive token sizes.
-        validate: check that the plan is a partition of the tokens (see below; one device sync).
+        validate: check that the plan is a partition of the tokens (see below) and that the
+            sizes are finite and > 0 (one device sync).
             Shapes and dtypes are always checked. With False a malformed plan gives unspecified
             values, but no backend reads out of bounds or loops longer than N steps.
 
@@ -1516,12 +1520,14 @@ def _merge_samples(gen, device):
     return [
         Sample(_merge_args(plan, _tokens(gen, 2, 197, 24, torch.float32, device),
                            torch.randint(1, 5, (2, 197), generator=gen).float().to(device)), "197 tokens, r = 40, sizes"),
-        Sample(_merge_args(small, _tokens(gen, 2, 9, 6, torch.bfloat16, device, "permuted"), None),
-               "permuted bf16 tokens, no sizes"),
+        Sample(_merge_args(small, _tokens(gen, 2, 9, 6, torch.bfloat16, device, "permuted"),
+                           torch.randint(1, 3, (2, 9), generator=gen).to(torch.bfloat16).to(device)),
+               "permuted bf16 tokens, bf16 sizes"),
         Sample(_merge_args(small, _tokens(gen, 2, 9, 5, torch.float16, device, "sliced"),
                            (torch.rand(2, 18, generator=gen) + 0.5).to(device)[:, ::2]), "fp16 slice, strided sizes"),
         Sample(_merge_args(_reference_plan(_randn(gen, (1, 3, 4), device=device), 0, True),
-                           _tokens(gen, 1, 3, 4, torch.float32, device), None), "identity plan"),
+                           _tokens(gen, 1, 3, 4, torch.float32, device), torch.ones(1, 3, device=device)),
+               "identity plan"),
     ]
 
 
@@ -1561,6 +1567,8 @@ def _merge_invalid(gen, device):
         Invalid((x, torch.ones(2, 8, device=device), plan.dest, plan.sources, plan.starts, True), ValueError,
                 "size must be"),
         Invalid((x, None, plan.dest.int(), plan.sources, plan.starts, True), TypeError, "plan.dest must have dtype int64"),
+        Invalid((x, -torch.ones(2, 9, device=device), plan.dest, plan.sources, plan.starts, True), ValueError,
+                "size must be finite and > 0"),
     ]
 
 

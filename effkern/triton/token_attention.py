@@ -276,7 +276,7 @@ def _policy_gate(p_ptr, pbase, diag, c, mask):
 def _masked_softmax_out(big_a, sa, eps, eps_n, inv_n, row_mask):
     """(A + eps / N) / (S_A + eps), and 1/N for rows without weight (S_A = 0; see
     effkern.ops.tokens.masked_softmax). Padding rows and weightless rows divide by 1: no 0 / 0."""
-    z = tl.where(row_mask & (sa + eps > 0), sa + eps, 1.0)
+    z = tl.where(row_mask & (sa + eps != 0), sa + eps, 1.0)
     return tl.where(sa == 0, inv_n, (big_a + eps_n) / z)
 
 
@@ -330,7 +330,7 @@ def _masked_softmax_row_terms(sa, ga, sg, eps, eps_n, row_mask):
     dL/dm = -sum_j dL/dA_j A_j in closed form (see the module docstring). Padding rows get
     z = 1 (with eps = 0 they would compute 0 / 0, and leak NaN into the policy gradient); a
     weightless row with eps = 0 (z = 0) gets z = inf: zero gradients, as the torch backend."""
-    z = tl.where(row_mask, tl.where(sa + eps > 0, sa + eps, float("inf")), 1.0)
+    z = tl.where(row_mask, tl.where(sa + eps != 0, sa + eps, float("inf")), 1.0)
     c = (ga + eps_n * sg) / z
     d_max = (eps_n * sg * sa - eps * ga) / (z * z)
     return z, c, d_max
