@@ -33,7 +33,10 @@ Kernels.
   registers and written per program to a [B, H * row blocks, N] buffer that torch sums. Its
   row-max term uses the closed form -sum_j dL/dA_j A_j = eps (S_g S_A / N - G_A) / z^2
   (G_A = sum g A, S_A = sum A, S_g = sum g, z = S_A + eps), exact algebra that avoids the
-  cancellation of O(|g|) terms in the direct sum (the term itself is O(eps)).
+  cancellation of O(|g|) terms in the direct sum (the term itself is O(eps)). A row without
+  weight (S_A = 0: all its logits -inf, or every kept key) is the uniform 1/N with zero logit
+  gradients, as :func:`effkern.ops.tokens.masked_softmax` defines it; the row max of an all -inf
+  row is taken as 0, and a zero denominator (eps = 0) is never divided by.
 * ``tome_match``: ``_tome_row_scale_kernel`` first gives every metric row a power-of-two scale
   2^-e (its largest |x| = f 2^e, f in [0.5, 1)) and the inverse norm of the scaled row
   1 / max(||x 2^-e||, 1e-12 2^-e) (torch's clamp, scaled): exact scaling, so the scores equal
