@@ -325,8 +325,8 @@ def test_opcheck_per_backend(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ksh_hash_huge_and_tiny_rows(gen, backend, dtype):
     """Rows with |x| near 1e20 (their squares overflow float32) hash as their direction, like
-    any other row, on every backend; so do rows near 1e37 (||x|| itself overflows) and rows
-    whose squares underflow; the gradient is the float64 one (tiny, not 0 or NaN)."""
+    any other row, on every backend; so do rows near 1e37 and rows whose squares underflow;
+    the gradient is the float64 one (tiny, not 0 or NaN)."""
     require_backend("ksh_hash", backend)
     b, h, n, d, m, nbits = 2, 2, 9, 40, 7, 16
     base = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)

@@ -445,7 +445,7 @@ def _ksh_hash_samples(gen, device):
 
     extreme = _randn(gen, 2, 2, 9, 16, device=device)
     extreme[0, 0, 0] *= 1e20  # squares overflow float32
-    extreme[0, 0, 1] *= 1e37  # and ||x|| itself
+    extreme[0, 0, 1] *= 1e37  # near the float32 range (and 1 / ||x|| near its bottom)
     extreme[0, 1, 2] *= 1e-30  # squares underflow; ||x|| < NORM_EPS
     extreme[1, 1, 3] = 0  # hashes like the origin
     q = _timm_views(gen, 2, 197, 3, 32, 3, device=device)[0]

@@ -1,5 +1,5 @@
-"""Triton backend of the KSH hash primitives of :mod:`effkern.ops.binary_hash` (section 1):
-``ksh_hash_fwd`` and ``ksh_hash_bwd``, with the names and signatures of the torch primitives.
+"""Triton backend of the KSH hash kernels of :mod:`effkern.ops.binary_hash` (section 1):
+``ksh_hash_fwd`` and ``ksh_hash_bwd``, with the names and signatures of the torch kernels.
 
 Inputs: contiguous, already validated x [B, H, N, d] (fp16 / bf16 / fp32), anchors [H, m, d],
 mu [H, m], proj [H, b, m] (any float dtype, loaded and converted to float32); everything is
@@ -11,8 +11,11 @@ torch in a fixed order, so results are deterministic.
 Kernels (one program per (b, h, block of BLOCK_N tokens); d is walked in chunks of BLOCK_D, the
 m anchors are one BLOCK_M tile, the b bits are walked in chunks of BLOCK_B):
 
-* ``_ksh_dist_sum_kernel``: D[n, j] = ||xn||^2 + ||a_j||^2 - 2 (x . a_j) / max(||x||, eps),
-  clamped at 0 (the torch primitive's formula), summed over the block: sigma's partials.
+* ``_ksh_dist_sum_kernel``: D[n, j] = ||xn||^2 + ||a_j||^2 - 2 (xn . a_j), clamped at 0 (the
+  torch primitive's formula), summed over the block: sigma's partials. As in the torch
+  primitive, each row of x is scaled by a power of two (exact) that follows its running
+  maximum over the d chunks before anything is squared, so xn = x / max(||x||, eps) neither
+  overflows (|x| near 1e20) nor underflows for any finite x.
 * ``_ksh_hash_fwd_kernel``: recomputes D, K = exp(-D / (2 sigma)) - mu, y = K proj^T.
 * ``_ksh_hash_bwd_sum_kernel``: gK = grad_y proj, partial sums of gK E D (E = exp(-D / 2 sigma)).
 * ``_ksh_hash_bwd_kernel``: gD = -gK E / (2 sigma) + S / (2 sigma^2 N m) (S = sum gK E D),
