@@ -91,8 +91,15 @@ def _assert_agree(name: str, backend: str, args: tuple, what: str) -> None:
 @pytest.mark.parametrize("name,backend", OTHER_BACKENDS)
 def test_backend_matches_torch_on_samples(name, backend):
     _require(name, backend)
+    ran = 0
     for sample in OPS[name].test_cases.samples(_gen(name, "samples"), DEVICE):
-        _assert_agree(name, backend, sample.args, f"{name}[{backend}] {sample.note}")
+        try:
+            _assert_agree(name, backend, sample.args, f"{name}[{backend}] {sample.note}")
+            ran += 1
+        except effkern.BackendNotSupported:
+            continue  # outside this backend's declared limits (e.g. CUDA head dims)
+    if not ran:
+        pytest.skip(f"{name}/{backend} declined every sample")
 
 
 def _fake_outputs(name: str, backend: str, args: tuple) -> list:
@@ -106,7 +113,10 @@ def _fake_outputs(name: str, backend: str, args: tuple) -> list:
 def test_fake_returns_the_real_strides(name, backend):
     _require(name, backend)
     for sample in OPS[name].test_cases.samples(_gen(name, "fake"), DEVICE):
-        real = _run(name, backend, sample.args)
+        try:
+            real = _run(name, backend, sample.args)
+        except effkern.BackendNotSupported:
+            continue  # outside this backend's declared limits
         fake = _fake_outputs(name, backend, sample.args)
         for i, (r, f) in enumerate(zip(real, fake, strict=True)):
             what = f"{name}[{backend}] {sample.note}, output {i}"
@@ -151,7 +161,10 @@ _SEEDS = st.integers(0, 2**32 - 1)
 def test_random_calls_agree_with_torch(name, backend, seed):
     _require(name, backend)
     sample = OPS[name].test_cases.random(torch.Generator().manual_seed(seed), DEVICE)
-    _assert_agree(name, backend, sample.args, f"{name}[{backend}] seed {seed}")
+    try:
+        _assert_agree(name, backend, sample.args, f"{name}[{backend}] seed {seed}")
+    except effkern.BackendNotSupported:
+        pass  # outside this backend's declared limits
 
 
 def _corrupt(args: tuple, choice: int, which: int) -> tuple:
@@ -221,20 +234,25 @@ def test_inductor_forward_and_backward(name):
     op = OPS[name].op
 
     def loss(*args):
-        return sum((o.float() * (k + 1)).sum() for k, o in enumerate(_outputs(op(*args))) if o.is_floating_point())
+        # Summed in float64: eager and compiled code may sum in other orders.
+        return sum((o.double() * (k + 1)).sum() for k, o in enumerate(_outputs(op(*args))) if o.is_floating_point())
 
     compiled = torch.compile(loss, backend="inductor", fullgraph=True)
     for sample in OPS[name].test_cases.samples(_gen(name, "inductor"), DEVICE):
         # Leaf copies with the sample's strides (permuted, non-contiguous layouts stay so).
         def leaves():
-            return [_same_layout_leaf(a) if i in grad_args else a for i, a in enumerate(sample.args)]
+            return [_same_layout_leaf(a) if i in grad_args and isinstance(a, torch.Tensor) else a
+                    for i, a in enumerate(sample.args)]
 
         eager_args, comp_args = leaves(), leaves()
         expected = loss(*eager_args)
         expected.backward()
-        got = compiled(*comp_args)
+        with torch._inductor.config.patch(force_disable_caches=True):  # no graph compiled for an older fake
+            got = compiled(*comp_args)
         got.backward()
         what = f"{name} {sample.note}"
         torch.testing.assert_close(got, expected, msg=lambda m: f"{what}: loss: {m}")
         for i in grad_args:
+            if not isinstance(sample.args[i], torch.Tensor):
+                continue
             torch.testing.assert_close(comp_args[i].grad, eager_args[i].grad, msg=lambda m: f"{what}: grad {i}: {m}")
