@@ -142,35 +142,32 @@ class OpDef:
     def backends(self) -> tuple[str, ...]:
         return tuple(b for b in BACKENDS if self.kernels is not None and b in self.kernels.impls)
 
+    def _checked(self, fn: Callable) -> Callable:
+        """``fn`` preceded by the op's argument check."""
+        check = self.check
+        if check is None:
+            return fn
+
+        @functools.wraps(fn)
+        def checked(*args):
+            check(*args)
+            return fn(*args)
+
+        return checked
+
     def impl(self, fn: Callable) -> Callable:
         """Registers ``fn`` (typed: its annotations give the schema) as the custom op's real
         implementation, preceded by the op's argument check."""
         if self.custom_op is not None:
             raise ValueError(f"{self.qualname} already has an implementation")
-        check = self.check
-
-        @functools.wraps(fn)
-        def checked(*args):
-            if check is not None:
-                check(*args)
-            return fn(*args)
-
         # The schema from fn's own annotations (evaluated in fn's module, which imports Tensor).
         schema = torch.library.infer_schema(fn, mutates_args=())
-        self.custom_op = torch.library.custom_op(self.qualname, checked, mutates_args=(), schema=schema)
+        self.custom_op = torch.library.custom_op(self.qualname, self._checked(fn), mutates_args=(), schema=schema)
         return self.custom_op
 
     def fake(self, fn: Callable) -> Callable:
         """Registers ``fn`` as the fake (meta) impl, preceded by the same argument check."""
-        check = self.check
-
-        @functools.wraps(fn)
-        def checked(*args):
-            if check is not None:
-                check(*args)
-            return fn(*args)
-
-        self.custom_op.register_fake(checked)
+        self.custom_op.register_fake(self._checked(fn))
         return fn
 
     def autograd(self, backward: Callable, setup_context: Callable) -> None:

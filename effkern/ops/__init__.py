@@ -1,50 +1,11 @@
 """effkern's public ops. Each is a typed function over a ``torch.ops.effkern.*`` custom op
-(fake impl for torch.compile, backend dispatch: cuda / triton / torch reference)."""
+declared in the op registry (effkern/_registry.py): fake impl for torch.compile, autograd, and
+backend dispatch (cuda / triton / torch reference). Each family module lists its public names in
+``__all__``; importing it registers its ops."""
 
-from effkern.ops.binary_hash import (
-    KSHParams,
-    RandomProjection,
-    binary_attention,
-    binary_hash_attention,
-    ksh_hash,
-    pack_bits,
-    unpack_bits,
-)
-from effkern.ops.integer import int8_linear, int_gelu, int_layernorm, int_softmax, requantize
-from effkern.ops.tokens import (
-    MergePlan,
-    bipartite_matching,
-    cls_attention,
-    fuse_tokens,
-    masked_softmax,
-    merge_tokens,
-    token_gather,
-    token_scatter,
-    topk_tokens,
-    unmerge_tokens,
-)
+from effkern.ops import binary_hash, integer, tokens
+from effkern.ops.binary_hash import *  # noqa: F401,F403
+from effkern.ops.integer import *  # noqa: F401,F403
+from effkern.ops.tokens import *  # noqa: F401,F403
 
-__all__ = [
-    "KSHParams",
-    "MergePlan",
-    "RandomProjection",
-    "binary_attention",
-    "binary_hash_attention",
-    "bipartite_matching",
-    "cls_attention",
-    "fuse_tokens",
-    "int8_linear",
-    "int_gelu",
-    "int_layernorm",
-    "int_softmax",
-    "ksh_hash",
-    "masked_softmax",
-    "pack_bits",
-    "merge_tokens",
-    "requantize",
-    "token_gather",
-    "token_scatter",
-    "topk_tokens",
-    "unmerge_tokens",
-    "unpack_bits",
-]
+__all__ = sorted(binary_hash.__all__ + integer.__all__ + tokens.__all__)

@@ -39,6 +39,12 @@ layout), and so does its fake.
 
 from __future__ import annotations
 
+# The public API (effkern.ops re-exports it).
+__all__ = [
+    "KSHParams", "RandomProjection", "binary_attention", "binary_hash_attention", "ksh_hash",
+    "pack_bits", "unpack_bits",
+]
+
 import math
 from dataclasses import dataclass
 

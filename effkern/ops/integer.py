@@ -22,6 +22,9 @@ GPU is read back once per call (one device synchronisation).
 
 from __future__ import annotations
 
+# The public API (effkern.ops re-exports it).
+__all__ = ["int8_linear", "int_gelu", "int_layernorm", "int_softmax", "requantize"]
+
 import math
 
 import torch

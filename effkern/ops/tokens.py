@@ -36,6 +36,12 @@ no segment.
 
 from __future__ import annotations
 
+# The public API (effkern.ops re-exports it).
+__all__ = [
+    "MergePlan", "bipartite_matching", "cls_attention", "fuse_tokens", "masked_softmax",
+    "merge_tokens", "token_gather", "token_scatter", "topk_tokens", "unmerge_tokens",
+]
+
 import math
 from typing import NamedTuple
 
