@@ -1,9 +1,9 @@
 """effkern's command line.
 
     python -m effkern info                 what is built and which backend can run each op
-    python -m effkern ops [--backend B] [--family F]
-                                           the registered ops, one per line (for scripts:
-                                           scripts/gpu_check.sh reads its CUDA op list here)
+    python -m effkern ops [--backend B] [--family F] [--families]
+                                           the registered ops (or families), one per line, for
+                                           scripts: scripts/gpu_check.sh reads its lists here
     python -m effkern bench FAMILY [...]   benchmark a kernel family (bench/FAMILY.py: integer, tokens,
                                            binary_hash; without a GPU: the correctness self-check)
 """
@@ -72,7 +72,11 @@ def _ops(argv: list[str]) -> int:
     parser.add_argument("--family", choices=_registry.families(), help="only this family's ops")
     parser.add_argument("--cuda-ops", action="store_true",
                         help="print the torch.ops.effkern.cuda_* ops the CUDA kernels call instead")
+    parser.add_argument("--families", action="store_true", help="print the op families instead")
     args = parser.parse_args(argv)
+    if args.families:
+        print("\n".join(_registry.families()))
+        return 0
     for name, op in sorted(_registry.OPS.items()):
         if args.family and op.family != args.family:
             continue

@@ -61,7 +61,8 @@ fi
 export EFFKERN_COMMIT
 
 STEPS=()    # "name|status|seconds|log" per step
-read -r -a FAMILIES <<<"${GPU_CHECK_BENCH:-integer tokens binary_hash}"  # benchmark families: bench/<family>.py
+# Benchmark families: the op registry's families (python -m effkern ops --families), bench/<family>.py each.
+read -r -a FAMILIES <<<"${GPU_CHECK_BENCH:-$("$PY" -m effkern ops --families 2>/dev/null | tr '\n' ' ')}"
 FAILED=0
 
 left() { echo $((START + BUDGET - $(date +%s))); }
@@ -158,13 +159,13 @@ EOF
     local san kernels
     san=$(command -v compute-sanitizer || true)
     [[ -z "$san" && -x /usr/local/cuda/bin/compute-sanitizer ]] && san=/usr/local/cuda/bin/compute-sanitizer
-    kernels=$("$PY" -c "$CUDA_KERNELS_PY" 2>/dev/null || true)
+    kernels=$("${CUDA_KERNELS_CMD[@]}" 2>/dev/null | tr "\n" " " || true)
     if [[ -z "$san" ]]; then
         record memcheck "SKIP (compute-sanitizer not on PATH)" 0 ""
     elif [[ -z "$kernels" ]]; then
-        record memcheck "FAIL (could not list the CUDA kernels: python -c \"\$CUDA_KERNELS_PY\")" 0 ""
+        record memcheck "FAIL (could not list the CUDA kernels: python -m effkern ops --backend cuda)" 0 ""
     else
-        echo "   CUDA kernels (effkern._dispatch.OPS): $kernels"
+        echo "   CUDA kernels (python -m effkern ops --backend cuda): $kernels"
         sanitize memcheck 120 150 45 "$san" 0 "$kernels"
         if (($(left) > 330)); then
             sanitize racecheck 75 150 45 "$san" 1 "$kernels"
@@ -208,9 +209,8 @@ EOF
     return $FAILED
 }
 
-# The kernel dispatchers with a cuda implementation, from the op registry (space separated).
-CUDA_KERNELS_PY="import effkern.ops; from effkern import _dispatch; \
-print(' '.join(n for n, o in _dispatch.OPS.items() if 'cuda' in o.impls))"
+# The ops with a cuda kernel, from the op registry (one per line).
+CUDA_KERNELS_CMD=("$PY" -m effkern ops --backend cuda)
 
 # sanitize NAME CAP RESERVE MIN SANITIZER SMALL KERNELS: compute-sanitizer --tool NAME over the
 # CUDA tests named sanitizer_smoke (EFFKERN_SANITIZE_SMALL=SMALL); every kernel in KERNELS must

@@ -19,9 +19,9 @@ import torch
 from effkern.ops.binary_hash import pack_codes
 from effkern.ops.tokens import scatter_plan
 from tests.cuda_lib_helpers import case_id, cuda_kernels, require_cuda
-from tests.test_cuda_binary_hash import check_close
-from tests.test_cuda_binary_hash import make_inputs as make_binary_inputs
-from tests.test_cuda_tokens import assert_bits_equal, make_idx, make_x
+from tests.test_binary_hash_cuda import check_close
+from tests.test_binary_hash_cuda import make_inputs as make_binary_inputs
+from tests.test_tokens_cuda import assert_bits_equal, make_idx, make_x
 
 SMALL = os.environ.get("EFFKERN_SANITIZE_SMALL", "") not in ("", "0")
 INT_RANGE = {torch.int8: (-128, 127), torch.int16: (-(2**15), 2**15 - 1), torch.int32: (-(2**31), 2**31 - 1)}

@@ -76,7 +76,7 @@ def poisoned_empty(poison):
 
 
 # --------------------------------------------------------------------------------------------
-# Comparison with the torch primitives (tests/test_triton_{ksh_hash,binary_hash,token_attention}_kernels.py)
+# Comparison with the torch primitives (tests/test_{binary_hash,tokens}_triton*_kernels.py)
 # --------------------------------------------------------------------------------------------
 
 REL_TOL = 1e-5  # of the result's scale, on top of twice the torch primitive's own error

@@ -13,7 +13,7 @@ op is needed for the dense ViT.
 
 LayerNorm eps: ``Block``'s default ``norm_layer`` is ``nn.LayerNorm`` (eps 1e-5), as timm
 0.x's ``Block`` class and the DynamicViT / EViT / IdleViT / ToMe block transcriptions that the
-token tests compare against (``tests/token_transcriptions.py``). A timm ViT uses eps 1e-6: its
+token tests compare against (``tests/tokens_transcriptions.py``). A timm ViT uses eps 1e-6: its
 ``VisionTransformer`` passes ``partial(nn.LayerNorm, eps=1e-6)`` to its blocks (and timm 1.0.31's
 ``Block`` defaults to eps 1e-6). Pass ``norm_layer=partial(nn.LayerNorm, eps=1e-6)`` to
 reproduce a timm ViT's outputs.

@@ -2,7 +2,7 @@
 :mod:`effkern.ops.tokens`.
 
 Each step is the published one (the original repositories' code, transcribed in
-``tests/token_transcriptions.py`` and tested against it), with the token bookkeeping done by
+``tests/tokens_transcriptions.py`` and tested against it), with the token bookkeeping done by
 effkern's ops instead of torch indexing: ``topk_tokens`` ranks, ``token_gather`` /
 ``token_scatter`` move rows, ``fuse_tokens`` builds EViT's fused token, ``cls_attention`` scores
 tokens without an N x N map, ``masked_softmax`` is DynamicViT's policy softmax and

@@ -5,7 +5,7 @@ Layout of this module:
 
 1. *Kernels of the torch backend* (``ksh_hash_fwd``, ``pack_codes``, ``binary_attention_fwd``,
    ...), written for clarity; float64 where the tests need it. The Triton backend
-   (:mod:`effkern.triton.ksh_hash`, :mod:`effkern.triton.binary_hash`) implements the same
+   (:mod:`effkern.triton.binary_hash_ksh`, :mod:`effkern.triton.binary_hash`) implements the same
    functions with the same signatures on contiguous, validated inputs; the CUDA backend
    (``csrc/binary_hash``) the attention forward, through an adapter.
 2. *Argument checks*, one per op, run by the op and by its fake (see :mod:`effkern._registry`).
@@ -393,7 +393,7 @@ KSH_HASH_BACKWARD = define_op(
     check=_check_ksh_hash_backward, dispatch_on="x",
     kernels=[
         torch_kernel(ksh_hash_bwd, dtypes=TORCH_FLOAT_DTYPES),
-        triton_kernel("ksh_hash:ksh_hash_bwd", dtypes=FLOAT_DTYPES),
+        triton_kernel("binary_hash_ksh:ksh_hash_bwd", dtypes=FLOAT_DTYPES),
     ],
 )
 
@@ -414,7 +414,7 @@ KSH_HASH = define_op(
     check=_check_ksh_hash, dispatch_on="x",
     kernels=[
         torch_kernel(ksh_hash_fwd, dtypes=TORCH_FLOAT_DTYPES),
-        triton_kernel("ksh_hash:ksh_hash_fwd", dtypes=FLOAT_DTYPES),
+        triton_kernel("binary_hash_ksh:ksh_hash_fwd", dtypes=FLOAT_DTYPES),
     ],
 )
 
@@ -483,16 +483,16 @@ def _ksh_hash_invalid(gen, device):
     bad = x.clone()
     bad[1, 2, 3, 4] = math.inf
     return [
-        Invalid((x, a[:, :, :4], mu, p, True), ValueError, r"ksh_hash: anchors must be \[H, m, d\]"),
-        Invalid((x, a, mu[:, :3], p, True), ValueError, r"ksh_hash: mu must be \[H, m\]"),
-        Invalid((x, a, mu, p[:, :, :3], True), ValueError, r"ksh_hash: proj must be \[H, b, m\]"),
+        Invalid((x, a[:, :, :4], mu, p, True), ValueError, r"binary_hash_ksh: anchors must be \[H, m, d\]"),
+        Invalid((x, a, mu[:, :3], p, True), ValueError, r"binary_hash_ksh: mu must be \[H, m\]"),
+        Invalid((x, a, mu, p[:, :, :3], True), ValueError, r"binary_hash_ksh: proj must be \[H, b, m\]"),
         Invalid((x, a, mu, torch.zeros(3, MAX_NBITS + 1, 4, device=device), True), ValueError,
-                r"ksh_hash: proj must be .* 1 <= b <= 1024"),
-        Invalid((x[0], a, mu, p, True), ValueError, "ksh_hash: x must be 4-D"),
-        Invalid((x.to(torch.int32), a, mu, p, True), TypeError, "ksh_hash: x must have dtype"),
-        Invalid((x, a.to("meta"), mu, p, True), ValueError, "ksh_hash: anchors is on meta"),
-        Invalid((x[:, :, :0], a, mu, p, True), ValueError, "ksh_hash: x must have N >= 1 tokens"),
-        Invalid((bad, a, mu, p, True), ValueError, "ksh_hash: x must be finite"),
+                r"binary_hash_ksh: proj must be .* 1 <= b <= 1024"),
+        Invalid((x[0], a, mu, p, True), ValueError, "binary_hash_ksh: x must be 4-D"),
+        Invalid((x.to(torch.int32), a, mu, p, True), TypeError, "binary_hash_ksh: x must have dtype"),
+        Invalid((x, a.to("meta"), mu, p, True), ValueError, "binary_hash_ksh: anchors is on meta"),
+        Invalid((x[:, :, :0], a, mu, p, True), ValueError, "binary_hash_ksh: x must have N >= 1 tokens"),
+        Invalid((bad, a, mu, p, True), ValueError, "binary_hash_ksh: x must be finite"),
     ]
 
 

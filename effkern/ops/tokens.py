@@ -644,7 +644,7 @@ CLS_ATTENTION = define_op(
     check=_check_cls_attention, dispatch_on="q",
     kernels=[
         torch_kernel(cls_attention_fwd, dtypes=TORCH_FLOAT_DTYPES),
-        triton_kernel("token_attention:cls_attention_fwd", dtypes=FLOAT_DTYPES),
+        triton_kernel("tokens_attention:cls_attention_fwd", dtypes=FLOAT_DTYPES),
     ],
 )
 
@@ -666,7 +666,7 @@ CLS_ATTENTION_BACKWARD = define_op(
     dispatch_on="grad",  # float32 for every input dtype but float64
     kernels=[
         torch_kernel(cls_attention_bwd, dtypes=TORCH_FLOAT_DTYPES),
-        triton_kernel("token_attention:cls_attention_bwd", dtypes=(torch.float32,)),
+        triton_kernel("tokens_attention:cls_attention_bwd", dtypes=(torch.float32,)),
     ],
 )
 
@@ -749,7 +749,7 @@ MASKED_SOFTMAX = define_op(
     check=_check_masked_softmax, dispatch_on="logits",
     kernels=[
         torch_kernel(masked_softmax_fwd, dtypes=TORCH_FLOAT_DTYPES),
-        triton_kernel("token_attention:masked_softmax_fwd", dtypes=FLOAT_DTYPES, check=_triton_masked_softmax_rows),
+        triton_kernel("tokens_attention:masked_softmax_fwd", dtypes=FLOAT_DTYPES, check=_triton_masked_softmax_rows),
     ],
 )
 
@@ -770,7 +770,7 @@ MASKED_SOFTMAX_BACKWARD = define_op(
     dispatch_on="logits",
     kernels=[
         torch_kernel(masked_softmax_bwd, dtypes=TORCH_FLOAT_DTYPES),
-        triton_kernel("token_attention:masked_softmax_bwd", dtypes=FLOAT_DTYPES),
+        triton_kernel("tokens_attention:masked_softmax_bwd", dtypes=FLOAT_DTYPES),
     ],
 )
 
@@ -914,7 +914,7 @@ MATCH = define_op(
     check=_check_matching, dispatch_on="metric",
     kernels=[
         torch_kernel(tome_match, dtypes=TORCH_FLOAT_DTYPES),
-        triton_kernel("token_attention:tome_match", dtypes=FLOAT_DTYPES),
+        triton_kernel("tokens_attention:tome_match", dtypes=FLOAT_DTYPES),
     ],
 )
 

@@ -3,7 +3,7 @@
 // pass 2 token_partial for the 32 lanes of each token's warp, the same xor
 // butterfly as the kernel's __shfl_xor_sync reduction, then token_store.
 // Threads write disjoint outputs, so running them one after the other is a
-// faithful schedule.  tests/test_cuda_binary_hash.py compiles this with the
+// faithful schedule.  tests/test_binary_hash_cuda.py compiles this with the
 // host C++ compiler and compares it, via ctypes, with the torch backend in
 // effkern/ops/binary_hash.py.  Not part of effkern/_C*.so.
 //

@@ -2,7 +2,7 @@
 // without a GPU.  It runs the exact integer_math.cuh helpers the kernels run, in
 // the kernels' order of passes (max / saturating sum / write), on one row at
 // a time; reductions are exact, so only their order differs from the GPU.
-// tests/test_cuda_integer.py compiles this with the host C++ compiler into a
+// tests/test_integer_cuda.py compiles this with the host C++ compiler into a
 // small shared library and compares it, via ctypes, with the torch reference
 // in effkern/ops/integer.py.  Not part of effkern/_C*.so.
 //

@@ -2,7 +2,7 @@
 //
 // Depends on nothing (no CUDA, no torch): every helper is __host__ __device__
 // under nvcc and plain C++ otherwise, so the exact same code is checked on the
-// host (kernels/integer/host_check.cpp, driven by tests/test_cuda_integer.py)
+// host (kernels/integer/host_check.cpp, driven by tests/test_integer_cuda.py)
 // and run in the kernels.  All arithmetic is int64 and exact.  Right shifts of
 // signed values are arithmetic (floor division by 2^k), which C++20 guarantees
 // and gcc/clang/nvcc have always implemented.

@@ -4,7 +4,7 @@
 // the same thread -> row mapping (RowLoop) and the same row code
 // (gather_row, scatter_replace_row, scatter_add_row) the kernels run.  Lanes
 // write disjoint vectors, so running them one after the other is a faithful
-// schedule.  tests/test_cuda_tokens.py compiles this with the host C++
+// schedule.  tests/test_tokens_cuda.py compiles this with the host C++
 // compiler into a small shared library and compares it, via ctypes, with the
 // torch backend in effkern/ops/tokens.py.  Not part of effkern/_C*.so.
 //

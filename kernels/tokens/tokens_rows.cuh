@@ -6,7 +6,7 @@
 // at all otherwise: every helper is __host__ __device__ under nvcc and plain
 // C++ elsewhere, so the exact same row code runs in the kernels
 // (token_gather_scatter.cu) and on the host (host_check.cpp, driven by
-// tests/test_cuda_tokens.py), where each "lane" of a row is run in turn.
+// tests/test_tokens_cuda.py), where each "lane" of a row is run in turn.
 //
 // A row of C elements is moved as `nvec` vectors of VB bytes (VB in 16, 8, 4,
 // 2: the widest dividing the row's byte size and every base pointer, so every

@@ -1,5 +1,5 @@
 """effkern.nn.tokens: each method's step against its plain-torch transcription
-(tests/token_transcriptions.py), with shared weights (state dicts loaded both ways: the
+(tests/tokens_transcriptions.py), with shared weights (state dicts loaded both ways: the
 parameter names match), forward and backward; token counts and edge cases."""
 
 import math
@@ -24,7 +24,7 @@ from effkern.nn.tokens import (
     tome_merge,
 )
 from effkern.ops import token_gather, topk_tokens
-from tests import token_transcriptions as ref
+from tests import tokens_transcriptions as ref
 from tests.conftest import DEVICE
 
 DTYPES = [torch.float32, torch.float64]

@@ -1,4 +1,4 @@
-"""The Triton backend of the KSH hash primitives (effkern.triton.ksh_hash) against the torch
+"""The Triton backend of the KSH hash primitives (effkern.triton.binary_hash_ksh) against the torch
 primitives of effkern.ops.binary_hash.
 
 Runs on CUDA when available, else on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
@@ -23,7 +23,7 @@ from tests.triton_helpers import check, f64, randn, run, skip_module_unless_trit
 skip_module_unless_triton_runs()
 
 from effkern.ops import binary_hash as ref
-from effkern.triton import ksh_hash as tri
+from effkern.triton import binary_hash_ksh as tri
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -3,7 +3,7 @@ backend against them, the torch.library contract (opcheck, torch.compile, gradch
 validation.
 
 References here are deliberately naive (Python loops over batch rows and tokens, float64) or
-transcriptions of the published code (tests/token_transcriptions.py), independent of the
+transcriptions of the published code (tests/tokens_transcriptions.py), independent of the
 backend primitives they check.
 """
 
@@ -26,7 +26,7 @@ from effkern.ops import (
     topk_tokens,
     unmerge_tokens,
 )
-from tests import token_transcriptions as pub
+from tests import tokens_transcriptions as pub
 from tests.conftest import DEVICE, require_backend
 
 BACKENDS = ["torch", "triton", "cuda"]

@@ -1,4 +1,4 @@
-"""Representative launches of :mod:`effkern.triton.ksh_hash` for the sm_90 compile test
+"""Representative launches of :mod:`effkern.triton.binary_hash_ksh` for the sm_90 compile test
 (tests/test_triton_compile_sm90.py): ``launch_all(T, g)`` calls both host functions of T once
 per constexpr specialisation (x dtype, parameter dtype, grad_y dtype, BLOCK_M 16 / 32 / 64,
 BLOCK_D 32 / 64 with one and several d chunks, BLOCK_B 16 / 64 with one and several b chunks) on
@@ -7,7 +7,7 @@ stay unwritten (the torch arithmetic between launches runs on those garbage valu
 
 import torch
 
-MODULE = "effkern.triton.ksh_hash"
+MODULE = "effkern.triton.binary_hash_ksh"
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -1,4 +1,4 @@
-"""Representative launches of every kernel of effkern.triton.token_attention, for the sm_90
+"""Representative launches of every kernel of effkern.triton.tokens_attention, for the sm_90
 compile test (tests/test_triton_compile_sm90.py): ``launch_all(T, g)`` calls each host wrapper of
 module T (whose ``*_kernel`` functions have been replaced by recorders) so that every constexpr
 specialisation is recorded: dtypes, softmax on/off, class_token on/off, one-pass and chunked
@@ -7,7 +7,7 @@ launched, so the large tensors are left uninitialised."""
 
 import torch
 
-MODULE = "effkern.triton.token_attention"
+MODULE = "effkern.triton.tokens_attention"
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -1,5 +1,5 @@
 """Plain-torch transcriptions of the published token-reduction steps: the oracle of
-tests/test_nn_tokens.py for :mod:`effkern.nn.tokens`.
+tests/test_tokens_nn.py for :mod:`effkern.nn.tokens`.
 
 Transcribed (steps and names, in plain torch; not the repositories' files) from:
 

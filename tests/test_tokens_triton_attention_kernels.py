@@ -1,4 +1,4 @@
-"""The Triton backend of the attention-like token primitives (effkern.triton.token_attention)
+"""The Triton backend of the attention-like token primitives (effkern.triton.tokens_attention)
 against the torch primitives of effkern.ops.tokens.
 
 Runs on CUDA when available, else on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
@@ -25,7 +25,7 @@ from tests.triton_helpers import INTERPRET, check, f64, randn, run, skip_module_
 skip_module_unless_triton_runs()
 
 from effkern.ops import tokens as ref  # noqa: E402  (after the skip)
-from effkern.triton import token_attention as tri  # noqa: E402
+from effkern.triton import tokens_attention as tri  # noqa: E402
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
