@@ -34,7 +34,7 @@
 #
 # Environment: PYTHON (default python3), EFFKERN_COMMIT (recorded with the benchmark rows when
 # git is unavailable), GPU_CHECK_BUDGET_S, GPU_CHECK_MAX_FILES, TORCH_CUDA_ARCH_LIST,
-# GPU_CHECK_BENCH (the benchmark families to run, in order; default "integer tokens binary_hash").
+# GPU_CHECK_BENCH (the benchmark families to run, in order; default: every family of python -m effkern ops --families).
 set -euo pipefail
 
 if [[ $# -lt 1 || -z "${1:-}" ]]; then
@@ -229,7 +229,7 @@ sanitize() {
     t0=$(date +%s)
     if EFFKERN_SANITIZE_SMALL=$small PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 15 "$t" \
         "$san" --tool "$name" --error-exitcode 99 --print-limit 30 \
-        "$PY" -m pytest tests/test_cuda_*.py -m cuda -k sanitizer_smoke -v -rs -p no:cacheprovider \
+        "$PY" -m pytest tests/test_cuda_sanitize.py -m cuda -k sanitizer_smoke -v -rs -p no:cacheprovider \
         >"$run" 2>&1; then rc=0; else rc=$?; fi
     { echo "===== $name (EFFKERN_SANITIZE_SMALL=$small) ====="; cat "$run"; } >>"$log"
     for k in $kernels; do

@@ -1,4 +1,5 @@
-"""What the tests of the compiled CUDA library (tests/test_cuda_*.py) share: whether the library
+"""What the tests of the compiled CUDA library share (tests/test_<family>_cuda.py,
+test_cuda_build.py, test_cuda_sanitize.py): whether the library
 loaded, the CUDA kernels the Python side calls (from the op registry) and the check that each
 library op's schema, read from torch, fits the Python call (the schemas are written once, in the
 families' registration blocks in csrc/), the CPU-tensor check every family repeats, building a

@@ -13,7 +13,7 @@ import effkern
 from effkern.ops import binary_hash as bh
 from tests.conftest import DEVICE, backend_reasons, require_backend
 
-BACKENDS = ["torch", "triton", "cuda"]
+from effkern._dispatch import BACKENDS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -8,11 +8,11 @@ import re
 
 import pytest
 
-from effkern import _cuda_lib
+from effkern import _cuda_lib, _registry
 from tests.cuda_lib_helpers import (assert_cuda_op_matches_python, build_shared_library, cuda_kernels, kernel_family,
                                     needs_lib)
 
-FAMILIES = ("integer", "tokens", "binary_hash")  # csrc/<family>, kernels/<family>, tests/test_cuda_<family>.py
+FAMILIES = tuple(_registry.families())  # csrc/<family>, kernels/<family>, tests/test_<family>_cuda.py
 
 
 def test_load_reports_reason():

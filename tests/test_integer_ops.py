@@ -12,7 +12,7 @@ from effkern.ops import integer as ki
 from tests import ivit_transcription as ivit
 from tests.conftest import DEVICE, require_backend
 
-BACKENDS = ["torch", "triton", "cuda"]
+from effkern._dispatch import BACKENDS
 INT_RANGES = {torch.int8: (-128, 127), torch.int16: (-(2**15), 2**15 - 1), torch.int32: (-(2**31), 2**31 - 1)}
 
 
@@ -311,7 +311,7 @@ def _opcheck_cases(gen):
     yield torch.ops.effkern.int8_linear.default, (x8, w, torch.arange(5, dtype=torch.int32, device=DEVICE), f32(1e-3), (torch.rand(5, generator=gen) + 0.1).to(DEVICE), 8)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(gen, backend):
     require_backend("int_softmax", backend)
     # requantize and int8_linear have no cuda kernel: with "cuda" they fall back to torch
@@ -331,7 +331,7 @@ def _integer_pipeline(x, w, bias, ln_w, ln_b):
     return g, p
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(gen, backend):
     require_backend("int_softmax", backend)
     x = randint(gen, (4, 9, 32), torch.int8, device=DEVICE)

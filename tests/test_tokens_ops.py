@@ -29,7 +29,7 @@ from effkern.ops import (
 from tests import tokens_transcriptions as pub
 from tests.conftest import DEVICE, require_backend
 
-BACKENDS = ["torch", "triton", "cuda"]
+from effkern._dispatch import BACKENDS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tolerances for ops that round once from a float32 (or exact) result: one ulp of the dtype.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-3),
