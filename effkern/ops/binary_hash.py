@@ -483,16 +483,16 @@ def _ksh_hash_invalid(gen, device):
     bad = x.clone()
     bad[1, 2, 3, 4] = math.inf
     return [
-        Invalid((x, a[:, :, :4], mu, p, True), ValueError, r"binary_hash_ksh: anchors must be \[H, m, d\]"),
-        Invalid((x, a, mu[:, :3], p, True), ValueError, r"binary_hash_ksh: mu must be \[H, m\]"),
-        Invalid((x, a, mu, p[:, :, :3], True), ValueError, r"binary_hash_ksh: proj must be \[H, b, m\]"),
+        Invalid((x, a[:, :, :4], mu, p, True), ValueError, r"ksh_hash: anchors must be \[H, m, d\]"),
+        Invalid((x, a, mu[:, :3], p, True), ValueError, r"ksh_hash: mu must be \[H, m\]"),
+        Invalid((x, a, mu, p[:, :, :3], True), ValueError, r"ksh_hash: proj must be \[H, b, m\]"),
         Invalid((x, a, mu, torch.zeros(3, MAX_NBITS + 1, 4, device=device), True), ValueError,
-                r"binary_hash_ksh: proj must be .* 1 <= b <= 1024"),
-        Invalid((x[0], a, mu, p, True), ValueError, "binary_hash_ksh: x must be 4-D"),
-        Invalid((x.to(torch.int32), a, mu, p, True), TypeError, "binary_hash_ksh: x must have dtype"),
-        Invalid((x, a.to("meta"), mu, p, True), ValueError, "binary_hash_ksh: anchors is on meta"),
-        Invalid((x[:, :, :0], a, mu, p, True), ValueError, "binary_hash_ksh: x must have N >= 1 tokens"),
-        Invalid((bad, a, mu, p, True), ValueError, "binary_hash_ksh: x must be finite"),
+                r"ksh_hash: proj must be .* 1 <= b <= 1024"),
+        Invalid((x[0], a, mu, p, True), ValueError, "ksh_hash: x must be 4-D"),
+        Invalid((x.to(torch.int32), a, mu, p, True), TypeError, "ksh_hash: x must have dtype"),
+        Invalid((x, a.to("meta"), mu, p, True), ValueError, "ksh_hash: anchors is on meta"),
+        Invalid((x[:, :, :0], a, mu, p, True), ValueError, "ksh_hash: x must have N >= 1 tokens"),
+        Invalid((bad, a, mu, p, True), ValueError, "ksh_hash: x must be finite"),
     ]
 
 
