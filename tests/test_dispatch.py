@@ -76,3 +76,24 @@ def test_info_command_lists_every_op_and_backend():
         assert word in out
     if not torch.cuda.is_available():
         assert "GPU none" in out
+
+
+def test_every_kernel_dispatcher_is_declared_in_the_registry():
+    from effkern._registry import OPS
+
+    assert set(_dispatch.OPS) == {name for name, op in OPS.items() if op.kernels is not None}
+    for name, op in OPS.items():
+        assert op.custom_op is not None, f"{name}: declared without an implementation"
+
+
+def test_backend_is_chosen_on_the_named_argument():
+    # binary_attention's kernels take (q_codes, k_codes, v, ...) and choose on v: int32 codes
+    # first, so a positional rule would look at the wrong tensor.
+    dispatcher = _dispatch.OPS["binary_attention"]
+    assert dispatcher.dispatch_on == "v"
+    codes = torch.zeros(1, 1, 3, 1, dtype=torch.int32)
+    v = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    with effkern.backend("triton", "torch"):  # triton declines float64: the choice looked at v
+        impl = dispatcher.select(codes, codes, v, 8, "ecoformer")
+        assert impl.backend == "torch"
+        assert dispatcher.select(v=v, q_codes=codes, k_codes=codes, nbits=8, form="ecoformer") is impl
