@@ -387,10 +387,13 @@ def tome_merge(x: Tensor, size: Tensor | None, metric: Tensor, r: int,
         raise ValueError(f"tome_merge: r must be an integer >= 0, got {r!r}")
     if r == 0:
         return x, size
-    plan = bipartite_matching(metric, r, class_token=class_token)
+    # validate=False: no device sync per layer (nor a graph break under torch.compile). The
+    # metric and sizes come from the model and the plan from the line above; invalid values
+    # give a wrong merge, never an out-of-bounds access or a merged class token.
+    plan = bipartite_matching(metric, r, class_token=class_token, validate=False)
     if plan.num_merged == 0:
         return x, (x.new_ones(x.shape[0], x.shape[1], 1) if size is None else size)
-    return merge_tokens(plan, x, size)
+    return merge_tokens(plan, x, size, validate=False)
 
 
 class ToMeBlock(Block):
