@@ -42,6 +42,7 @@ def info_text() -> str:
     loaded, reason = _cuda_lib.load()
     lines.append(f"CUDA library: {'loaded' if loaded else reason}")
     lines.append(f"CUDA library arch list: {';'.join(_cuda_lib.arch_list()) or 'n/a'}")
+    lines.append(f"CUDA library ops: {', '.join(_cuda_lib.registered_ops()) or 'n/a'}")
     lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '') or 'unset'}")
     forced = _dispatch.forced_backends()
     lines.append(f"forced backends (EFFKERN_BACKEND): {','.join(forced) if forced else 'none (auto)'}")
