@@ -178,7 +178,7 @@ def _corrupt(args: tuple, choice: int, which: int) -> tuple:
     else:
         corruptions = (
             lambda t: t.to(torch.float64 if not t.is_floating_point() else torch.int32),
-            lambda t: t.reshape(-1)[:1].reshape(()) if t.dim() else t.reshape(1, 1),
+            lambda t: t.reshape(-1)[:1].reshape(()) if t.numel() else t.unsqueeze(0),
             lambda t: t.unsqueeze(0).expand(2, *t.shape),
             lambda t: t.to("meta"),
             lambda t: t[..., :0] if t.dim() else t,

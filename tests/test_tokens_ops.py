@@ -755,3 +755,14 @@ def test_inductor_trains_through_token_gather_and_scatter(backend):
     torch.testing.assert_close(c_kept, kept)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reduce", ["replace", "add"])
+def test_token_scatter_into_no_tokens_is_an_index_error(reduce):
+    # Found by the registry's corrupted-call property test: with N = 0 the repeat check had
+    # no hit counts to reduce and raised torch's own RuntimeError.
+    x = torch.zeros(2, 0, 3)
+    y = torch.ones(2, 2, 3)
+    idx = torch.tensor([[0, 1], [1, 0]])
+    with pytest.raises(IndexError, match=r"token_scatter: idx must lie in \[0, 0\)"):
+        token_scatter(x, y, idx, reduce=reduce)

@@ -301,7 +301,9 @@ def _validate_index_values(op: str, idx: Tensor, n: int, name: str = "idx",
     if idx.numel() == 0:
         return
     lo, hi = torch.aminmax(idx)
-    flags = torch.stack([lo < 0, hi >= n] + ([] if unique_counts is None else [unique_counts.max() > 1]))
+    # (no repeat check without tokens: then every index is out of range anyway)
+    repeats = [] if unique_counts is None or unique_counts.numel() == 0 else [unique_counts.max() > 1]
+    flags = torch.stack([lo < 0, hi >= n] + repeats)
     bad = flags.tolist()
     if bad[0] or bad[1]:
         raise IndexError(f"{op}: {name} must lie in [0, {n}) (the token dimension of x), "
