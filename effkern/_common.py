@@ -42,6 +42,16 @@ def num_words(nbits: int) -> int:
     return (nbits + 31) // 32
 
 
+def row_major(t: Tensor) -> Tensor:
+    """``t`` with row-major strides, the strides a fake impl promises with ``new_empty``; copied
+    only when needed (``.contiguous()`` keeps any stride of a size-1 dim, this does not)."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    return t if t.stride() == tuple(reversed(expected)) else t.clone(memory_format=torch.contiguous_format)
+
+
 def int_dtype_for_bits(bits: int) -> torch.dtype:
     """The narrowest signed integer dtype holding ``bits``-bit values."""
     return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32

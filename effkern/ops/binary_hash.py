@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from effkern._common import FLOAT_DTYPES, NORM_EPS, TORCH_FLOAT_DTYPES, acc_dtype, check_choice, check_int, check_same_device, check_tensor, num_words
+from effkern._common import (FLOAT_DTYPES, NORM_EPS, TORCH_FLOAT_DTYPES, acc_dtype, check_choice, check_int,
+                             check_same_device, check_tensor, num_words, row_major)
 from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 
 FAMILY = "binary_hash"
@@ -62,16 +63,6 @@ MAX_NBITS = 1024
 CUDA_HEAD_DIMS = (32, 64, 128)  # the CUDA kernels are specialised on d
 # What pack_bits takes on the torch backend (anything compared with > 0).
 PACK_DTYPES = TORCH_FLOAT_DTYPES + (torch.int8, torch.int32, torch.int64, torch.bool)
-
-
-def _dense(t: Tensor) -> Tensor:
-    """t with row-major strides (the strides the fakes promise), copied only when needed:
-    ``.contiguous()`` keeps any stride of a size-1 dim, this does not."""
-    expected, step = [], 1
-    for size in reversed(t.shape):
-        expected.append(step)
-        step *= max(size, 1)
-    return t if t.stride() == tuple(reversed(expected)) else t.clone(memory_format=torch.contiguous_format)
 
 
 # ============================================================================================
@@ -116,7 +107,7 @@ def ksh_hash_fwd(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> Tensor
     _, _, _, dist = _ksh_dist(x, anchors)
     sigma = dist.mean(dim=(-1, -2), keepdim=True)
     k = torch.exp(-dist / (2 * sigma)) - mu.to(acc)[None, :, None, :]
-    return _dense(torch.einsum("bhnm,hkm->bhnk", k, proj.to(acc)))
+    return row_major(torch.einsum("bhnm,hkm->bhnk", k, proj.to(acc)))
 
 
 def ksh_hash_bwd(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> Tensor:
@@ -136,7 +127,7 @@ def ksh_hash_bwd(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: T
     g_xn = 2 * g_dist.sum(-1, keepdim=True) * xn - 2 * torch.einsum("bhnm,hmd->bhnd", g_dist, a)
     projected = (g_xn - (g_xn * xn).sum(-1, keepdim=True) * xn) / nrm.clamp_min(NORM_EPS)
     g_x = torch.where(nrm > NORM_EPS, projected, g_xn / NORM_EPS)
-    return _dense(g_x.to(x.dtype))
+    return row_major(g_x.to(x.dtype))
 
 
 def pack_codes(h: Tensor) -> Tensor:
@@ -145,7 +136,7 @@ def pack_codes(h: Tensor) -> Tensor:
     w = num_words(b)
     bits = torch.nn.functional.pad((h > 0).to(torch.int64), (0, 32 * w - b))
     words = (bits.reshape(*h.shape[:-1], w, 32) << torch.arange(32, device=h.device)).sum(-1)
-    return _dense(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))  # two's complement
+    return row_major(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))  # two's complement
 
 
 def unpack_codes(codes: Tensor, nbits: int, signed: bool, dtype: torch.dtype) -> Tensor:
@@ -180,7 +171,7 @@ def binary_attention_fwd(q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int
     acc = acc_dtype(v.dtype)
     signed = SIGNED[form]
     hq, hk = (unpack_codes(c, nbits, signed, acc) for c in (q_codes, k_codes))
-    return _dense(_attention_parts(hq, hk, v, form)[2].to(v.dtype))
+    return row_major(_attention_parts(hq, hk, v, form)[2].to(v.dtype))
 
 
 def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int,
@@ -217,7 +208,7 @@ def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: 
         d_kv = torch.einsum("bhnk,bhnd->bhkd", hq, g_t) / math.pi
         d_hk = torch.einsum("bhnd,bhkd->bhnk", vf, d_kv)
         dv = torch.einsum("bhnk,bhkd->bhnd", hk, d_kv) + g_t / 2
-    return _dense(d_hq), _dense(d_hk), _dense(dv.to(v.dtype))
+    return row_major(d_hq), row_major(d_hk), row_major(dv.to(v.dtype))
 
 
 def hashed_attention_fwd(y_q: Tensor, y_k: Tensor, v: Tensor, form: str) -> Tensor:
