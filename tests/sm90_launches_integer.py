@@ -22,9 +22,3 @@ def launch_all(T, g):
     T.int_gelu_rows(ints((3, 64), torch.int8), -(2**29), 23, 8)  # DIV32=False: int64 division
     for dtype, bits in ((torch.int32, 8), (torch.int16, 16), (torch.int8, 32)):
         T.requantize_rows(ints((7, 1536), dtype), ints((1536,), torch.int64, 2**30, 2**31), ints((1536,), torch.int64, 0, 70), bits)
-    w = ints((384, 384), torch.int8)
-    m, e = ints((384,), torch.int64, 2**30, 2**31), ints((384,), torch.int64, 20, 40)
-    for rows in (197 * 4, 48, 1):
-        T.int8_linear_rows(ints((rows, 384), torch.int8), w, ints((384,), torch.int32), m, e, 8)
-        T.int8_linear_rows(ints((rows, 384), torch.int8), w, None, None, None, 32)
-    T.int8_linear_rows(ints((33, 100), torch.int8), ints((17, 100), torch.int8), None, m[:17], e[:17], 16)

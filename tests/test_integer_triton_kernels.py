@@ -19,6 +19,7 @@ skip_module_unless_triton_runs()
 
 import effkern  # noqa: E402  (after the skip)
 from effkern.ops import integer as ref  # noqa: E402
+from effkern.triton import int8_linear as tri_linear  # noqa: E402
 from effkern.triton import integer as tri  # noqa: E402
 
 INT32_MAX = 2**31 - 1
@@ -353,11 +354,11 @@ def test_int8_linear(shape, with_bias, gen):
         bias = rand_int((n,), -(2**31), 2**31 - 1, gen, torch.int32)
         bias[::4] = rand_int((len(range(0, n, 4)),), -(2**20), 2**20, gen, torch.int32)
         bias[1::5] = INT32_MAX  # saturating adds
-    assert_same(tri.int8_linear_rows(x, w, bias, None, None, 8), ref.ref_int8_linear_rows(x, w, bias, None, None, 8),
+    assert_same(tri_linear.int8_linear_rows(x, w, bias, None, None, 8), ref.ref_int8_linear_rows(x, w, bias, None, None, 8),
                 "int32 accumulator")
     for per_channel, out_bits in [(False, 8), (True, 8), (True, 16), (False, 32), (True, 32)]:
         m, e = _scales(n, per_channel, k, gen, weird=out_bits == 16)
-        assert_same(tri.int8_linear_rows(x, w, bias, m, e, out_bits), ref.ref_int8_linear_rows(x, w, bias, m, e, out_bits),
+        assert_same(tri_linear.int8_linear_rows(x, w, bias, m, e, out_bits), ref.ref_int8_linear_rows(x, w, bias, m, e, out_bits),
                     f"per_channel={per_channel} out_bits={out_bits}")
 
 
@@ -371,25 +372,25 @@ def test_int8_linear_extremes(gen):
     bias = torch.tensor([INT32_MAX, -(2**31), 0, 2**30, -(2**30)], dtype=torch.int32, device=DEVICE)
     m, e = _scales(5, True, k, gen, weird=True)
     for b in (None, bias):
-        assert_same(tri.int8_linear_rows(x, w, b, None, None, 8), ref.ref_int8_linear_rows(x, w, b, None, None, 8))
+        assert_same(tri_linear.int8_linear_rows(x, w, b, None, None, 8), ref.ref_int8_linear_rows(x, w, b, None, None, 8))
         for out_bits in (8, 32):
-            assert_same(tri.int8_linear_rows(x, w, b, m, e, out_bits), ref.ref_int8_linear_rows(x, w, b, m, e, out_bits))
+            assert_same(tri_linear.int8_linear_rows(x, w, b, m, e, out_bits), ref.ref_int8_linear_rows(x, w, b, m, e, out_bits))
 
 
 def test_int8_linear_empty_and_bad_arguments():
     x = torch.zeros(0, 16, dtype=torch.int8, device=DEVICE)
     w = torch.ones(4, 16, dtype=torch.int8, device=DEVICE)
-    assert tri.int8_linear_rows(x, w, None, None, None, 8).shape == (0, 4)
+    assert tri_linear.int8_linear_rows(x, w, None, None, None, 8).shape == (0, 4)
     x = torch.ones(2, 16, dtype=torch.int8, device=DEVICE)
     with pytest.raises(ValueError, match="w must be"):
-        tri.int8_linear_rows(x, w[:, :8], None, None, None, 8)
+        tri_linear.int8_linear_rows(x, w[:, :8], None, None, None, 8)
     with pytest.raises(ValueError, match="both m and e"):
-        tri.int8_linear_rows(x, w, None, torch.ones(4, dtype=torch.int64, device=DEVICE), None, 8)
+        tri_linear.int8_linear_rows(x, w, None, torch.ones(4, dtype=torch.int64, device=DEVICE), None, 8)
     with pytest.raises(ValueError, match="bias"):
-        tri.int8_linear_rows(x, w, torch.ones(4, dtype=torch.int64, device=DEVICE), None, None, 8)
+        tri_linear.int8_linear_rows(x, w, torch.ones(4, dtype=torch.int64, device=DEVICE), None, None, 8)
     big = torch.zeros(1, 2**17, dtype=torch.int8, device=DEVICE)
     with pytest.raises(ValueError, match="K="):
-        tri.int8_linear_rows(big, torch.zeros(1, 2**17, dtype=torch.int8, device=DEVICE), None, None, None, 8)
+        tri_linear.int8_linear_rows(big, torch.zeros(1, 2**17, dtype=torch.int8, device=DEVICE), None, None, None, 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,8 +416,8 @@ def test_every_element_is_written(poison, gen):
         (lambda: tri.int_layernorm_rows(x8, bias, 10, block=64), ref.ref_int_layernorm_rows(x8, bias, 10)),
         (lambda: tri.requantize_rows(x32, m, e, 8), ref.ref_requantize_rows(x32, m, e, 8)),
         (lambda: tri.requantize_rows(x32, m, e, 32), ref.ref_requantize_rows(x32, m, e, 32)),
-        (lambda: tri.int8_linear_rows(x8, w, bias, m, e, 16), ref.ref_int8_linear_rows(x8, w, bias, m, e, 16)),
-        (lambda: tri.int8_linear_rows(x8, w, None, None, None, 8), ref.ref_int8_linear_rows(x8, w, None, None, None, 8)),
+        (lambda: tri_linear.int8_linear_rows(x8, w, bias, m, e, 16), ref.ref_int8_linear_rows(x8, w, bias, m, e, 16)),
+        (lambda: tri_linear.int8_linear_rows(x8, w, None, None, None, 8), ref.ref_int8_linear_rows(x8, w, None, None, None, 8)),
     ]
     for i, (run, expected) in enumerate(cases):
         for pattern in (0x5A, 0xA5):

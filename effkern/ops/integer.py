@@ -615,7 +615,7 @@ INT8_LINEAR = define_op(
     check=_check_int8_linear, dispatch_on="x",
     kernels=[
         torch_kernel(ref_int8_linear_rows, dtypes=(torch.int8,)),
-        triton_kernel("integer:int8_linear_rows", dtypes=(torch.int8,)),
+        triton_kernel("int8_linear:int8_linear_rows", dtypes=(torch.int8,)),
     ],
 )
 
