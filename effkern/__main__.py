@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import effkern
-from effkern import _cuda_lib, _dispatch, _registry
+from effkern import _backend_order, _cuda_lib, _dispatch, _registry
 
 
 def _version(module: str) -> str:
@@ -47,7 +47,10 @@ def info_text() -> str:
     forced = _dispatch.forced_backends()
     lines.append(f"forced backends (EFFKERN_BACKEND): {','.join(forced) if forced else 'none (auto)'}")
     lines.append("")
-    lines.append(f"ops on {device.type} tensors (auto order: {', '.join(_dispatch._PRIORITY.get(device.type, ()))}):")
+    if device.type != "cuda":
+        lines.append(f"auto order on {device.type} tensors: {', '.join(_dispatch.auto_order('', device))}")
+    lines.append("auto order on CUDA tensors: per op, with its grounds (effkern/_backend_order.py)")
+    lines.append(f"ops on {device.type} tensors:")
     width = max(len(name) for name in _registry.OPS)
     for family in _registry.families():
         lines.append(f" {family}")
@@ -63,6 +66,9 @@ def info_text() -> str:
                 else:
                     status = "available"
                 lines.append(f"  {label if i == 0 else '':<{width + 11}}  {backend:<7} {status}")
+            if len(op.backends) > 2:  # a choice between GPU backends: say which comes first, and why
+                order = _backend_order.gpu_order(name)
+                lines.append(f"  {'':<{width + 11}}  CUDA order {', '.join(order.backends)}: {order.grounds}")
     return "\n".join(lines)
 
 

@@ -32,11 +32,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from effkern import _backend_order
+
 BACKENDS = ("cuda", "triton", "torch")
 
-# Auto-selection order per device type. On CPU the Triton interpreter is a debugging tool,
-# never the fastest choice, so it is only used when forced.
-_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+# Auto-selection order on devices other than CUDA (CUDA: per op, effkern/_backend_order.py).
+# On CPU the Triton interpreter is a debugging tool, never the fastest choice, so it is only
+# used when forced.
+_PRIORITY = {"cpu": ("torch",)}
 _DEFAULT_PRIORITY = ("torch",)
 
 _forced: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
@@ -247,7 +250,7 @@ class OpDispatcher:
         forced = forced_backends()
         if forced is not None:
             return forced
-        return _PRIORITY.get(device.type, _DEFAULT_PRIORITY)
+        return auto_order(self.name, device)
 
     def select(self, *args, **kwargs) -> Implementation:
         """The implementation to use for this call, or BackendNotSupported with every reason."""
@@ -291,6 +294,13 @@ class OpDispatcher:
                 reasons.append(f"device type {device.type!r} not in {sorted(impl.devices)}")
             out[name] = reasons
         return out
+
+
+def auto_order(op: str, device: torch.device) -> tuple[str, ...]:
+    """The backends tried, in order, for ``op`` on ``device`` when none is forced."""
+    if device.type == "cuda":
+        return _backend_order.gpu_order(op).backends
+    return _PRIORITY.get(device.type, _DEFAULT_PRIORITY)
 
 
 OPS: dict[str, OpDispatcher] = {}
