@@ -8,6 +8,11 @@ this module; it imports nothing of effkern. The CUDA side keeps the same constan
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
@@ -91,3 +96,44 @@ def check_int(op: str, name: str, value, lo: int, hi: int) -> None:
 def check_choice(op: str, name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Value validation (index ranges, finiteness, plan consistency): it needs the data on the host,
+# which on a GPU is a device synchronisation. Ops take ``validate=None`` by default: validated
+# where that is free (CPU tensors), skipped on the GPU hot path unless asked for.
+# --------------------------------------------------------------------------------------------
+
+_validation: contextvars.ContextVar[bool | None] = contextvars.ContextVar("effkern_validation", default=None)
+_ENV_ON, _ENV_OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+@contextlib.contextmanager
+def validation(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, ops called with ``validate=None`` (the default) validate their input
+    values (``enabled=True``, one device sync per call on a GPU) or never do (False)."""
+    token = _validation.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _validation.reset(token)
+
+
+def validation_enabled(device: torch.device) -> bool:
+    """What ``validate=None`` means for an op on ``device``: ``effkern.validation(...)`` if set,
+    else ``EFFKERN_VALIDATE`` (1/0), else True on CPU (a host read costs no device sync there)
+    and False elsewhere (no synchronisation on the GPU hot path)."""
+    forced = _validation.get()
+    if forced is not None:
+        return forced
+    env = os.environ.get("EFFKERN_VALIDATE", "").strip().lower()
+    if env in _ENV_ON or env in _ENV_OFF:
+        return env in _ENV_ON
+    if env == "":
+        return device.type == "cpu"
+    raise ValueError(f"EFFKERN_VALIDATE must be 1 or 0 (or true/false, on/off), got {env!r}")
+
+
+def resolve_validate(validate: bool | None, t: Tensor) -> bool:
+    """An op's ``validate`` argument, None resolved for the device of ``t``."""
+    return validation_enabled(t.device) if validate is None else bool(validate)

@@ -21,11 +21,12 @@ Layout of this module:
    tests/test_registry.py runs on every backend.
 
 Index tensors are int64 or int32 ``[B, K]``. Index checks (range, and repeats where they are an
-error) need the indices on the host: ``validate=True`` (the default) reads one flag back from the
-device per call, a synchronisation. ``validate=False`` skips it; the kernels still never read or
-write out of bounds (an out-of-range index gathers a zero row and scatters nowhere), but the
-result is then the caller's responsibility. effkern's own modules pass ``validate=False`` for
-indices they produced themselves.
+error) need the indices on the host: ``validate=True`` reads one flag back from the device per
+call, a synchronisation. ``validate=False`` skips it; the kernels still never read or write out
+of bounds (an out-of-range index gathers a zero row and scatters nowhere), but the result is then
+the caller's responsibility. The default ``validate=None`` validates CPU tensors (free) and skips
+the check on a GPU, so the hot path never synchronises; ``with effkern.validation():`` or
+``EFFKERN_VALIDATE=1`` turns it on everywhere while debugging (:func:`effkern._common.validation_enabled`).
 
 Scatter plans. Scatter-like kernels work per *output* row, so that each output row is written
 once, by one program, deterministically: ``scatter_plan(idx, n)`` sorts the indices (stably) into
@@ -58,6 +59,7 @@ from effkern._common import (
     check_int,
     check_same_device,
     check_tensor,
+    resolve_validate,
 )
 from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 
@@ -339,7 +341,7 @@ def _fresh(t: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_gather(x: Tensor, idx: Tensor, validate: bool) -> None:
+def _check_gather(x: Tensor, idx: Tensor, validate: bool | None) -> None:
     check_tensor("token_gather", "x", x, dims=(2, 3), dtypes=TORCH_FLOAT_DTYPES)
     _check_index("token_gather", idx, x)
 
@@ -356,8 +358,8 @@ TOKEN_GATHER = define_op(
 
 
 @TOKEN_GATHER.impl
-def _token_gather_op(x: Tensor, idx: Tensor, validate: bool) -> Tensor:
-    if validate:
+def _token_gather_op(x: Tensor, idx: Tensor, validate: bool | None) -> Tensor:
+    if resolve_validate(validate, x):
         _validate_index_values("token_gather", idx, x.shape[1])
     out = TOKEN_GATHER.kernels(x=_rows3d(x), idx=idx.contiguous())
     return out.reshape(out.shape[:2]) if x.dim() == 2 else out
@@ -383,14 +385,15 @@ def _token_gather_backward(ctx, grad):
 TOKEN_GATHER.autograd(_token_gather_backward, _token_gather_setup)
 
 
-def token_gather(x: Tensor, idx: Tensor, *, validate: bool = True) -> Tensor:
+def token_gather(x: Tensor, idx: Tensor, *, validate: bool | None = None) -> Tensor:
     """Gather token rows: ``out[b, k] = x[b, idx[b, k]]``.
 
     Args:
         x: ``[B, N, C]`` or ``[B, N]``, float16/bfloat16/float32 (float64 on the torch backend).
         idx: ``[B, K]`` int64 or int32 token indices in [0, N); repeats allowed; K may be 0.
-        validate: check idx's range on the host (one device sync). With False, an out-of-range
-            index yields a zero row (no out-of-bounds access).
+        validate: check idx's range on the host (one device sync on a GPU). With False, an
+            out-of-range index yields a zero row (no out-of-bounds access). None (default): on
+            CPU tensors, off on a GPU unless ``effkern.validation()`` / ``EFFKERN_VALIDATE=1``.
 
     Returns a new contiguous ``[B, K, C]`` (or ``[B, K]``) in x's dtype. Differentiable in x:
     the gradient is a scatter-add (repeated indices accumulate, in float32). Raises IndexError
@@ -406,7 +409,7 @@ def token_gather(x: Tensor, idx: Tensor, *, validate: bool = True) -> Tensor:
 SCATTER_REDUCTIONS = ("replace", "add")
 
 
-def _check_scatter(x: Tensor, y: Tensor, idx: Tensor, reduce: str, validate: bool) -> None:
+def _check_scatter(x: Tensor, y: Tensor, idx: Tensor, reduce: str, validate: bool | None) -> None:
     op = "token_scatter"
     check_tensor(op, "x", x, dims=(2, 3), dtypes=TORCH_FLOAT_DTYPES)
     check_tensor(op, "y", y, dims=(x.dim(),), dtypes=(x.dtype,))
@@ -435,9 +438,9 @@ TOKEN_SCATTER = define_op(
 
 
 @TOKEN_SCATTER.impl
-def _token_scatter_op(x: Tensor, y: Tensor, idx: Tensor, reduce: str, validate: bool) -> Tensor:
+def _token_scatter_op(x: Tensor, y: Tensor, idx: Tensor, reduce: str, validate: bool | None) -> Tensor:
     order, starts = scatter_plan(idx, x.shape[1])
-    if validate:
+    if resolve_validate(validate, x):
         counts = None if reduce == "add" else starts[:, 1:] - starts[:, :-1]
         _validate_index_values("token_scatter", idx, x.shape[1], unique_counts=counts)
     out = TOKEN_SCATTER.kernels(x=_rows3d(x), y=_rows3d(y), idx=idx.contiguous(), order=order,
@@ -470,7 +473,7 @@ TOKEN_SCATTER.autograd(_token_scatter_backward, _token_scatter_setup)
 
 
 def token_scatter(x: Tensor, y: Tensor, idx: Tensor, *, reduce: str = "replace",
-                  validate: bool = True) -> Tensor:
+                  validate: bool | None = None) -> Tensor:
     """Out-of-place scatter of token rows: rows ``idx[b, k]`` of x replaced by (``"replace"``) or
     increased by (``"add"``) ``y[b, k]``; every other row passes through unchanged.
 
@@ -480,9 +483,9 @@ def token_scatter(x: Tensor, y: Tensor, idx: Tensor, *, reduce: str = "replace",
         idx: ``[B, K]`` int64 or int32 indices in [0, N).
         reduce: ``"replace"`` (repeated indices are an error) or ``"add"`` (repeats accumulate;
             each output row is x plus its y rows summed in float32 in ascending k, rounded once).
-        validate: check range (and, for replace, uniqueness) on the host: one device sync.
-            With False, out-of-range indices are ignored and for repeated indices in replace
-            mode the last k wins.
+        validate: check range (and, for replace, uniqueness) on the host: one device sync on a
+            GPU. With False, out-of-range indices are ignored and for repeated indices in replace
+            mode the last k wins. None (default): as :func:`token_gather`.
 
     Returns a new contiguous ``[B, N, C]`` tensor. Differentiable in x and y.
     """
@@ -554,7 +557,7 @@ def topk_tokens(scores: Tensor, k: int, *, keep_cls: bool = True) -> tuple[Tenso
 # --------------------------------------------------------------------------------------------
 
 
-def _check_fuse(x: Tensor, weights: Tensor, idx: Tensor, validate: bool) -> None:
+def _check_fuse(x: Tensor, weights: Tensor, idx: Tensor, validate: bool | None) -> None:
     op = "fuse_tokens"
     check_tensor(op, "x", x, dims=(3,), dtypes=TORCH_FLOAT_DTYPES)
     check_tensor(op, "weights", weights, dims=(2,), dtypes=TORCH_FLOAT_DTYPES)
@@ -575,8 +578,8 @@ FUSE_TOKENS = define_op(
 
 
 @FUSE_TOKENS.impl
-def _fuse_tokens_op(x: Tensor, weights: Tensor, idx: Tensor, validate: bool) -> Tensor:
-    if validate:
+def _fuse_tokens_op(x: Tensor, weights: Tensor, idx: Tensor, validate: bool | None) -> Tensor:
+    if resolve_validate(validate, x):
         _validate_index_values("fuse_tokens", idx, x.shape[1])
     return FUSE_TOKENS.kernels(x=x.contiguous(), weights=weights.contiguous(), idx=idx.contiguous())
 
@@ -609,13 +612,14 @@ def _fuse_tokens_backward(ctx, grad):
 FUSE_TOKENS.autograd(_fuse_tokens_backward, _fuse_tokens_setup)
 
 
-def fuse_tokens(x: Tensor, weights: Tensor, idx: Tensor, *, validate: bool = True) -> Tensor:
+def fuse_tokens(x: Tensor, weights: Tensor, idx: Tensor, *, validate: bool | None = None) -> Tensor:
     """EViT's fused token: ``sum_j weights[b, idx[b, j]] * x[b, idx[b, j]]``, not renormalised.
 
     Args:
         x: ``[B, N, C]`` tokens; weights: ``[B, N]`` per-token weights (e.g. CLS attention, in
             the same token positions as x); idx: ``[B, J]`` the tokens to fuse (J may be 0).
-        validate: range-check idx on the host (one device sync).
+        validate: range-check idx on the host (one device sync on a GPU); None (default): as
+            :func:`token_gather`.
 
     Returns ``[B, 1, C]`` in x's dtype, accumulated in float32. Differentiable in x and weights.
     """
@@ -867,7 +871,7 @@ def _effective_r(n: int, r: int, class_token: bool) -> int:
     return max(0, min(r, (n - int(class_token)) // 2))
 
 
-def _check_matching(metric: Tensor, r: int, class_token: bool, validate: bool = True) -> None:
+def _check_matching(metric: Tensor, r: int, class_token: bool, validate: bool | None = None) -> None:
     check_tensor("bipartite_matching", "metric", metric, dims=(3,), dtypes=TORCH_FLOAT_DTYPES)
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"bipartite_matching: r must be an integer >= 0, got {r!r}")
@@ -923,12 +927,12 @@ MATCH = define_op(
 
 @MATCH.impl
 def _bipartite_matching_op(metric: Tensor, r: int, class_token: bool,
-                           validate: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           validate: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, n, _ = metric.shape
     r = _effective_r(n, r, class_token)
     if r == 0:
         return _identity_plan(b, n, metric.device)
-    if validate and not bool(torch.isfinite(metric).all()):
+    if resolve_validate(validate, metric) and not bool(torch.isfinite(metric).all()):
         raise ValueError("bipartite_matching: metric must be finite (it has NaN or infinite values); "
                          "huge finite values are fine, the rows are normalised")
     node_max, node_idx = MATCH.kernels(metric=metric.contiguous(), class_token=class_token)
@@ -936,7 +940,7 @@ def _bipartite_matching_op(metric: Tensor, r: int, class_token: bool,
 
 
 @MATCH.fake
-def _(metric, r, class_token, validate=True):
+def _(metric, r, class_token, validate=None):
     b, n, _ = metric.shape
     r = _effective_r(n, r, class_token)
     ta = (n + 1) // 2
@@ -947,7 +951,8 @@ def _(metric, r, class_token, validate=True):
     return new(b, ta - r), new(b, r), new(b, r), new(b, n), new(b, n), new(b, n - r + 1)
 
 
-def bipartite_matching(metric: Tensor, r: int, *, class_token: bool = True, validate: bool = True) -> MergePlan:
+def bipartite_matching(metric: Tensor, r: int, *, class_token: bool = True,
+                       validate: bool | None = None) -> MergePlan:
     """ToMe's bipartite soft matching: which r tokens to merge into which.
 
     Args:
@@ -955,7 +960,7 @@ def bipartite_matching(metric: Tensor, r: int, *, class_token: bool = True, vali
         r: tokens to remove, an integer >= 0; capped at ``(N - class_token) // 2``.
         class_token: protect token 0 (it is never merged, and it stays first).
         validate: when there is something to merge, check that metric is finite (one device
-            sync); ValueError otherwise. With False, a non-finite metric gives an unspecified
+            sync on a GPU); ValueError otherwise. None (default): as :func:`token_gather`. With False, a non-finite metric gives an unspecified
             (but well-formed) plan, the class token still unmerged.
 
     Semantics (ToMe's): rows L2-normalised (computed in float32; a zero row stays zero; huge
@@ -972,7 +977,7 @@ def bipartite_matching(metric: Tensor, r: int, *, class_token: bool = True, vali
 
 
 def _check_merge(x: Tensor, size: Tensor | None, dest: Tensor, sources: Tensor, starts: Tensor,
-                 validate: bool = True) -> None:
+                 validate: bool | None = None) -> None:
     op = "merge_tokens"
     check_tensor(op, "x", x, dims=(3,), dtypes=TORCH_FLOAT_DTYPES)
     for name, t in (("plan.dest", dest), ("plan.sources", sources), ("plan.starts", starts)):
@@ -1035,8 +1040,8 @@ MERGE = define_op(
 
 @MERGE.impl
 def _merge_tokens_op(x: Tensor, size: Tensor | None, dest: Tensor, sources: Tensor,
-                     starts: Tensor, validate: bool = True) -> tuple[Tensor, Tensor]:
-    if validate:
+                     starts: Tensor, validate: bool | None = None) -> tuple[Tensor, Tensor]:
+    if resolve_validate(validate, x):
         _validate_plan(dest, sources, starts, size)
     size_acc = None if size is None else size.to(acc_dtype(x.dtype)).contiguous()
     return MERGE.kernels(x=x.contiguous(), size=size_acc, dest=dest.contiguous(), sources=sources.contiguous(),
@@ -1044,7 +1049,7 @@ def _merge_tokens_op(x: Tensor, size: Tensor | None, dest: Tensor, sources: Tens
 
 
 @MERGE.fake
-def _(x, size, dest, sources, starts, validate=True):
+def _(x, size, dest, sources, starts, validate=None):
     m = starts.shape[1] - 1
     return x.new_empty((x.shape[0], m, x.shape[2])), x.new_empty((x.shape[0], m), dtype=acc_dtype(x.dtype))
 
@@ -1094,7 +1099,7 @@ MERGE.autograd(_merge_tokens_backward, _merge_tokens_setup)
 
 
 def merge_tokens(plan: MergePlan, x: Tensor, size: Tensor | None = None, *,
-                 validate: bool = True) -> tuple[Tensor, Tensor]:
+                 validate: bool | None = None) -> tuple[Tensor, Tensor]:
     """ToMe's size-weighted merge along a :class:`MergePlan`.
 
     ``x' = merge(x * s, sum) / merge(s, sum)`` and ``s' = merge(s, sum)`` with s = size (1
@@ -1104,7 +1109,8 @@ def merge_tokens(plan: MergePlan, x: Tensor, size: Tensor | None = None, *,
         plan: from :func:`bipartite_matching` on the same B and N.
         x: ``[B, N, C]`` tokens; size: ``[B, N, 1]`` (ToMe's) or ``[B, N]`` positive token sizes.
         validate: check that the plan is a partition of the tokens (see below) and that the
-            sizes are finite and > 0 (one device sync).
+            sizes are finite and > 0 (one device sync on a GPU). None (default): as
+            :func:`token_gather`.
             Shapes and dtypes are always checked. With False a malformed plan gives unspecified
             values, but no backend reads out of bounds or loops longer than N steps.
 
