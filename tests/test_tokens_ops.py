@@ -502,13 +502,13 @@ def test_index_errors(gen):
     x = randn(gen, 2, 5, 3)
     y = randn(gen, 2, 2, 3)
     with pytest.raises(IndexError, match=r"idx must lie in \[0, 5\).*\[0, 5\]"):
-        token_gather(x, torch.tensor([[0, 5], [1, 2]], device=DEVICE))
+        token_gather(x, torch.tensor([[0, 5], [1, 2]], device=DEVICE), validate=True)
     with pytest.raises(IndexError, match=r"idx must lie in \[0, 5\).*\[-1, 3\]"):
-        token_scatter(x, y, torch.tensor([[0, 3], [-1, 2]], device=DEVICE))
+        token_scatter(x, y, torch.tensor([[0, 3], [-1, 2]], device=DEVICE), validate=True)
     with pytest.raises(IndexError, match="fuse_tokens"):
-        fuse_tokens(x, torch.rand(2, 5, device=DEVICE), torch.tensor([[7], [0]], device=DEVICE))
+        fuse_tokens(x, torch.rand(2, 5, device=DEVICE), torch.tensor([[7], [0]], device=DEVICE), validate=True)
     with pytest.raises(ValueError, match="repeats a token"):
-        token_scatter(x, y, torch.tensor([[1, 1], [0, 2]], device=DEVICE))
+        token_scatter(x, y, torch.tensor([[1, 1], [0, 2]], device=DEVICE), validate=True)
     token_scatter(x, y, torch.tensor([[1, 1], [0, 2]], device=DEVICE), reduce="add")  # fine
     with pytest.raises(TypeError, match="idx must have dtype int64 or int32, got float32"):
         token_gather(x, torch.zeros(2, 2, device=DEVICE))
@@ -597,7 +597,7 @@ def test_bipartite_matching_huge_and_non_finite_metrics(gen, backend):
     bad[1, 5, 0] = math.inf
     with effkern.backend(backend):
         with pytest.raises(ValueError, match="bipartite_matching: metric must be finite"):
-            bipartite_matching(bad, 6)
+            bipartite_matching(bad, 6, validate=True)
         for values in (bad, torch.full_like(metric, math.nan), torch.full_like(metric, math.inf)):
             plan = bipartite_matching(values, 8, validate=False)  # r capped at 8 of 17
             assert plan.num_merged == 8
@@ -685,13 +685,13 @@ def test_merge_tokens_refuses_hand_edited_plans(gen, backend):
     for match, plans in bad.items():
         for p in plans:
             with effkern.backend("torch"), pytest.raises(ValueError, match=match):
-                merge_tokens(p, x)
+                merge_tokens(p, x, validate=True)
             with effkern.backend(backend), pytest.raises(ValueError, match=match):
-                merge_tokens(p, x)
+                merge_tokens(p, x, validate=True)
             with effkern.backend(backend):
                 merge_tokens(p, x, validate=False)  # returns: no hang, no out-of-bounds access
     with effkern.backend(backend), pytest.raises(ValueError, match="size must be finite and > 0"):
-        merge_tokens(plan, x, torch.zeros(2, 9, 1, device=DEVICE))
+        merge_tokens(plan, x, torch.zeros(2, 9, 1, device=DEVICE), validate=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
