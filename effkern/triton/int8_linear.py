@@ -17,17 +17,30 @@ from torch import Tensor
 
 from effkern._common import MAX_INT8_LINEAR_K, int_dtype_for_bits
 from effkern.triton.integer import _check_columns, _check_int, _check_rows
-from effkern.triton.requant import out_range, requantize_tile
+from effkern.triton.requant import (E_FAST_HI, E_FAST_LO, M_FAST_HI, out_range, requant_i32_constants,
+                                    requant_i32_host, requant_i32_in_range,
+                                    requantize_tile, requantize_tile_i32)
 
 _INT32_MIN = tl.constexpr(-(2**31))
+_INT32_MAX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
-def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, y_ptr, M, N, K,
-                        HAS_BIAS: tl.constexpr, REQUANT: tl.constexpr,
+def _saturating_add_i32(a, b):
+    """saturate_int32(a + b) in int32: the wrapped sum overflowed iff a and b share a sign that
+    the sum does not have; it then saturates towards b's sign."""
+    s = a + b
+    overflow = ((a ^ s) & (b ^ s)) < 0
+    return tl.where(overflow, tl.where(b < 0, _INT32_MIN, _INT32_MAX), s)
+
+
+@triton.jit(do_not_specialize=["m_val", "e_val"])
+def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_ptr, ws_ptr, count_ptr,
+                        M, N, K, K_SPLIT, HAS_BIAS: tl.constexpr, REQUANT: tl.constexpr,
+                        CONSTS: tl.constexpr, EPILOGUE: tl.constexpr,
                         OUT_LO: tl.constexpr, OUT_HI: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # Grouped program order: GROUP_M row tiles share each column tile while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -42,46 +55,118 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, y_ptr, M, N, K,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    # Split-K: program_id(1) sums K in [k0, k0 + K_SPLIT) (K_SPLIT a multiple of BLOCK_K).
+    k0 = tl.program_id(1) * K_SPLIT
+    k_end = tl.minimum(K, k0 + K_SPLIT)
     # Rows / columns past the edge re-read valid ones (never stored): loads need no M/N mask.
     safe_m = (offs_m % M).to(tl.int64)
     safe_n = (offs_n % N).to(tl.int64)
-    x_ptrs = x_ptr + safe_m[:, None] * K + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + safe_n[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K-major
+    x_ptrs = x_ptr + safe_m[:, None] * K + (k0 + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + safe_n[None, :] * K + (k0 + offs_k)[:, None]  # [BLOCK_K, BLOCK_N], K-major
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(tl.cdiv(K, BLOCK_K)):
+    for k in range(k0, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
         else:
-            k_left = K - k * BLOCK_K
+            k_left = k_end - k
             a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    n_mask = offs_n < N
-    out = acc.to(tl.int64)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
-        out = tl.minimum(tl.maximum(out + bias[None, :], _INT32_MIN), 2147483647)
-    if REQUANT:
-        m = tl.load(m_ptr + offs_n, mask=n_mask, other=0)[None, :]
-        e = tl.load(e_ptr + offs_n, mask=n_mask, other=0)[None, :]
-        out = requantize_tile(out, m, e, OUT_LO, OUT_HI)
-    mask = (offs_m < M)[:, None] & n_mask[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    last = True
+    if SPLIT_K > 1:
+        # Exact reduction: each split stores its int32 partial in its own slot of this tile; the
+        # split that arrives last (an acq_rel counter) adds the others' and runs the epilogue.
+        # int32 addition is associative and the full sum fits int32 (K <= 2^17 - 1), so any
+        # arrival order gives the same bits. The tile's slots are contiguous: unmasked 16-byte I/O.
+        tile = pid_m * num_pid_n + pid_n
+        tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        slot = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(slot + tl.program_id(1) * (BLOCK_M * BLOCK_N) + tile_offs, acc)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        last = arrived == SPLIT_K - 1
+        if last:
+            for s in tl.static_range(SPLIT_K):
+                if s != tl.program_id(1):
+                    acc += tl.load(slot + s * (BLOCK_M * BLOCK_N) + tile_offs, cache_modifier=".cg")
 
+    if last:
+        n_mask = offs_n < N
+        out = acc
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0)
+            out = _saturating_add_i32(out, bias[None, :])
+        if REQUANT:
+            out = _requantize(out, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS, EPILOGUE, OUT_LO, OUT_HI)
+        mask = (offs_m < M)[:, None] & n_mask[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# CONSTS: where the requantisation constants come from.
+PER_COLUMN, PER_TENSOR_PTR, PER_TENSOR_VALUES = 0, 1, 2
+# EPILOGUE: which requantisation runs; AUTO decides per tile, in the kernel, without a sync.
+AUTO, INT32, INT64 = 0, 1, 2
+
+
+@triton.jit
+def _requantize(acc, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS: tl.constexpr,
+                EPILOGUE: tl.constexpr, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
+    """The int32 tile requantised, in 32-bit arithmetic when every (m, e) it uses is in the range
+    where that is exact (requant.py), else in int64. The host decides when it knows the
+    constants (EPILOGUE = INT32 / INT64: one path compiled); with device constants (AUTO) the
+    kernel does, by a branch uniform over the tile. Per-tensor constants are scalars (no
+    per-column registers); PER_TENSOR_VALUES passes them as arguments (m', t - 1 for INT32)."""
+    if CONSTS == 2:
+        if EPILOGUE == 1:
+            out = requantize_tile_i32(acc, m_val, e_val, OUT_LO, OUT_HI)
+        else:
+            out = requantize_tile(acc, m_val.to(tl.int64), e_val.to(tl.int64), OUT_LO, OUT_HI).to(tl.int32)
+    else:
+        if CONSTS == 1:
+            m = tl.load(m_ptr)
+            e = tl.load(e_ptr)
+        else:  # masked columns read in-range values: they never send a tile to the int64 path
+            m = tl.load(m_ptr + offs_n, mask=n_mask, other=2**30)[None, :]
+            e = tl.load(e_ptr + offs_n, mask=n_mask, other=40)[None, :]
+        if EPILOGUE == 1:
+            m32, t1 = requant_i32_constants(m, e)
+            out = requantize_tile_i32(acc, m32, t1, OUT_LO, OUT_HI)
+        elif EPILOGUE == 2:
+            out = requantize_tile(acc, m, e, OUT_LO, OUT_HI).to(tl.int32)
+        else:
+            in_range = requant_i32_in_range(m, e)
+            if CONSTS == 0:
+                fast = tl.min(tl.min(in_range.to(tl.int32), axis=1), axis=0) == 1
+            else:
+                fast = in_range
+            if fast:
+                m32, t1 = requant_i32_constants(m, e)
+                out = requantize_tile_i32(acc, m32, t1, OUT_LO, OUT_HI)
+            else:
+                out = requantize_tile(acc, m, e, OUT_LO, OUT_HI).to(tl.int32)
+    return out
 
 
 # Host wrapper (the arguments of ref_int8_linear_rows)
 
+_DEFAULT_SMS = 132  # H100 SXM; the interpreter and the sm_90 compile test have no device to ask
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count  # cached by torch: no sync
+    return _DEFAULT_SMS
+
+
 def _linear_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for Hopper-class GPUs."""
     # Checked by compiling for sm_90a: these tiles pipeline their loads (cp.async), use wgmma
-    # from BLOCK_M = 64 up, and the int64 requantising epilogue does not spill (64 x 128 with
-    # 4 warps does).
+    # from BLOCK_M = 64 up, and the epilogue does not spill.
     block_k = min(128, max(32, triton.next_power_of_2(k)))
     if m > 64:
         return 128, 128, block_k, 8, 8, 3
@@ -92,10 +177,55 @@ def _linear_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int
     return block_m, block_n, block_k, 8, 4, 4
 
 
+def _split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
+    """How many K ranges each output tile is summed over: enough programs to fill the SMs when
+    the tiles alone cannot (small M), each range at least two BLOCK_K steps, at most 8."""
+    steps = triton.cdiv(k, block_k)
+    if tiles >= sms // 2 or steps < 4:
+        return 1
+    return max(1, min(8, triton.cdiv(sms, tiles), steps // 2))
+
+
+def _requant_constants(op: str, m: Tensor, e: Tensor, n: int, device):
+    """(m, e, m_val, e_val, CONSTS, EPILOGUE) for the kernel, without a device sync.
+
+    m, e have shape (N,) per column or (1,) per tensor. Constants on the CPU (as the op layer
+    makes them) are range-checked here: per-tensor ones become scalar arguments (no copy to the
+    device at all), and one epilogue is compiled. Device constants are left to the kernel (AUTO).
+    """
+    for name, t in (("m", m), ("e", e)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) not in ((n,), (1,)):
+            raise ValueError(f"{op}: {name} must be an int64 tensor of shape ({n},) or (1,), got "
+                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__} "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else ''}")
+    per_tensor = m.numel() == 1 and e.numel() == 1
+    if m.device.type == "cpu" and e.device.type == "cpu":
+        top = (m == M_FAST_HI).to(torch.int64)
+        fast = bool(((m >= 0) & (m <= M_FAST_HI) & (e - top >= E_FAST_LO) & (e - top <= E_FAST_HI)).all())
+        epilogue = INT32 if fast else INT64
+        if per_tensor:
+            mv, ev = int(m), int(e)
+            if fast:  # requant_i32_constants on the host
+                mv, ev = requant_i32_host(mv, ev)
+            return None, None, mv, ev, PER_TENSOR_VALUES, epilogue
+    else:
+        epilogue = AUTO
+    if not per_tensor:
+        m, e = m.expand(n), e.expand(n)
+    consts = PER_TENSOR_PTR if per_tensor else PER_COLUMN
+    return m.to(device).contiguous(), e.to(device).contiguous(), 0, 0, consts, epilogue
+
+
 def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,
-                     out_bits: int) -> Tensor:
+                     out_bits: int, split_k: int | None = None) -> Tensor:
     """saturate_int32(x @ w^T + bias), optionally requantised per output column
-    (ref_int8_linear_rows)."""
+    (ref_int8_linear_rows).
+
+    m, e: int64, shape (N,) per column or (1,) per tensor (then the epilogue uses two scalars).
+    The 32-bit epilogue is used where every (m, e) satisfies 0 <= m <= 2^31 and 33 <= e <= 62
+    (decided here for CPU constants, else per tile in the kernel: no sync); else int64.
+    split_k: K ranges per output tile (None: chosen by shape; 1: off), reduced exactly in int32.
+    """
     op = "int8_linear_rows"
     x = _check_rows(op, x, (torch.int8,))
     if not isinstance(w, Tensor) or w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != x.shape[1]:
@@ -110,10 +240,11 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
     if (m is None) != (e is None):
         raise ValueError(f"{op}: give both m and e, or neither")
     requant = m is not None
+    m_val = e_val = 0
+    consts, epilogue = PER_COLUMN, AUTO
     if requant:
         _check_int(op, "out_bits", out_bits, 2, 32)
-        m = _check_columns(op, "m", m, n, torch.int64, x.device)
-        e = _check_columns(op, "e", e, n, torch.int64, x.device)
+        m, e, m_val, e_val, consts, epilogue = _requant_constants(op, m, e, n, x.device)
         lo, hi = out_range(out_bits)
         out_dtype = int_dtype_for_bits(out_bits)
     else:
@@ -123,10 +254,21 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
     if y.numel() == 0:
         return y
     block_m, block_n, block_k, group_m, warps, stages = _linear_config(rows, n, k)
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n),)
-    _int8_linear_kernel[grid](
-        x, w, bias if bias is not None else y, m if requant else y, e if requant else y, y, rows, n, k,
-        HAS_BIAS=bias is not None, REQUANT=requant, OUT_LO=lo, OUT_HI=hi,
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
+    if split_k is None:
+        split_k = _split_k(tiles, k, block_k, _sm_count(x.device))
+    _check_int(op, "split_k", split_k, 1, 64)
+    k_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_split)  # no empty K range
+    if split_k > 1:
+        ws = torch.empty((tiles, split_k, block_m * block_n), dtype=torch.int32, device=x.device)
+        count = torch.zeros((tiles,), dtype=torch.int32, device=x.device)
+    else:
+        ws = count = y  # unused
+    _int8_linear_kernel[(tiles, split_k)](
+        x, w, y if bias is None else bias, y if m is None else m, y if e is None else e, m_val, e_val,
+        y, ws, count, rows, n, k, k_split,
+        HAS_BIAS=bias is not None, REQUANT=requant, CONSTS=consts, EPILOGUE=epilogue, OUT_LO=lo, OUT_HI=hi,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0,
-        num_warps=warps, num_stages=stages)
+        SPLIT_K=split_k, num_warps=warps, num_stages=stages)
     return y

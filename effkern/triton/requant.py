@@ -37,3 +37,61 @@ def requantize_tile(acc, m, e, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
     """clamp(round-half-even(acc * m / 2^e), OUT_LO, OUT_HI) in int64 (ref_requantize_rows)."""
     y = round_shift_half_even(acc.to(tl.int64) * m, e)
     return tl.minimum(tl.maximum(y, OUT_LO), OUT_HI)
+
+
+# --------------------------------------------------------------------------------------------
+# The same requantisation in 32-bit arithmetic, exact on a proven range of (m, e)
+# --------------------------------------------------------------------------------------------
+#
+# For int32 acc, 0 <= m <= 2^31 and 33 <= e' <= 62, where (m', e') = (2^30, e - 1) if m = 2^31
+# else (m, e) (the same ratio, and m' < 2^31 fits int32): every realistic int8/int16
+# requantisation (ratio m / 2^e below 2^-1). requantize_tile's result is then computed from the
+# two 32-bit halves of v = acc * m' (one 32 x 32 -> 64-bit multiply, IMAD.WIDE), in int32:
+#   |v| <= 2^31 * (2^31 - 1) < 2^62, so v = hi * 2^32 + lo, hi in [-2^30, 2^30], lo in [0, 2^32);
+#   round-half-even(v / 2^e') = floor((v + 2^(e'-1) - 1 + p) / 2^e'), p = bit e' of v (the
+#   parity of floor(v / 2^e')): a remainder above half rounds up, exactly half rounds up iff the
+#   quotient is odd; with t = e' - 32 in [1, 30], p = (hi >> t) & 1 (lo < 2^32 cannot reach bit
+#   e'), and floor((v + 2^(e'-1) - 1 + p) / 2^32) = hi + 2^(t-1) - c, c = 1 iff lo == 0 and
+#   p == 0 (lo - 1 + p is in [-1, 2^32), below 0 only then), so the result is
+#   floor((hi - c + 2^(t-1)) / 2^t) = (((hi - c) >> (t - 1)) + 1) >> 1 (nested floors), where
+#   hi - c >= -2^30 - 1 cannot wrap; its magnitude is at most 2^62 / 2^33 + 1 < 2^31.
+
+E_FAST_LO, E_FAST_HI, M_FAST_HI = 33, 62, 2**31  # the range, for host code
+_E_LO, _E_HI, _M_HI = tl.constexpr(E_FAST_LO), tl.constexpr(E_FAST_HI), tl.constexpr(M_FAST_HI)
+
+
+def requant_i32_host(m: int, e: int) -> tuple[int, int] | None:
+    """(m', t - 1) for requantize_tile_i32 if (m, e) is in its exact range, else None (host ints)."""
+    if not 0 <= m <= M_FAST_HI:
+        return None
+    if m == M_FAST_HI:
+        m, e = m // 2, e - 1
+    return (m, e - E_FAST_LO) if E_FAST_LO <= e <= E_FAST_HI else None
+
+
+@triton.jit
+def requant_i32_in_range(m, e):
+    """Whether requantize_tile_i32 is exact for (m, e) (int64, any shape; see above)."""
+    e1 = e - (m == _M_HI).to(tl.int64)
+    return (m >= 0) & (m <= _M_HI) & (e1 >= _E_LO) & (e1 <= _E_HI)
+
+
+@triton.jit
+def requant_i32_constants(m, e):
+    """(m', t - 1) as int32 for requantize_tile_i32, from int64 (m, e) in its range."""
+    top = m == _M_HI
+    return tl.where(top, m >> 1, m).to(tl.int32), (e - top.to(tl.int64) - _E_LO).to(tl.int32)
+
+
+@triton.jit
+def requantize_tile_i32(acc, m1, t1, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
+    """clamp(round-half-even(acc * m / 2^e), OUT_LO, OUT_HI) for int32 acc in int32 arithmetic
+    but one widening multiply: equal to requantize_tile whenever requant_i32_in_range(m, e) (the
+    proof above). (m1, t1) = requant_i32_constants(m, e), scalars or broadcastable to acc."""
+    v = acc.to(tl.int64) * m1.to(tl.int64)  # int32 x int32 -> int64: a single IMAD.WIDE
+    hi = (v >> 32).to(tl.int32)
+    lo = v.to(tl.int32)
+    p = (hi >> (t1 + 1)) & 1
+    c = ((lo | p) == 0).to(tl.int32)
+    y = (((hi - c) >> t1) + 1) >> 1
+    return tl.minimum(tl.maximum(y, OUT_LO), OUT_HI)
