@@ -5,6 +5,11 @@ module; never edit them by hand. Regenerate with::
 
     python bench/report.py [--csv bench/results/integer.csv] [--compact]
 
+Rows measured elsewhere (the GPU script writes every family into one OUTDIR/bench.csv) are added
+to bench/results/<family>.csv, and those reports regenerated, with::
+
+    python bench/report.py --append-from OUTDIR/bench.csv
+
 The markdown shows the latest run of each device (GPU name); the CSV keeps every run.
 """
 
@@ -26,11 +31,13 @@ from bench.common import RESULTS_DIR, fmt_num, text_table  # noqa: E402
 
 # Column order of the CSV. A file written with other columns is rewritten with the union.
 FIELDS = [
-    "date", "gpu", "cc", "torch", "triton", "cuda", "commit", "family", "mode",
+    "date", "gpu", "cc", "sms", "l2_mb", "driver", "sm_mhz", "mem_mhz", "max_sm_mhz", "clock_source",
+    "torch", "triton", "cuda", "python", "commit", "family", "mode",
     "op", "model", "batch", "shape", "in_dtype", "out_dtype", "backend", "correct",
-    "kernel_us", "kernel_p20_us", "kernel_p80_us", "op_us",
-    "baseline", "baseline_us", "speedup", "op_speedup",
-    "bytes", "gbps", "bw_frac", "baseline_gbps", "flops", "tops", "tops_frac", "baseline_tops",
+    "kernel_us", "kernel_p20_us", "kernel_p80_us", "kernel_timing", "op_us", "op_p20_us", "op_p80_us",
+    "baseline", "baseline_variant", "baseline_us", "baseline_timing", "baseline_op_us", "speedup", "op_speedup",
+    "bytes", "gbps", "bw_frac", "copy_same_us", "copy_same_gbps", "bw_frac_same", "baseline_gbps",
+    "flops", "tops", "tops_frac", "baseline_tops",
     "copy_gbps", "matmul_tflops", "rot_sets", "target", "status", "note",
 ]
 
@@ -83,6 +90,48 @@ def append_rows(csv_path: Path, rows: Sequence[dict]) -> None:
             w.writerow({k: _csv_value(r.get(k, "")) for k in header})
 
 
+def update_rows(csv_path: Path, match: dict, **values) -> int:
+    """Set ``values`` on the rows of ``csv_path`` whose columns equal ``match`` (e.g. how a run
+    ended, on the rows it appended as it went); returns how many rows changed."""
+    csv_path = Path(csv_path)
+    if not csv_path.exists():
+        return 0
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    hit = [r for r in rows if all(r.get(k) == str(v) for k, v in match.items())]
+    if not hit:
+        return 0
+    header += [k for k in values if k not in header]
+    for r in hit:
+        r.update({k: _csv_value(v) for k, v in values.items()})
+    tmp = csv_path.with_suffix(csv_path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in header})
+    tmp.replace(csv_path)  # atomic: a kill mid-write leaves the old file
+    return len(hit)
+
+
+def append_from(src: Path, results_dir: Path = RESULTS_DIR) -> list[Path]:
+    """Append the rows of ``src`` (any families) to ``results_dir/<family>.csv`` each, then
+    regenerate those reports; returns the CSVs written."""
+    by_family: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for r in read_rows(src):
+        if not r.get("family"):
+            raise ValueError(f"{src}: a row without a family column: {r}")
+        by_family.setdefault(r["family"], []).append(r)
+    out = []
+    for fam, rows in by_family.items():
+        dst = Path(results_dir) / f"{fam}.csv"
+        append_rows(dst, rows)
+        regenerate(dst)
+        out.append(dst)
+    return out
+
+
 def _csv_value(v) -> str:
     if v is None:
         return ""
@@ -116,17 +165,21 @@ def latest_runs(rows: Iterable[dict[str, str]]) -> "OrderedDict[str, list[dict[s
 # Tables
 # --------------------------------------------------------------------------------------------
 
+# kernel µs / baseline µs: device time (graph replay; "*" marks a loop where capture failed);
+# op µs / baseline op µs: host-inclusive back-to-back calls. % same-size copy: GB/s over a copy of
+# the case's own bytes measured in the same run; % copy BW: over the large-copy ceiling.
 TABLE_COLUMNS = [
     ("op", "op"), ("shape", "shape"), ("in", "in_dtype"), ("backend", "backend"), ("correct", "correct"),
     ("kernel µs", "kernel_us"), ("op µs", "op_us"), ("baseline", "baseline"), ("baseline µs", "baseline_us"),
-    ("speedup", "speedup"), ("op speedup", "op_speedup"), ("GB/s", "gbps"), ("% copy BW", "bw_frac"), ("TOPS", "tops"),
+    ("baseline op µs", "baseline_op_us"), ("speedup", "speedup"), ("op speedup", "op_speedup"), ("GB/s", "gbps"),
+    ("% same-size copy", "bw_frac_same"), ("% copy BW", "bw_frac"), ("TOPS", "tops"),
     ("% bf16 MM", "tops_frac"), ("target", "target"), ("status", "status"),
 ]
 
 COMPACT_COLUMNS = [
-    ("op", "op"), ("shape", "shape"), ("in", "in_dtype"), ("be", "backend"), ("µs", "kernel_us"),
-    ("baseline", "baseline"), ("base µs", "baseline_us"), ("x", "speedup"), ("%BW", "bw_frac"),
-    ("%MM", "tops_frac"), ("status", "status"),
+    ("op", "op"), ("shape", "shape"), ("in", "in_dtype"), ("be", "backend"), ("µs", "kernel_us"), ("op µs", "op_us"),
+    ("baseline", "baseline"), ("base µs", "baseline_us"), ("x", "speedup"), ("op x", "op_speedup"),
+    ("%cp", "bw_frac_same"), ("%BW", "bw_frac"), ("%MM", "tops_frac"), ("status", "status"),
 ]
 
 _SHORT_OPS = {"int_softmax": "softmax", "int_gelu": "gelu", "int_layernorm": "layernorm",
@@ -137,19 +190,24 @@ _SHORT_BASELINES = {"torch.softmax bf16": "softmax", "F.gelu bf16": "gelu", "F.l
 
 def cell(row: dict, key: str, compact: bool = False) -> str:
     v = _csv_value(row.get(key, ""))
-    if key in ("bw_frac", "tops_frac"):
+    if key in ("kernel_us", "baseline_us") and str(row.get(key.replace("_us", "_timing"), "")).startswith("loop"):
+        x = _f(v)  # device time from a loop: capture failed
+        return "-" if math.isnan(x) else fmt_num(x) + "*"
+    if key in ("bw_frac", "tops_frac", "bw_frac_same"):
         x = _f(v)
         return "-" if math.isnan(x) else f"{100 * x:.0f}%"
     if key in ("speedup", "op_speedup"):
         x = _f(v)
         return "-" if math.isnan(x) else f"{x:.2f}x"
-    if key in ("kernel_us", "op_us", "baseline_us", "gbps", "tops", "baseline_gbps"):
+    if key in ("kernel_us", "op_us", "baseline_us", "baseline_op_us", "gbps", "tops", "baseline_gbps"):
         x = _f(v)
         return "-" if math.isnan(x) else fmt_num(x)
     if compact and key == "op":
         return _SHORT_OPS.get(v, v)
-    if compact and key == "baseline":
-        return _SHORT_BASELINES.get(v, v)
+    if key == "baseline":
+        name = _SHORT_BASELINES.get(v, v) if compact else v
+        variant = row.get("baseline_variant", "")
+        return f"{name} ({variant})" if variant else (name or "-")
     if key == "correct":
         return {"True": "yes", "False": "NO", "": "-"}.get(v, v)
     return v if v != "" else "-"
@@ -209,6 +267,14 @@ def family_text(rows: Sequence[dict], default: str = "") -> dict:
             "target_lines": lambda op: list(lines.get(op, ()))}
 
 
+def _span(rows: Sequence[dict], key: str) -> str:
+    """'1980' or '1755-1980' over the rows' values of ``key`` ('?' if none)."""
+    vals = sorted(v for v in {_f(r.get(key)) for r in rows} if not math.isnan(v))
+    if not vals:
+        return "?"
+    return f"{vals[0]:.0f}" if vals[0] == vals[-1] else f"{vals[0]:.0f}-{vals[-1]:.0f}"
+
+
 def render_markdown(all_rows: Sequence[dict], csv_name: str, png_name: str | None, text: dict | None = None) -> str:
     runs = latest_runs(all_rows)
     text = text or family_text(all_rows, Path(csv_name).stem)
@@ -230,7 +296,13 @@ def render_markdown(all_rows: Sequence[dict], csv_name: str, png_name: str | Non
             "",
             f"- date: {r0.get('date', '')}, commit `{r0.get('commit', '')}`, mode {r0.get('mode', '')}",
             f"- torch {r0.get('torch', '')}, triton {r0.get('triton', '')}, CUDA {r0.get('cuda', '')}, "
-            f"compute capability {r0.get('cc', '')}",
+            f"Python {r0.get('python', '') or '?'}, compute capability {r0.get('cc', '')}, "
+            f"{r0.get('sms', '') or '?'} SMs, L2 {r0.get('l2_mb', '') or '?'} MB, driver {r0.get('driver', '') or '?'}",
+            f"- clocks (MHz, read after each case; {r0.get('clock_source', '') or 'not recorded'}): "
+            f"SM {_span(rows, 'sm_mhz')} (max {r0.get('max_sm_mhz', '') or '?'}), memory {_span(rows, 'mem_mhz')}",
+            "- kernel µs and baseline µs: device time per call, CUDA-graph replay (* = back-to-back calls "
+            "where capture failed); op µs and baseline op µs: back-to-back calls on an idle GPU, host "
+            "overhead included; % same-size copy: against a copy of the row's bytes measured in the same run",
             f"- measured ceilings: copy {fmt_num(_f(r0.get('copy_gbps')))} GB/s (read + write), "
             f"bf16 matmul {fmt_num(_f(r0.get('matmul_tflops')))} TFLOP/s",
             "",
@@ -337,7 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compact", action="store_true",
                    help="print a compact table of the latest run per device and do not rewrite files")
     p.add_argument("--last", action="store_true", help="with --compact: only the most recent run of all")
+    p.add_argument("--append-from", type=Path, default=None, metavar="CSV",
+                   help="append this CSV's rows to bench/results/<family>.csv per family and regenerate those")
     args = p.parse_args(argv)
+    if args.append_from is not None:
+        for dst in append_from(args.append_from):
+            print(f"report: appended to {dst} and regenerated its markdown")
+        return 0
     rows = read_rows(args.csv)
     if not rows:
         print(f"report: {args.csv} has no rows")

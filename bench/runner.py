@@ -12,9 +12,23 @@ compared with the torch backend and the targets. It defines
     the module docstring           the command's description and the markdown's intro
 
 This module owns the rest: the backends of each case (from the op registry), verification
-against the torch backend, timing (``triton.testing.do_bench``, inputs rotated past L2), the
-rows, the CSV and its markdown and plot (bench/report.py), the CPU self-check, the command line
-(``python -m effkern bench``) and the pytest-benchmark plumbing (bench/test_bench_<family>.py).
+against the torch backend, timing, the rows, the CSV and its markdown and plot (bench/report.py),
+the CPU self-check, the command line (``python -m effkern bench``) and the pytest-benchmark
+plumbing (bench/test_bench_<family>.py).
+
+How a case is timed (bench/common.py; inputs rotated past L2, never zeros):
+- *kernel µs*: the backend kernels' device time, the calls captured in a CUDA graph and replayed
+  (back-to-back calls behind a GPU head start where capture fails; column kernel_timing);
+- *op µs*: the public op in a loop of back-to-back calls on an idle GPU, events around the whole
+  loop, so that host overhead (Python, dispatch, launches, syncs) counts as a user's loop sees it;
+- each baseline both ways (baseline_us device time, baseline_op_us host-inclusive): speedup is
+  baseline_us / kernel_us, op_speedup baseline_op_us / op_us. A baseline with ``variants`` (SDPA's
+  backends) is the fastest of them (baseline_variant names it); ``compile=True`` wraps it in
+  ``torch.compile`` (a compile failure is N/A with the reason, never a crash);
+- bandwidth: GB/s over the large-copy ceiling (bw_frac) and over a copy of the case's own byte
+  count measured in the same run (bw_frac_same, what a bandwidth target is judged on);
+- every row records GPU, compute capability, SM count, driver, SM and memory clocks read after
+  the case, torch / triton / CUDA / Python versions and the commit ($EFFKERN_COMMIT first).
 """
 
 from __future__ import annotations
@@ -44,7 +58,9 @@ from effkern import _dispatch
 from bench import common, report
 
 BENCH_DIR = Path(__file__).resolve().parent
-ENV_COLUMNS = ("date", "gpu", "cc", "torch", "triton", "cuda", "commit")
+ENV_COLUMNS = ("date", "gpu", "cc", "sms", "l2_mb", "driver", "sm_mhz", "mem_mhz", "max_sm_mhz", "clock_source",
+               "torch", "triton", "cuda", "python", "commit")
+CLOCK_COLUMNS = ("sm_mhz", "mem_mhz", "clock_source")  # read again after each case's timings
 REF_CHUNK_ELEMS = 2**22  # a chunked reference (Case.chunk) works on about this many input elements
 
 # --------------------------------------------------------------------------------------------
@@ -56,7 +72,11 @@ REF_CHUNK_ELEMS = 2**22  # a chunked reference (Case.chunk) works on about this 
 class Baseline:
     """What a user would run instead: ``fn(s)`` on one input set ``s`` (None: does not apply,
     ``na`` says why). ``check(got, ref)``, for a baseline computing the op's function, compares
-    it with the torch op's output in the self-check; ``gpu_only``: on a CPU an error is N/A."""
+    it with the torch op's output (the self-check; on the GPU a difference is noted);
+    ``gpu_only``: on a CPU an error is N/A. ``variants``: ((name, fn), ...) a user could pick
+    from (SDPA's backends): each is timed and the fastest is the baseline (``fn``, the default
+    choice, is what the CPU self-check runs). ``compile``: the baseline is ``torch.compile(fn)``
+    (GPU only; see :func:`compiled`)."""
 
     name: str
     fn: Callable[[dict], object] | None
@@ -66,13 +86,35 @@ class Baseline:
     na: str = ""
     check: Callable | None = None
     gpu_only: bool = False
+    variants: tuple = ()
+    compile: bool = False
+
+
+def compiled(bl: Baseline, name: str | None = None) -> Baseline:
+    """The torch.compile'd twin of an eager baseline (``<name> compiled``), as a user compiling
+    the published code would run it: default mode, static shapes."""
+    from dataclasses import replace
+
+    return replace(bl, name=name or f"{bl.name} compiled", compile=True, gpu_only=True,
+                   note=f"{bl.name} compiled: torch.compile(default mode, dynamic=False) of the eager baseline")
+
+
+def pick_fastest(times_us: dict[str, float], failures: dict[str, str]) -> tuple[str | None, str]:
+    """(the variant with the smallest time, or None when every one failed; a note listing each
+    variant's time or why it failed). Ties go to the first listed."""
+    ok = {k: v for k, v in times_us.items() if not math.isnan(v)}
+    best = min(ok, key=lambda k: ok[k]) if ok else None
+    parts = [f"{k} {common.fmt_num(v)} us" + (" (fastest)" if k == best else "") for k, v in ok.items()]
+    parts += [f"{k} N/A ({why})" for k, why in failures.items()]
+    return best, ", ".join(parts)
 
 
 @dataclass(frozen=True)
 class Target:
     """A goal, reported (PASS / MISS), never asserted: every given bound must hold: ``bw`` on
-    the fraction of the measured copy bandwidth, ``speedup`` on baseline µs / kernel µs,
-    ``op_speedup`` on baseline µs / op µs."""
+    the fraction of the bandwidth of a copy of the same byte count measured in the same run
+    (bw_frac_same; the large-copy fraction where that is missing), ``speedup`` on baseline µs /
+    kernel µs (device times), ``op_speedup`` on baseline op µs / op µs (host included)."""
 
     label: str
     bw: float | None = None
@@ -426,27 +468,101 @@ def _rotating(fn: Callable[[dict], object], sets: list[dict]) -> Callable[[], ob
     return lambda: fn(rot.next())
 
 
-def bench_case(case: Case, base: dict, ceilings: dict, timing: tuple[float, float]) -> list[dict]:
-    """The rows of one case: its inputs built on the GPU, its baselines timed, each non-reference
-    backend verified against the torch backend, then timed (kernel and public op); one row per
-    backend and baseline."""
+@dataclass
+class Measured:
+    """One implementation's timings in µs: device time (``us``, graph replay; ``how`` says
+    "graph" or "loop (...)") and host-inclusive time (``op_us``); ``na``: why it was not timed."""
+
+    us: float = math.nan
+    p20: float = math.nan
+    p80: float = math.nan
+    op_us: float = math.nan
+    how: str = ""
+    variant: str = ""
+    note: str = ""
+    na: str = ""
+
+
+def baseline_callables(bl: Baseline, compile_ok: bool = True) -> list[tuple[str, Callable]] | str:
+    """[(variant name, fn of a set)] to time for ``bl`` (its variants, else its fn; wrapped in
+    torch.compile when ``bl.compile``), or why it is not timed."""
+    if bl.fn is None:
+        return bl.na or "not applicable"
+    if bl.compile and not compile_ok:
+        return "torch.compile'd baselines skipped (--no-compile)"
+    fns = list(bl.variants) or [("", bl.fn)]
+    return [(v, common.compile_baseline(f) if bl.compile else f) for v, f in fns]
+
+
+def time_baseline(bl: Baseline, sets: list[dict], timing: tuple, ref_op=None, compile_ok: bool = True) -> Measured:
+    """A baseline's device time (the fastest variant's) and host-inclusive time, on the rotated
+    sets; never raises: a failure (a torch.compile error included) is N/A with the reason."""
+    fns = baseline_callables(bl, compile_ok)
+    if isinstance(fns, str):
+        return Measured(na=fns)
+    times, fails, found = {}, {}, {}
+    for v, f in fns:
+        try:
+            t, how = common.device_us(_rotating(f, sets), len(sets), *timing)
+            times[v], found[v] = t.median_us, (t, how, f)
+        except Exception as e:
+            fails[v or bl.name] = common.short_exc(e)
+            _recover()
+    best, listing = pick_fastest(times, fails)
+    what = "torch.compile'd baseline" if bl.compile else "baseline"
+    if best is None:
+        return Measured(na=f"{what} failed: {listing if bl.variants else next(iter(fails.values()))}")
+    t, how, f = found[best]
+    m = Measured(t.median_us, t.p20_us, t.p80_us, how=how, variant=best,
+                 note=f"{bl.name}: {listing}" if bl.variants else "")
+    try:
+        m.op_us = common.loop_us(_rotating(f, sets), *timing).median_us
+        if ref_op is not None and bl.check is not None:
+            ok, why = bl.check(f(sets[0]), ref_op)
+            if not ok:
+                m.note = "; ".join(x for x in (m.note, f"{bl.name} differs from the op: {why[:120]}") if x)
+    except Exception as e:
+        m.note = "; ".join(x for x in (m.note, f"{bl.name} op-level timing or check raised {common.short_exc(e)}") if x)
+        _recover()
+    return m
+
+
+def _reset_dynamo() -> None:
+    """One compiled shape at a time, as in a model: no guards or recompile counts left by the
+    previous case (the on-disk compile caches stay)."""
+    importlib.import_module("torch._dynamo").reset()
+
+
+def _recover() -> None:
+    """After a failed call: wait for the GPU (a sticky CUDA error raises here and ends the case)."""
+    torch.cuda.synchronize()
+
+
+def bench_case(case: Case, base: dict, ceilings: dict, timing: tuple[float, float],
+               copy_meter: Callable[[int], common.Timing] | None = None, compile_ok: bool = True) -> list[dict]:
+    """The rows of one case: its inputs built on the GPU, the torch backend's reference, each
+    baseline timed, each non-reference backend verified against the reference, then timed
+    (kernels: device time; public op: host-inclusive), a copy of the case's byte count timed;
+    one row per backend and baseline."""
     nan = math.nan
     sets = input_sets(case, "cuda")
     base = dict(base, rot_sets=len(sets))
-    b_time: dict[str, tuple[float, str]] = {}
-    for bl in case.baselines:
-        if bl.fn is None:
-            b_time[bl.name] = (nan, bl.na)
+    if any(bl.compile for bl in case.baselines):
+        _reset_dynamo()
+    refs, ref_note = None, ""
+    try:
+        refs = reference(case, sets[0])
+    except Exception as e:
+        traceback.print_exc()
+        ref_note = f"torch reference raised {common.short_exc(e)}"
+    b_time = {bl.name: time_baseline(bl, sets, timing, refs[1] if refs else None, compile_ok)
+              for bl in case.baselines}
+    checked = {}  # backend -> (kernels | None, correct, status, note)
+    for backend in case.backends():
+        if refs is None:
+            checked[backend] = (None, False, "ERROR", ref_note)
             continue
         try:
-            b_time[bl.name] = (common.do_bench_us(_rotating(bl.fn, sets), *timing).median_us, bl.note)
-        except Exception as e:
-            b_time[bl.name] = (nan, f"baseline failed: {common.short_exc(e)}")
-    checked = {}  # backend -> (kernels | None, correct, status, note)
-    refs = None
-    for backend in case.backends():
-        try:
-            refs = refs or reference(case, sets[0])
             k, ok, note = verify(case, sets[0], backend, refs)
             checked[backend] = (k, ok, "", note)
         except Unavailable as e:
@@ -455,83 +571,123 @@ def bench_case(case: Case, base: dict, ceilings: dict, timing: tuple[float, floa
             traceback.print_exc()
             checked[backend] = (None, False, "ERROR", f"{backend} raised {common.short_exc(e)}")
     del refs
+    copy_us, copy_note = nan, ""
+    try:
+        copy_us = copy_meter(case.bytes).median_us if copy_meter is not None else nan
+    except Exception as e:
+        traceback.print_exc()
+        copy_note = f"same-size copy raised {common.short_exc(e)}"
+        _recover()
     rows = []
     for backend, (k, correct, status, note) in checked.items():
-        t, op_us = None, nan
+        kt, op = Measured(), Measured()
         if k is not None:
             try:
-                t = common.do_bench_us(_rotating(lambda s: case.kernel(s, k), sets), *timing)
-                with effkern.backend(backend):
-                    op_us = common.do_bench_us(_rotating(case.call, sets), *timing).median_us
+                t, how = common.device_us(_rotating(lambda s: case.kernel(s, k), sets), len(sets), *timing)
+                kt = Measured(t.median_us, t.p20_us, t.p80_us, how=how)
+                with effkern.backend(backend):  # entered once: its cost is no part of a user's call
+                    t = common.loop_us(_rotating(case.call, sets), *timing)
+                op = Measured(op_us=t.median_us, p20=t.p20_us, p80=t.p80_us)
             except Exception as e:
                 traceback.print_exc()
-                status = status if t else "ERROR"  # the kernel could not be timed; the op: a note
+                _recover()
+                status = status if not math.isnan(kt.us) else "ERROR"  # the kernel untimed: an error; the op: a note
                 note = "; ".join(x for x in (note, f"timing raised {common.short_exc(e)}") if x)
-        k_us = t.median_us if t else nan
-        gbps = case.bytes / (k_us * 1e-6) / 1e9
-        tops = case.flops / (k_us * 1e-6) / 1e12 if case.flops else nan
+        gbps = case.bytes / (kt.us * 1e-6) / 1e9
+        tops = case.flops / (kt.us * 1e-6) / 1e12 if case.flops else nan
+        copy_gbps = case.bytes / (copy_us * 1e-6) / 1e9
+        bw, bw_same = gbps / ceilings["copy_gbps"], gbps / copy_gbps
         for bl in case.baselines if k is not None else case.baselines[:1]:
-            b_us, b_note = b_time[bl.name]
-            speedup, op_speedup, bw = b_us / k_us, b_us / op_us, gbps / ceilings["copy_gbps"]
+            b = b_time[bl.name]
+            speedup, op_speedup = b.us / kt.us, b.op_us / op.op_us
             target = case.target(bl.name)
+            row_status = status or (target.status(correct, speedup, op_speedup, bw if math.isnan(bw_same) else bw_same)
+                                    if target else "-" if correct else "WRONG")
+            if row_status == "-" and b.na and target and (target.speedup or target.op_speedup):
+                row_status = "N/A"  # the target's baseline could not run: say so, not "-"
             rows.append(dict(
                 base, backend=backend, correct=correct if k is not None else "",
-                kernel_us=k_us, kernel_p20_us=t.p20_us if t else nan, kernel_p80_us=t.p80_us if t else nan,
-                op_us=op_us, baseline=bl.name, baseline_us=b_us, speedup=speedup, op_speedup=op_speedup,
-                gbps=gbps, bw_frac=bw, tops=tops, tops_frac=tops / ceilings["matmul_tflops"],
-                baseline_gbps=bl.bytes / (b_us * 1e-6) / 1e9,
-                baseline_tops=bl.flops / (b_us * 1e-6) / 1e12 if bl.flops else nan,
-                target=target.label if target else "",
-                status=status or (target.status(correct, speedup, op_speedup, bw) if target
-                                  else "-" if correct else "WRONG"),
-                note="; ".join(x for x in (note, b_note) if x)))
+                kernel_us=kt.us, kernel_p20_us=kt.p20, kernel_p80_us=kt.p80, kernel_timing=kt.how,
+                op_us=op.op_us, op_p20_us=op.p20, op_p80_us=op.p80,
+                baseline=bl.name, baseline_variant=b.variant, baseline_us=b.us, baseline_timing=b.how,
+                baseline_op_us=b.op_us, speedup=speedup, op_speedup=op_speedup,
+                gbps=gbps, bw_frac=bw, copy_same_us=copy_us, copy_same_gbps=copy_gbps, bw_frac_same=bw_same,
+                tops=tops, tops_frac=tops / ceilings["matmul_tflops"],
+                baseline_gbps=bl.bytes / (b.us * 1e-6) / 1e9,
+                baseline_tops=bl.flops / (b.us * 1e-6) / 1e12 if bl.flops else nan,
+                target=target.label if target else "", status=row_status,
+                note="; ".join(x for x in (note, f"N/A: {b.na}" if b.na else "", b.note, bl.note, copy_note) if x)))
     return rows
 
 
-def run_gpu(fam: ModuleType, args) -> int:
-    timing = common.QUICK_TIMING if args.quick else common.FULL_TIMING
-    mode = "quick" if args.quick else "full"
+def run_plan(fams: Sequence[ModuleType], quick: bool, ops: Sequence[str] | None) -> list[tuple[ModuleType, Case]]:
+    """(family, case) in run order: every family's --quick cases (the target shapes) first, in
+    family order, then the rest, so that a time budget cuts the least informative."""
+    per = [(fam, run_order(fam, select_cases(fam, quick, ops))) for fam in fams]
+    first = [{c.key for c in fam.cases(quick=True)} for fam in fams]
+    return ([(fam, c) for (fam, cs), q in zip(per, first) for c in cs if c.key in q]
+            + [(fam, c) for (fam, cs), q in zip(per, first) for c in cs if c.key not in q])
+
+
+def run_gpu(fams: ModuleType | Sequence[ModuleType], args) -> int:
+    """Time the cases of one or more families; each case's rows are appended to its CSV as soon as
+    they are measured (a timeout loses nothing already measured), the reports regenerated last."""
+    fams = [fams] if isinstance(fams, ModuleType) else list(fams)
+    speed = getattr(args, "timing", None) or ("quick" if args.quick else "full")
+    timing = common.QUICK_TIMING if speed == "quick" else common.FULL_TIMING
+    mode = ("quick" if args.quick else "full") + ("" if speed == ("quick" if args.quick else "full") else f", {speed} timing")
     deadline = time.monotonic() + args.time_budget if args.time_budget else math.inf
+    compile_ok = not getattr(args, "no_compile", False)
     env = common.environment()
-    print(f"effkern {fam.TITLE} ({mode}) on {env['gpu']} (cc {env['cc']}, {env.get('sms')} SMs, "
-          f"L2 {env.get('l2_mb')} MB); torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-          f"commit {env['commit']}, {env['date']}", flush=True)
+    title = " + ".join(f.TITLE for f in fams)
+    print(f"effkern {title} ({mode}) on {env['gpu']} (cc {env['cc']}, {env.get('sms')} SMs, "
+          f"L2 {env.get('l2_mb')} MB, driver {env.get('driver') or '?'}, clocks SM {env.get('sm_mhz') or '?'} / "
+          f"mem {env.get('mem_mhz') or '?'} MHz via {env.get('clock_source')}); torch {env['torch']}, "
+          f"triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}, {env['date']}", flush=True)
     ceilings = common.measure_ceilings(*timing)
+    copy_meter = common.CopyMeter(*timing)
     print(f"measured ceilings: copy {ceilings['copy_gbps']:.0f} GB/s (read + write), "
           f"bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s", flush=True)
-    cases = select_cases(fam, args.quick, args.ops)
-    rank = {c.key: i for i, c in enumerate(cases)}  # rows are saved in report order, whatever the run order
-    done: list[tuple[int, list[dict]]] = []
+    plan = run_plan(fams, args.quick, args.ops)
     rows: list[dict] = []
+    written: dict[Path, set] = {}  # csv -> families appended to it in this run
     interrupted = None
     try:
-        for i, case in enumerate(run_order(fam, cases)):
+        for i, (fam, case) in enumerate(plan):
             if time.monotonic() > deadline:
-                print(f"time budget of {args.time_budget:.0f} s spent: skipping {len(cases) - i} cases", flush=True)
-                mode = f"{mode}, stopped by time budget after {i} of {len(cases)} cases"
+                print(f"time budget of {args.time_budget:.0f} s spent: skipping {len(plan) - i} cases", flush=True)
+                mode = f"{mode}, stopped by time budget after {i} of {len(plan)} cases"
                 break
             t0 = time.monotonic()
             base = dict(base_row(fam, env, mode, case), copy_gbps=ceilings["copy_gbps"],
                         matmul_tflops=ceilings["matmul_tflops"])
             try:
-                new = bench_case(case, base, ceilings, timing)
+                new = bench_case(case, base, ceilings, timing, copy_meter, compile_ok)
             except Exception as e:  # building inputs, or a CUDA error that poisoned the context
                 traceback.print_exc()
                 new = [dict(base, backend=b, status="ERROR", note=f"benchmark raised {common.short_exc(e)}")
                        for b in case.backends()]
-            done.append((rank[case.key], new))
             try:  # the case's tensors went with bench_case's frame
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
             except Exception:  # a sticky CUDA error: later cases will report it too
                 traceback.print_exc()
-            print(f"[{i + 1}/{len(cases)}] {case.name}: {time.monotonic() - t0:.1f} s", flush=True)
+            state = common.gpu_state(torch.cuda.current_device()) if common.cuda_available() else {}
+            for r in new:  # the clocks the case ran at
+                r.update({k: state[k] for k in CLOCK_COLUMNS if k in state})
+            rows += new
+            if not args.no_save:
+                path = csv_path(args, fam)
+                report.append_rows(path, new)
+                written.setdefault(path, set()).add(family_name(fam))
+                if args.out is not None:
+                    copy_out(path, args.out)
+            print(f"[{i + 1}/{len(plan)}] {family_name(fam)} {case.name}: {time.monotonic() - t0:.1f} s", flush=True)
             print(report.table(new, compact=True).split("\n", 2)[-1], flush=True)
     except (KeyboardInterrupt, SystemExit) as e:
         interrupted = e
         mode = f"{mode}, interrupted"
     finally:
-        rows = [r for _, new in sorted(done, key=lambda d: d[0]) for r in new]
         for r in rows:  # how the run ended, on every row
             r["mode"] = mode
         if rows:
@@ -539,8 +695,9 @@ def run_gpu(fam: ModuleType, args) -> int:
             print(report.table(rows))
             print()
             print(common.text_table(report.speedup_summary(rows), report.SUMMARY_HEADER))
-            if not args.no_save:
-                save(rows, args.csv, args.out)
+        for path, names in written.items():
+            report.update_rows(path, {"date": env["date"]}, mode=mode)
+            save(path, args.out, regenerate=not getattr(args, "no_report", False) and len(names) == 1)
     if interrupted is not None:
         raise interrupted
     bad = [r for r in rows if r.get("correct") is False or r.get("status") in ("ERROR", "WRONG")]
@@ -550,18 +707,32 @@ def run_gpu(fam: ModuleType, args) -> int:
     return 1 if bad else 0
 
 
-def save(rows: list[dict], csv_path: Path, out_dir: Path | None) -> None:
-    """Append ``rows`` to ``csv_path``, regenerate its markdown and plot, copy all to out_dir."""
+def csv_path(args, fam: ModuleType) -> Path:
+    """The CSV a family's rows go to: --csv (every family into one), else bench/results/<family>.csv."""
+    return Path(args.csv) if args.csv else common.RESULTS_DIR / f"{family_name(fam)}.csv"
+
+
+def copy_out(path: Path, out_dir: Path | None) -> None:
+    if out_dir is None or path is None or not path.exists():
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if path.resolve().parent != out_dir.resolve():
+        shutil.copy2(path, out_dir / path.name)
+
+
+def save(csv_path: Path, out_dir: Path | None, regenerate: bool = True) -> None:
+    """The rows are in ``csv_path`` already: regenerate its markdown and plot (one family's CSV,
+    unless --no-report) and copy all to out_dir."""
     csv_path = Path(csv_path)
-    report.append_rows(csv_path, rows)
-    md, png = report.regenerate(csv_path)
-    print(f"results: appended {len(rows)} rows to {csv_path}; regenerated {md}" + (f" and {png}" if png else ""))
+    md = png = None
+    if regenerate:
+        md, png = report.regenerate(csv_path)
+    print(f"results: rows in {csv_path}" + (f"; regenerated {md}" if md else "; no report regenerated (--no-report "
+          "or several families in one CSV: bench/report.py --append-from splits it)") + (f" and {png}" if png else ""))
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         for p in (csv_path, md, png):
-            if p is not None and p.exists() and p.resolve().parent != out_dir.resolve():
-                shutil.copy2(p, out_dir / p.name)
+            copy_out(p, out_dir)
         print(f"results: copied to {out_dir}")
 
 
@@ -570,10 +741,16 @@ def save(rows: list[dict], csv_path: Path, out_dir: Path | None) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def self_check(fam: ModuleType, args) -> int:
+def self_check(fams: ModuleType | Sequence[ModuleType], args) -> int:
     """Without CUDA nothing is timed: on small versions of the cases every backend usable on the
     CPU is checked against the torch backend, each baseline runs once (checked where it computes
-    the op's function) and the report pipeline is exercised. Non-zero exit on any failure."""
+    the op's function; torch.compile'd ones are GPU-only) and the report pipeline is exercised.
+    Non-zero exit on any failure."""
+    fams = [fams] if isinstance(fams, ModuleType) else list(fams)
+    return max(_self_check_one(fam, args) for fam in fams)
+
+
+def _self_check_one(fam: ModuleType, args) -> int:
     cases = select_cases(fam, args.quick, args.ops, check=True)
     interp = _dispatch.triton_interpreter_enabled()
     print(f"No CUDA device: nothing is timed (timings need a GPU). Running the correctness self-check on "
@@ -626,6 +803,8 @@ def self_check(fam: ModuleType, args) -> int:
 def _check_baseline(bl: Baseline, s: dict, ref) -> tuple[str, str]:
     if bl.fn is None:
         return "N/A", bl.na
+    if bl.compile:
+        return "N/A on cpu", "torch.compile'd baselines run on the GPU only (the eager one is checked here)"
     try:
         got = bl.fn(s)
     except Exception as e:
@@ -667,10 +846,13 @@ def check_report_pipeline(fam: ModuleType) -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser, fam: ModuleType | None = None) -> argparse.ArgumentParser:
-    """The options of every family; with ``fam``, its --ops choices and --quick set."""
-    name = family_name(fam) if fam else "FAMILY"
-    ops = op_names(fam) if fam else None
+def add_arguments(p: argparse.ArgumentParser, fam: ModuleType | Sequence[ModuleType] | None = None
+                  ) -> argparse.ArgumentParser:
+    """The options of every family; with ``fam`` (one or several), its --ops choices and --quick set."""
+    fams = [fam] if isinstance(fam, ModuleType) else list(fam or [])
+    name = family_name(fams[0]) if len(fams) == 1 else "FAMILY"
+    ops = [o for f in fams for o in op_names(f)] if fams else None
+    quick = "; ".join(f"{family_name(f)}: {f.QUICK}" if len(fams) > 1 else f.QUICK for f in fams)
 
     def op_list(text: str) -> list[str]:
         names = [o.strip() for o in text.split(",") if o.strip()]
@@ -679,36 +861,48 @@ def add_arguments(p: argparse.ArgumentParser, fam: ModuleType | None = None) -> 
             raise argparse.ArgumentTypeError(f"unknown op(s) {unknown or [text]}; choose from {', '.join(ops or [])}")
         return names
 
-    p.add_argument("--quick", action="store_true", help=(fam.QUICK if fam else "the family's smoke set") +
+    p.add_argument("--quick", action="store_true", help=(quick or "the family's smoke set") +
                    "; short timing. Without a GPU: fewer self-check cases")
     p.add_argument("--ops", type=op_list, default=None, metavar="OP[,OP...]",
                    help="comma-separated subset of the ops" + (f": {', '.join(ops)}" if ops else ""))
     p.add_argument("--csv", type=Path, default=None,
-                   help=f"results CSV to append to; .md and .png beside it are regenerated "
+                   help=f"results CSV to append each case's rows to as they are measured (every family into "
+                        f"this one file); .md and .png beside it are regenerated at the end "
                         f"(default: bench/results/{name}.csv)")
-    p.add_argument("--out", type=Path, default=None, help="also copy the CSV, markdown and plot into this directory")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also copy the CSV (after each case), markdown and plot into this directory")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; cases not started by then are skipped (the rows so far are saved)")
     p.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
+    p.add_argument("--no-report", action="store_true",
+                   help="append rows to the CSV only; no markdown or plot (bench/report.py makes them later)")
+    p.add_argument("--timing", choices=("quick", "full"), default=None,
+                   help="warm-up and repetition per measurement (default: quick with --quick, else full)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile'd baselines (reported N/A): their compilation takes seconds per case")
     return p
 
 
-def family_parser(fam: ModuleType, prog: str) -> argparse.ArgumentParser:
+def family_parser(fam: ModuleType | Sequence[ModuleType], prog: str) -> argparse.ArgumentParser:
+    doc = fam.__doc__ if isinstance(fam, ModuleType) else (
+        "Several benchmark families in one run: every family's --quick cases first, then the rest.")
     return add_arguments(argparse.ArgumentParser(
-        prog=prog, description=fam.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), fam)
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter), fam)
 
 
-def run(fam: ModuleType, args: argparse.Namespace) -> int:
+def run(fams: ModuleType | Sequence[ModuleType], args: argparse.Namespace) -> int:
     """The GPU benchmark where CUDA is available, else the CPU self-check."""
-    args.csv = Path(args.csv or common.RESULTS_DIR / f"{family_name(fam)}.csv")
+    for name, default in (("no_report", False), ("no_compile", False), ("timing", None)):  # older callers' namespaces
+        if not hasattr(args, name):
+            setattr(args, name, default)
     if not common.cuda_available():
-        return self_check(fam, args)
+        return self_check(fams, args)
     try:  # `timeout` sends SIGTERM: end through run_gpu's finally, which saves the rows so far
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     except ValueError:  # not the main thread
         previous = None
     try:
-        return run_gpu(fam, args)
+        return run_gpu(fams, args)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -720,23 +914,35 @@ def main(family: str | ModuleType, argv: Sequence[str] | None = None) -> int:
     return run(fam, family_parser(fam, f"python bench/{family_name(fam)}.py").parse_args(argv))
 
 
+def parse_families(text: str, names: Sequence[str]) -> list[str] | None:
+    """FAMILY, FAMILY,FAMILY,... or all -> the family names (None: not a family argument)."""
+    if text == "all":
+        return list(names)
+    parts = [t for t in text.split(",") if t]
+    return parts if parts and all(t in names for t in parts) and len(set(parts)) == len(parts) else None
+
+
 def cli(argv: Sequence[str], prog: str = "python -m effkern bench") -> int:
-    """``python -m effkern bench FAMILY [options]``: the family list is the bench modules present."""
+    """``python -m effkern bench FAMILY[,FAMILY...]|all [options]``: the family list is the bench
+    modules present."""
     names = families()
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Benchmark a kernel family on a GPU: every available backend against the baselines a "
                     "user would pick instead, verified against the torch backend first; rows appended to "
-                    "bench/results/FAMILY.csv (markdown and plot regenerated). Without a GPU: a correctness "
-                    "self-check, nothing timed.",
+                    "bench/results/FAMILY.csv as each case is measured (markdown and plot regenerated at the "
+                    "end). Several families (a comma list, or all) run in one process: every family's --quick "
+                    "cases first. Without a GPU: a correctness self-check, nothing timed.",
         epilog=f"`{prog} FAMILY --help` lists the family's ops and its --quick set.")
-    p.add_argument("family", choices=names, metavar="FAMILY", help=f"one of {', '.join(names)}")
+    p.add_argument("family", choices=names + ["all"], metavar="FAMILY",
+                   help=f"one of {', '.join(names)}, a comma-separated list of them, or all")
     add_arguments(p)
-    first = next((a for a in argv if a in names), None)
+    first = next((a for a in argv if not a.startswith("-") and parse_families(a, names)), None)
     if first is None:
         p.parse_args(argv)  # --help, or a usage error naming the families
         p.error("no FAMILY given")
-    fam = load(first)
+    chosen = [load(n) for n in parse_families(first, names)]
+    fam = chosen[0] if len(chosen) == 1 else chosen
     fp = family_parser(fam, f"{prog} {first}")
     rest = list(argv)
     rest.remove(first)
@@ -749,19 +955,23 @@ def cli(argv: Sequence[str], prog: str = "python -m effkern bench") -> int:
 
 
 class PytestBench:
-    """A family under pytest-benchmark: one benchmark per case and implementation (each baseline;
-    then per non-reference backend its kernels, ``<backend>``, and its public op,
-    ``<backend>:op``), grouped by case. GPU time only: pedantic rounds on a clock advanced by
-    CUDA events (L2 flushed before each); ``extra_info`` holds the do_bench median that the
-    command line reports, GB/s, TOPS and the speedups. Settings from the environment:
+    """A family under pytest-benchmark: one benchmark per case and implementation (each baseline,
+    each variant of one that has them, ``baseline:<name>@<variant>``; then per non-reference
+    backend its kernels, ``<backend>``, and its public op, ``<backend>:op``), grouped by case.
+    Pedantic rounds on a clock advanced by CUDA events: kernels and baselines after an L2 flush
+    (device time), the public op on an idle GPU without a flush (host overhead included), as the
+    command line times them; ``extra_info`` holds the command line's median (graph replay, or the
+    host-inclusive loop for ``:op``), GB/s, TOPS and the speedups. Settings from the environment:
     EFFKERN_BENCH_QUICK=1 (the --quick set), EFFKERN_BENCH_OPS=a,b, EFFKERN_BENCH_DEADLINE (Unix
-    time: later benchmarks skip). Without CUDA every benchmark skips."""
+    time: later benchmarks skip), EFFKERN_BENCH_COMPILE=0 (skip the torch.compile'd baselines).
+    Without CUDA every benchmark skips."""
 
     def __init__(self, family: str) -> None:
         self.fam = load(family)
         self.quick = os.environ.get("EFFKERN_BENCH_QUICK", "0") not in ("", "0")
         self.ops = [o for o in os.environ.get("EFFKERN_BENCH_OPS", "").split(",") if o.strip()] or None
         self.deadline = float(os.environ.get("EFFKERN_BENCH_DEADLINE", "inf"))
+        self.compile_ok = os.environ.get("EFFKERN_BENCH_COMPILE", "1") not in ("", "0")
         self.timing = common.QUICK_TIMING if self.quick else common.FULL_TIMING
         self.rounds, self.warmup_rounds = (30, 3) if self.quick else (100, 5)
         self.clock = common.GpuClock()
@@ -782,7 +992,8 @@ class PytestBench:
 
         return [pytest.param(case, impl, id=f"{case.name}-{impl.replace('baseline:', 'base-').replace(' ', '_')}")
                 for case in run_order(self.fam, select_cases(self.fam, self.quick, self.ops))
-                for impl in [f"baseline:{b.name}" for b in case.baselines]
+                for impl in [f"baseline:{b.name}" + (f"@{v}" if v else "") for b in case.baselines
+                             for v, _ in (b.variants or [("", None)])]
                 + [f"{b}{suffix}" for b in case.backends() for suffix in ("", ":op")]]
 
     def _sets(self, case: Case) -> list[dict]:
@@ -793,6 +1004,8 @@ class PytestBench:
         if self._cache.get("case") is not case:  # params are case-major: one case lives at a time
             self._cache.clear()
             torch.cuda.empty_cache()
+            if any(bl.compile for bl in case.baselines):
+                _reset_dynamo()
             self._cache.update(case=case, sets=input_sets(case, "cuda"), baseline_us={}, verified={})
         return self._cache["sets"]
 
@@ -822,18 +1035,21 @@ class PytestBench:
         benchmark.group = f"{case.op} {case.model} B{case.batch} {case.shape} {case.dtype}"
         info = {"op": case.op, "model": case.model, "batch": case.batch, "shape": case.shape,
                 "dtype": case.dtype, "impl": impl, "rot_sets": len(sets)}
-        nbytes, flops = case.bytes, case.flops
+        nbytes, flops, host = case.bytes, case.flops, False
         if impl.startswith("baseline:"):
-            bl = next(b for b in case.baselines if b.name == impl.removeprefix("baseline:"))
-            if bl.fn is None:
-                pytest.skip(f"{bl.name}: {bl.na}")
-            fn, nbytes, flops = _rotating(bl.fn, sets), bl.bytes, bl.flops
+            name, _, variant = impl.removeprefix("baseline:").partition("@")
+            bl = next(b for b in case.baselines if b.name == name)
+            fns = baseline_callables(bl, self.compile_ok)
+            if isinstance(fns, str):
+                pytest.skip(f"{bl.name}: {fns}")
+            fn, nbytes, flops = _rotating(dict(fns)[variant], sets), bl.bytes, bl.flops
             if bl.note:
                 info["note"] = bl.note
         else:
             backend, _, level = impl.partition(":")
             k = self._verified(case, backend)
-            if level == "op":
+            host = level == "op"
+            if host:
                 call = _rotating(case.call, sets)
 
                 def fn():
@@ -841,19 +1057,31 @@ class PytestBench:
                         return call()
             else:
                 fn = _rotating(lambda s: case.kernel(s, k), sets)
-        t = common.do_bench_us(fn, *self.timing)
+        if host:
+            t, how = common.loop_us(fn, *self.timing), "host loop"
+        else:
+            t, how = common.device_us(fn, len(sets), *self.timing)
         if self._flusher is None:
             self._flusher = common.L2Flusher()
-        flush = self._flusher
-        benchmark.pedantic(lambda: self.clock.advance(common.cuda_event_time_s(fn, flush)),
-                           rounds=self.rounds, warmup_rounds=self.warmup_rounds, iterations=1)
-        info.update(do_bench_median_us=t.median_us, do_bench_p20_us=t.p20_us, do_bench_p80_us=t.p80_us,
+        flush = None if host else self._flusher
+
+        def one_round():
+            if host:
+                torch.cuda.synchronize()  # an idle GPU: the host's time shows
+            self.clock.advance(common.cuda_event_time_s(fn, flush))
+
+        benchmark.pedantic(one_round, rounds=self.rounds, warmup_rounds=self.warmup_rounds, iterations=1)
+        info.update(median_us=t.median_us, p20_us=t.p20_us, p80_us=t.p80_us, timing=how,
                     bytes=nbytes, gbps=nbytes / (t.median_us * 1e-6) / 1e9)
         if flops:
             info.update(flops=flops, tops=flops / (t.median_us * 1e-6) / 1e12)
         if impl.startswith("baseline:"):
             self._cache["baseline_us"][impl.removeprefix("baseline:")] = t.median_us
-        else:
+        elif not host:
             for name, b_us in self._cache["baseline_us"].items():
                 info[f"speedup_vs_{name}"] = b_us / t.median_us
         benchmark.extra_info.update(info)
+
+
+if __name__ == "__main__":  # python -m bench.runner FAMILY[,FAMILY...]|all [options]
+    sys.exit(cli(sys.argv[1:], prog="python -m bench.runner"))

@@ -3,11 +3,11 @@
 and 256, bf16 (and fp32 for two gather cases). Kept tokens K = ceil(0.7 N) (0.49 and 0.343, EViT's later
 stages, at batch 64 for N = 197); ToMe's r = 16 at N = 197, 64 at 785.
 
-*kernel µs* is the backend kernels alone: token_scatter with its scatter plan precomputed;
-masked_softmax.fwd_bwd the forward then the backward kernel; tome_match_merge ToMe's matching scores
-then the merge on a precomputed plan. *op µs* is the public `effkern.ops` call without its validation
-pass (token_scatter: with the plan's sort + searchsorted; tome_match_merge: `bipartite_matching` +
-`merge_tokens`; fwd_bwd: autograd). Outputs are compared with the torch backend exactly (row copies,
+*kernel µs* is the backend kernels' device time (CUDA-graph replay): token_scatter with its scatter
+plan (sort + searchsorted), which every call pays; masked_softmax.fwd_bwd the forward then the backward
+kernel; tome_match_merge ToMe's matching scores then the merge on a precomputed plan. *op µs* is the
+public `effkern.ops` call without its validation pass, back-to-back calls with host overhead included
+(tome_match_merge: `bipartite_matching` + `merge_tokens`; fwd_bwd: autograd). Outputs are compared with the torch backend exactly (row copies,
 indices) or within the output dtype's tolerance. *GB/s* counts the minimal traffic (gather: K rows
 read and written; scatter replace: the N - K surviving rows of x and the K rows of y read, N rows
 written; add: x and y read, N written; cls_attention: k read once).
@@ -16,10 +16,13 @@ Baselines, on the same inputs: `torch.gather` and `x[arange, idx]`; `clone` + `s
 `scatter_add_` or `index_put_`; for cls_attention the eager `softmax(q_cls k^T)` and EViT's full
 N x N attention; DynamicViT's `softmax_with_policy`; ToMe's `bipartite_soft_matching` + `merge_wavg`;
 EViT's fuse (gather + weighted sum); `torch.topk` (EViT's call) and the equivalent stable `torch.sort`.
+Every eager transcription of published code is also timed `torch.compile`d (default mode, static
+shapes: "... compiled"; a compile failure is N/A with its reason).
 
-Targets: token_gather and token_scatter at B >= 64: >= 85% of the copy bandwidth and >= 1.3x each
-torch baseline; cls_attention at B >= 64: >= 80% of the copy bandwidth; masked_softmax (fwd, fwd+bwd)
-at B = 256, N = 197: >= 2x DynamicViT's eager code; tome_match_merge there: op µs >= 2x eager ToMe.
+Targets: token_gather and token_scatter at B >= 64: >= 85% of the bandwidth of a same-size copy and
+>= 1.3x each torch baseline; cls_attention at B >= 64: >= 80% of that bandwidth; masked_softmax (fwd,
+fwd+bwd) at B = 256, N = 197: >= 2x DynamicViT's code compiled; tome_match_merge there: op µs >= 2x
+ToMe's code compiled.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import Tensor  # noqa: E402
 import effkern  # noqa: E402
 from effkern.ops import tokens as tokops  # noqa: E402
 
-from bench.runner import Baseline, Case, Target, close, exact, main, mismatch, no_validate  # noqa: E402
+from bench.runner import Baseline, Case, Target, close, compiled, exact, main, mismatch, no_validate  # noqa: E402
 
 TITLE = "Sparse token-op benchmark"
 QUICK = "one case per op: DeiT-B, B=256, N=197"
@@ -112,6 +115,11 @@ def sort_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.cat([order.new_zeros(order.shape[0], 1), order[:, :k] + 1], 1), order[:, k:].sort(dim=1).values + 1
 
 
+def eager_and_compiled(*eager: Baseline) -> list[Baseline]:
+    """Each eager transcription, then its torch.compile'd twin (timed on the GPU only)."""
+    return [b for bl in eager for b in (bl, compiled(bl))]
+
+
 # ------------------------------------------------------------------- comparisons
 
 
@@ -181,17 +189,18 @@ def scatter(model, b, n, c, h, ratio, dt, es, add):
 
     def inputs(r):
         idx = r.perm(b, n)[:, :k].contiguous()
-        order, starts = tokops.scatter_plan(idx, n)
         return {"x": r.randn(b, n, c, dtype=DTYPES[dt]), "y": r.randn(b, k, c, dtype=DTYPES[dt]), "idx": idx,
-                "idx_x": idx[..., None].expand(b, k, c), "order": order, "starts": starts}
+                "idx_x": idx[..., None].expand(b, k, c)}
+
+    def kernel(s, kk):  # the plan is part of every call's cost (the op makes it each time)
+        order, starts = tokops.scatter_plan(s["idx"], n)
+        return kk.token_scatter(x=s["x"], y=s["y"], idx=s["idx"], order=order, starts=starts, add=add)
 
     scatter_ = (lambda s: s["x"].clone().scatter_add_(1, s["idx_x"], s["y"])) if add else (
         lambda s: s["x"].clone().scatter_(1, s["idx_x"], s["y"]))
     return Case(f"token_scatter.{reduce}", model, b, f"{b}x{n}x{c} k{k}", dt, dt, inputs, check=chk, bytes=nbytes,
                 setup=lambda r: {"ar": torch.arange(b, device=r.device)[:, None]},
-                kernel=lambda s, kk: kk.token_scatter(x=s["x"], y=s["y"], idx=s["idx"], order=s["order"],
-                                                      starts=s["starts"], add=add),
-                call=lambda s: ops["token_scatter"](s["x"], s["y"], s["idx"], reduce=reduce),
+                kernel=kernel, call=lambda s: ops["token_scatter"](s["x"], s["y"], s["idx"], reduce=reduce),
                 baselines=[Baseline("clone+scatter_add_" if add else "clone+scatter_", scatter_, nbytes, check=chk),
                            Baseline("clone+index_put_(acc)" if add else "clone+index_put_", lambda s: s["x"].clone()
                                     .index_put_((s["ar"], s["idx"]), s["y"], accumulate=add), nbytes, check=chk)],
@@ -208,12 +217,12 @@ def cls(model, b, n, c, h, ratio, dt, es):
     return Case("cls_attention", model, b, f"{b}x{h}x{n}x{D}", dt, "fp32", inputs, bytes=nbytes,
                 kernel=lambda s, kk: kk.cls_attention(q=s["q"], k=s["k"], scale=scale, softmax=True),
                 call=lambda s: ops["cls_attention"](s["q"], s["k"], scale=scale),
-                baselines=[Baseline("eager softmax(q_cls k^T)", lambda s: eager_cls(s["q"], s["k"], scale), nbytes,
-                                    check=loose),
-                           Baseline("EViT full attention", lambda s: evit_cls_full(s["q_all"], s["k"], scale),
-                                    2 * b * h * n * D * es + b * (n - 1) * es, check=lambda g, r: loose(g, r[:, 1:]),
-                                    note="EViT baseline: softmax(q k^T * scale) over all queries (the N x N map), "
-                                         "[:, :, 0, 1:].mean(1), in bf16")],
+                baselines=eager_and_compiled(
+                    Baseline("eager softmax(q_cls k^T)", lambda s: eager_cls(s["q"], s["k"], scale), nbytes, check=loose),
+                    Baseline("EViT full attention", lambda s: evit_cls_full(s["q_all"], s["k"], scale),
+                             2 * b * h * n * D * es + b * (n - 1) * es, check=lambda g, r: loose(g, r[:, 1:]),
+                             note="EViT baseline: softmax(q k^T * scale) over all queries (the N x N map), "
+                                  "[:, :, 0, 1:].mean(1), in bf16")),
                 targets={"eager softmax(q_cls k^T)": Target(">=80% BW", bw=0.80)} if b >= 64 else {})
 
 
@@ -241,17 +250,18 @@ def masked(model, b, n, c, h, ratio, dt, es, bwd):
         return (out,) + tuple(kk.masked_softmax_backward(grad=s["grad"], logits=s["logits"], policy=s["policy"], eps=EPS))
 
     op, eager = (lambda a, p: ops["masked_softmax"](a, p, eps=EPS)), (lambda a, p: dynamicvit_softmax_with_policy(a, p[..., None]))
+    baseline = (Baseline("eager DynamicViT fwd+bwd", lambda s: autograd(eager, s), nbytes,
+                         check=lambda g, r: eager_softmax(g[0], r[0]),
+                         note="masked_softmax fwd+bwd: kernel = forward then backward kernel; op and "
+                              "baseline = autograd forward + torch.autograd.grad for logits and policy")
+                if bwd else Baseline("eager DynamicViT", lambda s: eager(s["logits"], s["policy"]), nbytes,
+                                     check=eager_softmax))
     return Case("masked_softmax.fwd_bwd" if bwd else "masked_softmax", model, b, f"{b}x{h}x{n}x{n}", dt, dt, inputs,
                 kernel=kernel, kernels=("masked_softmax", "masked_softmax_backward") if bwd else (), bytes=nbytes,
                 call=(lambda s: autograd(op, s)) if bwd else (lambda s: op(s["logits"], s["policy"])),
                 check=close(atol_of_max=1e-5) if bwd else close(),  # d policy: sums of H x N terms of both signs
-                baselines=[Baseline("eager DynamicViT fwd+bwd", lambda s: autograd(eager, s), nbytes,
-                                    check=lambda g, r: eager_softmax(g[0], r[0]),
-                                    note="masked_softmax fwd+bwd: kernel = forward then backward kernel; op and "
-                                         "baseline = autograd forward + torch.autograd.grad for logits and policy")
-                           if bwd else Baseline("eager DynamicViT", lambda s: eager(s["logits"], s["policy"]), nbytes,
-                                                check=eager_softmax)],
-                targets={"*": Target(">=2x eager", speedup=2.0)} if (b, n) == (256, 197) else {})
+                baselines=eager_and_compiled(baseline),
+                targets={compiled(baseline).name: Target(">=2x compiled", speedup=2.0)} if (b, n) == (256, 197) else {})
 
 
 def tome(model, b, n, c, h, r_, dt, es):
@@ -276,10 +286,12 @@ def tome(model, b, n, c, h, r_, dt, es):
 
     return Case("tome_match_merge", model, b, f"{b}x{n}x{c} r{r_}", dt, dt, inputs, kernel=kernel, call=call,
                 kernels=("bipartite_matching", "merge_tokens"), bytes=nbytes, check=compare_tome,
-                baselines=[Baseline("eager ToMe", lambda s: tome_eager(s["metric"], s["x"], s["size"], r_), nbytes,
-                                    note="tome_match_merge: kernel = matching scores + merge kernels on a precomputed "
-                                         "plan; op = bipartite_matching + merge_tokens (its target uses op µs)")],
-                targets={"*": Target("op >=2x eager", op_speedup=2.0)} if (b, n) == (256, 197) else {})
+                baselines=eager_and_compiled(
+                    Baseline("eager ToMe", lambda s: tome_eager(s["metric"], s["x"], s["size"], r_), nbytes,
+                             note="tome_match_merge: kernel = matching scores + merge kernels on a precomputed "
+                                  "plan; op = bipartite_matching + merge_tokens (its target uses op µs)")),
+                targets={"eager ToMe compiled": Target("op >=2x compiled", op_speedup=2.0)} if (b, n) == (256, 197)
+                else {})
 
 
 def fuse(model, b, n, c, h, ratio, dt, es):
@@ -294,9 +306,10 @@ def fuse(model, b, n, c, h, ratio, dt, es):
     return Case("fuse_tokens", model, b, f"{b}x{n}x{c} j{j}", dt, dt, inputs, bytes=b * j * (c * es + 12) + b * c * es,
                 kernel=lambda s, kk: kk.fuse_tokens(x=s["x"], weights=s["w"], idx=s["idx"]),
                 call=lambda s: ops["fuse_tokens"](s["x"], s["w"], s["idx"]),
-                baselines=[Baseline("eager EViT fuse", lambda s: evit_fuse(s["x"], s["w_lp"], s["idx"]),
-                                    b * j * (c * es + es + 8) + b * c * es, check=close(rtol=5e-2, atol_of_max=2e-2),
-                                    note="fuse_tokens baseline: EViT's gather + weighted sum, weights in the model dtype")])
+                baselines=eager_and_compiled(
+                    Baseline("eager EViT fuse", lambda s: evit_fuse(s["x"], s["w_lp"], s["idx"]),
+                             b * j * (c * es + es + 8) + b * c * es, check=close(rtol=5e-2, atol_of_max=2e-2),
+                             note="fuse_tokens baseline: EViT's gather + weighted sum, weights in the model dtype")))
 
 
 def topk(model, b, n, c, h, ratio, dt, es):
@@ -305,7 +318,8 @@ def topk(model, b, n, c, h, ratio, dt, es):
     return Case("topk_tokens", model, b, f"{b}x{m} k{k}", dt, "int64", lambda r: {"scores": r.rand(b, m)},
                 kernel=lambda s, kk: kk.topk_tokens(scores=s["scores"], k=k, keep_cls=True),
                 call=lambda s: ops["topk_tokens"](s["scores"], k), check=exact(), bytes=nbytes,
-                baselines=[Baseline("torch.sort stable", lambda s: sort_topk(s["scores"], k), nbytes, check=exact()),
+                baselines=[*eager_and_compiled(Baseline("torch.sort stable", lambda s: sort_topk(s["scores"], k), nbytes,
+                                                        check=exact())),
                            Baseline("torch.topk", lambda s: torch.topk(s["scores"], k, dim=1), b * m * 4 + b * k * 12,
                                     note="torch.topk baseline: EViT's call, kept indices and values only (no CLS, "
                                          "no dropped list)")])

@@ -1,40 +1,40 @@
 #!/usr/bin/env bash
-# effkern's one-call GPU check: build, info, tests, compute-sanitizer, benchmarks.
+# effkern's one-call GPU check: build, tests, compute-sanitizer, benchmarks, in at most 6 minutes.
 #
-#   bash scripts/gpu_check.sh OUTDIR
+#   EFFKERN_COMMIT=<sha> bash scripts/gpu_check.sh OUTDIR
 #
-# For the lent GPU machine (H100/H200, torch 2.11+cu130, triton 3.6, nvcc 13.0, no internet),
-# run from a copy of the working tree in one call, e.g. with the device tool:
-#   EFFKERN_COMMIT=<sha> bash scripts/gpu_check.sh $OUT
+# For the lent GPU machine (one H100/H200; torch 2.11+cu130 and its triton, Python 3.12, nvcc 13.0,
+# no internet), from a copy of the working tree, in ONE call of the device tool with timeout_s=360:
+# the whole script keeps to GPU_CHECK_BUDGET_S (default 330 s), so that a rerun fits in the 15
+# minutes of device time with the machine's start. Pass the commit (the copied tree has no .git):
+# the benchmark rows record $EFFKERN_COMMIT.
 #
-# Steps (each logged to OUTDIR; a failing step does not stop the later ones):
+# Stages, in order, each under `timeout` with its own cap and a reserve kept for the later stages
+# (a stage with too little time left is reported SKIPPED); every stage writes its log into OUTDIR
+# as it runs, and the benchmarks append each case's rows to OUTDIR/bench.csv as soon as the case
+# is measured, so a timeout loses nothing already measured:
 #   build      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=8.0;9.0a)  build.log
 #   info       python -m effkern info                                                        info.txt
-#   tests      python -m pytest tests/ --maxfail=25 -q -rs (CUDA tests included)                 tests.log
-#   memcheck   compute-sanitizer --tool memcheck over the CUDA tests named sanitizer_smoke    sanitizer.log
-#              (tests/test_cuda_sanitize.py: every CUDA kernel of the op registry, long rows included);
-#              fails when a CUDA kernel the registry lists was not driven
-#   racecheck  the same with EFFKERN_SANITIZE_SMALL=1 (smaller shapes; only if time allows)  sanitizer.log
-#   bench-F    python bench/F.py --out OUTDIR for each benchmark family F       bench_F.log, F.csv/.md/.png
-#              (integer, tokens, binary_hash; appends to bench/results/ in this tree and copies F.csv/.md/.png to OUTDIR)
-#   pytest-bench-F  pytest bench/test_bench_F.py --benchmark-json=OUTDIR/bench_F.json   pytest_bench_F.log
-# and prints a short summary last (the device tool returns only the last 12,000 characters).
+#   tests      pytest, most informative first: the CUDA library's build test, the CUDA tests, the
+#              Triton kernel tests, the registry and dispatch tests, the ops tests, the rest     tests.log
+#   memcheck   compute-sanitizer --tool memcheck over tests/test_cuda_sanitize.py (every CUDA
+#              kernel of the op registry); fails when a listed kernel was not driven          sanitizer.log
+#   racecheck  the same with EFFKERN_SANITIZE_SMALL=1, only when time is left over            sanitizer.log
+#   bench      python -m bench.runner <families> --timing quick: every family's --quick cases (the
+#              target shapes) first, then the rest until the time is spent                   bench.log, bench.csv
+#   pytest-bench  only with GPU_CHECK_PYTEST_BENCH=1: pytest bench/ --benchmark-json      pytest_bench_F.log/.json
+# and a short summary last (the device tool returns the last 12,000 characters of the output and
+# at most 8 files: the files above are 7). Back here, add the rows to bench/results/<family>.csv and
+# regenerate the reports with:  python bench/report.py --append-from OUTDIR/bench.csv
 #
-# The whole script keeps to a time budget (GPU_CHECK_BUDGET_S, default 540 s): each step gets
-# at most its cap and what the budget leaves after reserving time for the later steps; the
-# benchmark families share the time left for them equally (each at most 240 s, the pytest-benchmark
-# runs 180 s together) and fall back to --quick when little time is left; a step with no time left is
-# reported as skipped. The exit status is non-zero when any step failed or timed out (steps
-# skipped for lack of time or tools are listed in the summary; missed benchmark targets are
+# The exit status is non-zero when a stage failed or timed out (missed benchmark targets are
 # reported, not failures; wrong benchmark results are failures).
 #
-# The device tool returns at most 8 files from $OUT: when OUTDIR holds more than
-# GPU_CHECK_MAX_FILES (default 8; 0 = never), the least important logs are moved into
-# OUTDIR/logs.tar.gz at the end.
-#
-# Environment: PYTHON (default python3), EFFKERN_COMMIT (recorded with the benchmark rows when
-# git is unavailable), GPU_CHECK_BUDGET_S, GPU_CHECK_MAX_FILES, TORCH_CUDA_ARCH_LIST,
-# GPU_CHECK_BENCH (the benchmark families to run, in order; default: every family of python -m effkern ops --families).
+# Environment: PYTHON (default python3), EFFKERN_COMMIT, GPU_CHECK_BUDGET_S, GPU_CHECK_MAX_FILES
+# (default 8; 0 = never pack), TORCH_CUDA_ARCH_LIST, GPU_CHECK_BENCH (benchmark families, in order,
+# comma- or space-separated; default every family of `python -m effkern ops --families`),
+# GPU_CHECK_BENCH_ARGS (extra arguments for the benchmark, e.g. --no-compile or --ops ...),
+# GPU_CHECK_PYTEST_BENCH=1.
 set -euo pipefail
 
 if [[ $# -lt 1 || -z "${1:-}" ]]; then
@@ -47,7 +47,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+BUDGET=${GPU_CHECK_BUDGET_S:-330}
 MAX_FILES=${GPU_CHECK_MAX_FILES:-8}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
@@ -55,19 +55,23 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$MAX_JOBS}
 unset TRITON_INTERPRET EFFKERN_BACKEND
-if [[ -z "${EFFKERN_COMMIT:-}" ]]; then
-    EFFKERN_COMMIT=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
+if [[ -z "${EFFKERN_COMMIT:-}" ]]; then  # else the runner names the tree by a digest of its sources
+    EFFKERN_COMMIT=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)
 fi
 export EFFKERN_COMMIT
 
-STEPS=()    # "name|status|seconds|log" per step
-# Benchmark families: the op registry's families (python -m effkern ops --families), bench/<family>.py each.
-read -r -a FAMILIES <<<"${GPU_CHECK_BENCH:-$("$PY" -m effkern ops --families 2>/dev/null | tr '\n' ' ')}"
+# Seconds kept back for the stages after each one: the benchmarks get at least BENCH_MIN.
+SUMMARY_S=15
+BENCH_MIN=110
+SAN_MIN=40
+TESTS_MIN=30
+
+STEPS=()    # "name|status|seconds|log" per stage
 FAILED=0
 
 left() { echo $((START + BUDGET - $(date +%s))); }
 
-# timeout_for CAP RESERVE: seconds a step may take (<= CAP, leaving RESERVE for later steps)
+# timeout_for CAP RESERVE: seconds a stage may take (<= CAP, leaving RESERVE for later stages)
 timeout_for() {
     local cap=$1 reserve=$2 l
     l=$(($(left) - reserve))
@@ -83,8 +87,8 @@ record() {  # record NAME STATUS SECONDS LOG
     echo ">> $1: $2 (${3}s) -> ${4:-}"
 }
 
-# run_step NAME CAP RESERVE MIN LOG -- CMD...: run CMD with a timeout, output to LOG.
-# Sets STEP_RC (124 = timed out, -1 = not run).
+# run_step NAME CAP RESERVE MIN LOG -- CMD...: run CMD under `timeout`, its output to LOG as it
+# runs. Sets STEP_RC (124 = timed out, -1 = not run).
 run_step() {
     local name=$1 cap=$2 reserve=$3 min=$4 log=$5
     shift 6
@@ -98,29 +102,40 @@ run_step() {
     echo
     echo "== $name (timeout ${t}s, $(left)s of the budget left) $(date -u +%T)"
     t0=$(date +%s)
-    if timeout -k 15 "$t" "$@" >"$log" 2>&1; then rc=0; else rc=$?; fi
+    if timeout -k 10 "$t" "$@" >"$log" 2>&1; then rc=0; else rc=$?; fi
     STEP_RC=$rc
     if ((rc == 0)); then
         status=PASS
     elif ((rc == 124 || rc == 137)); then
         status="TIMEOUT (${t}s)"
     elif ((rc == 5)) && grep -q -E "skipped|no tests ran" "$log"; then
-        status="SKIP (pytest: nothing ran)"  # e.g. the benchmark module skipped itself without CUDA
+        status="SKIP (pytest: nothing ran)"
     else
         status="FAIL (rc=$rc)"
     fi
-    ((${TAIL_LINES:-6} > 0)) && tail -n "${TAIL_LINES:-6}" "$log" | sed 's/^/   | /'
+    ((${TAIL_LINES:-6} > 0)) && tail -n "${TAIL_LINES:-6}" "$log" | cut -c1-200 | sed 's/^/   | /'
     record "$name" "$status" $(($(date +%s) - t0)) "$(basename "$log")"
 }
 
+# The test files, most informative on a GPU first (the sanitizer stage runs test_cuda_sanitize.py).
+ordered_tests() {
+    local f seen=" " out=()
+    for f in tests/test_cuda_build.py tests/test_*_cuda.py tests/test_*triton*kernels.py tests/test_registry.py \
+        tests/test_dispatch.py tests/test_*_ops.py tests/test_*.py; do
+        [[ -f "$f" && "$f" != tests/test_cuda_sanitize.py && "$seen" != *" $f "* ]] || continue
+        seen+="$f "
+        out+=("$f")
+    done
+    echo "${out[@]}"
+}
+
 main() {
-    echo "== effkern gpu_check $(date -u +%FT%TZ) host $(hostname) commit $EFFKERN_COMMIT budget ${BUDGET}s"
+    echo "== effkern gpu_check $(date -u +%FT%TZ) host $(hostname) commit ${EFFKERN_COMMIT:-'(none: tree digest)'} budget ${BUDGET}s"
     echo "== tree $ROOT -> $OUTDIR"
-    nvidia-smi || echo "nvidia-smi failed"
-    { nvcc --version 2>/dev/null | tail -n 2; } || echo "nvcc not found"
-    { cmake --version 2>/dev/null | head -n 1; } || echo "cmake not found"
-    echo "ninja $(ninja --version 2>/dev/null || echo 'not found')"
-    "$PY" - <<'EOF' || echo "python version probe failed"
+    timeout 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw \
+        --format=csv || echo "nvidia-smi failed"
+    { timeout 10 nvcc --version 2>/dev/null | tail -n 2; } || echo "nvcc not found"
+    timeout 60 "$PY" - <<'EOF' || echo "python version probe failed"
 import importlib, platform
 import torch
 print(f"python {platform.python_version()}  torch {torch.__version__}  torch CUDA {torch.version.cuda}")
@@ -130,87 +145,84 @@ if torch.cuda.is_available():
           f"{p.total_memory / 2**30:.0f} GiB  L2 {getattr(p, 'L2_cache_size', 0) / 1e6:.0f} MB")
 else:
     print("torch sees NO CUDA device")
-for name in ("triton", "pytest", "pytest_benchmark", "matplotlib", "tabulate", "numpy"):
+for name in ("triton", "pytest", "pytest_timeout", "pytest_benchmark", "pynvml", "matplotlib"):
     try:
-        print(f"{name} {importlib.import_module(name).__version__}")
+        print(f"{name} {getattr(importlib.import_module(name), '__version__', 'present')}")
     except Exception as e:
         print(f"{name}: {type(e).__name__}")
 EOF
     echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 
     # ---- build ------------------------------------------------------------------------------
-    run_step build 300 200 60 "$OUTDIR/build.log" -- \
+    run_step build 150 $((TESTS_MIN + SAN_MIN + BENCH_MIN + SUMMARY_S)) 30 "$OUTDIR/build.log" -- \
         "$PY" -m pip install --no-build-isolation --no-deps -v -e .
     if [[ $STEP_RC != 0 ]]; then
         echo "   build failed: importing effkern from the source tree (no CUDA library)"
         export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-        grep -n -i -E "error|failed" "$OUTDIR/build.log" | head -n 20 | sed 's/^/   | /' || true
+        grep -n -i -E "error|failed" "$OUTDIR/build.log" | head -n 20 | cut -c1-200 | sed 's/^/   | /' || true
     fi
 
     # ---- info -------------------------------------------------------------------------------
-    TAIL_LINES=0 run_step info 60 190 10 "$OUTDIR/info.txt" -- "$PY" -m effkern info
-    sed 's/^/   /' "$OUTDIR/info.txt" 2>/dev/null | head -n 40 || true
+    TAIL_LINES=0 run_step info 30 $((TESTS_MIN + SAN_MIN + BENCH_MIN + SUMMARY_S)) 5 "$OUTDIR/info.txt" -- \
+        "$PY" -m effkern info
+    head -n 30 "$OUTDIR/info.txt" 2>/dev/null | cut -c1-200 | sed 's/^/   /' || true
 
-    # ---- tests ------------------------------------------------------------------------------
-    run_step tests 200 150 40 "$OUTDIR/tests.log" -- \
-        "$PY" -m pytest tests/ --maxfail=25 -q -rs -p no:cacheprovider
+    # ---- tests, most informative first --------------------------------------------------------
+    local tests timeout_opt=()
+    read -r -a tests <<<"$(ordered_tests)"
+    "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout=60)
+    run_step tests 90 $((SAN_MIN + BENCH_MIN + SUMMARY_S)) "$TESTS_MIN" "$OUTDIR/tests.log" -- \
+        "$PY" -m pytest "${tests[@]}" --maxfail=25 -v --tb=short -rfEs -p no:cacheprovider "${timeout_opt[@]}"
 
     # ---- compute-sanitizer: every CUDA kernel the op registry lists --------------------------
     local san kernels
     san=$(command -v compute-sanitizer || true)
     [[ -z "$san" && -x /usr/local/cuda/bin/compute-sanitizer ]] && san=/usr/local/cuda/bin/compute-sanitizer
-    kernels=$("${CUDA_KERNELS_CMD[@]}" 2>/dev/null | tr "\n" " " || true)
+    kernels=$(timeout 60 "$PY" -m effkern ops --backend cuda 2>/dev/null | tr "\n" " " || true)
     if [[ -z "$san" ]]; then
         record memcheck "SKIP (compute-sanitizer not on PATH)" 0 ""
     elif [[ -z "$kernels" ]]; then
         record memcheck "FAIL (could not list the CUDA kernels: python -m effkern ops --backend cuda)" 0 ""
     else
         echo "   CUDA kernels (python -m effkern ops --backend cuda): $kernels"
-        sanitize memcheck 120 150 45 "$san" 0 "$kernels"
-        if (($(left) > 330)); then
-            sanitize racecheck 75 150 45 "$san" 1 "$kernels"
+        sanitize memcheck 60 $((BENCH_MIN + SUMMARY_S)) "$SAN_MIN" "$san" 0 "$kernels"
+        if (($(left) > BENCH_MIN + SUMMARY_S + 150)); then
+            sanitize racecheck 60 $((BENCH_MIN + SUMMARY_S + 60)) 30 "$san" 1 "$kernels"
         else
             record racecheck "SKIP (time budget)" 0 ""
         fi
     fi
 
-    # ---- benchmarks: each family an equal share of the time left before pytest-benchmark -----
-    local t cap quick fam i n=${#FAMILIES[@]}
-    for ((i = 0; i < n; i++)); do
-        fam=${FAMILIES[i]}
-        cap=$((($(left) - 75) / (n - i)))
-        ((cap > 240)) && cap=240
-        t=$(timeout_for "$cap" 75)
-        quick=()
-        ((t < 150)) && quick=(--quick)
-        run_step "bench-$fam" "$cap" 75 45 "$OUTDIR/bench_$fam.log" -- \
-            "$PY" "bench/$fam.py" --out "$OUTDIR" --time-budget $((t > 60 ? t - 40 : 20)) "${quick[@]}"
-    done
+    # ---- benchmarks: one process, every family's target shapes first -------------------------
+    local fams t
+    fams=${GPU_CHECK_BENCH:-$(timeout 60 "$PY" -m effkern ops --families 2>/dev/null | tr '\n' ',' || true)}
+    fams=$(echo "$fams" | tr ' ' ',' | sed -e 's/,,*/,/g' -e 's/^,//' -e 's/,$//')
+    [[ -z "$fams" ]] && fams=all
+    t=$(timeout_for 100000 "$SUMMARY_S")
+    local extra=()
+    read -r -a extra <<<"${GPU_CHECK_BENCH_ARGS:-}"
+    TAIL_LINES=3 run_step bench 100000 "$SUMMARY_S" 30 "$OUTDIR/bench.log" -- \
+        "$PY" -m bench.runner "$fams" --timing quick --csv "$OUTDIR/bench.csv" --no-report \
+        --time-budget $((t > 90 ? t - 45 : t / 2)) "${extra[@]}"
 
-    # ---- pytest-benchmark: one run per family, sharing 180 s --------------------------------
-    t=$(timeout_for 180 15)
-    local bq=0 pstart
-    ((t < 120)) && bq=1
-    pstart=$(date +%s)
-    for ((i = 0; i < n; i++)); do
-        fam=${FAMILIES[i]}
-        cap=$(((180 - ($(date +%s) - pstart)) / (n - i)))
-        t=$(timeout_for "$cap" 15)
-        export EFFKERN_BENCH_QUICK=$bq EFFKERN_BENCH_DEADLINE=$(($(date +%s) + t - 25))
-        run_step "pytest-bench-$fam" "$cap" 15 40 "$OUTDIR/pytest_bench_$fam.log" -- \
-            "$PY" -m pytest "bench/test_bench_$fam.py" -q -rs -p no:cacheprovider \
-            --benchmark-json="$OUTDIR/bench_$fam.json" --benchmark-group-by=group \
-            --benchmark-columns=min,median,max,rounds --benchmark-sort=name
-    done
-    unset EFFKERN_BENCH_QUICK EFFKERN_BENCH_DEADLINE
+    # ---- pytest-benchmark (opt-in: it times the same cases again) ----------------------------
+    if [[ "${GPU_CHECK_PYTEST_BENCH:-0}" == 1 ]]; then
+        local fam
+        for fam in ${fams//,/ }; do
+            t=$(timeout_for 120 "$SUMMARY_S")
+            export EFFKERN_BENCH_QUICK=1 EFFKERN_BENCH_DEADLINE=$(($(date +%s) + t - 20))
+            run_step "pytest-bench-$fam" 120 "$SUMMARY_S" 40 "$OUTDIR/pytest_bench_$fam.log" -- \
+                "$PY" -m pytest "bench/test_bench_$fam.py" -q -rs -p no:cacheprovider \
+                --benchmark-json="$OUTDIR/pytest_bench_$fam.json" --benchmark-group-by=group \
+                --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+        done
+        unset EFFKERN_BENCH_QUICK EFFKERN_BENCH_DEADLINE
+    fi
 
     summary
     pack_outdir
     return $FAILED
 }
-
-# The ops with a cuda kernel, from the op registry (one per line).
-CUDA_KERNELS_CMD=("$PY" -m effkern ops --backend cuda)
 
 # sanitize NAME CAP RESERVE MIN SANITIZER SMALL KERNELS: compute-sanitizer --tool NAME over the
 # CUDA tests named sanitizer_smoke (EFFKERN_SANITIZE_SMALL=SMALL); every kernel in KERNELS must
@@ -220,18 +232,21 @@ sanitize() {
     local t t0 rc status run k missing=() skipped=()
     t=$(timeout_for "$cap" "$reserve")
     if ((t < min)); then
-        record "$name" "SKIPPED (time budget)" 0 ""
+        record "$name" "SKIPPED (time budget: ${t}s left for it)" 0 ""
         return 0
     fi
     echo
     echo "== $name (timeout ${t}s, $(left)s of the budget left) $(date -u +%T)"
     run=$(mktemp /tmp/effkern_sanitize_XXXX.log)
+    echo "===== $name (EFFKERN_SANITIZE_SMALL=$small) =====" >>"$log"
     t0=$(date +%s)
-    if EFFKERN_SANITIZE_SMALL=$small PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 15 "$t" \
+    set +e  # the log grows as the tests run (a timeout of the whole call keeps it); rc from the sanitizer
+    EFFKERN_SANITIZE_SMALL=$small PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$t" \
         "$san" --tool "$name" --error-exitcode 99 --print-limit 30 \
         "$PY" -m pytest tests/test_cuda_sanitize.py -m cuda -k sanitizer_smoke -v -rs -p no:cacheprovider \
-        >"$run" 2>&1; then rc=0; else rc=$?; fi
-    { echo "===== $name (EFFKERN_SANITIZE_SMALL=$small) ====="; cat "$run"; } >>"$log"
+        2>&1 | tee "$run" >>"$log"
+    rc=${PIPESTATUS[0]}
+    set -e
     for k in $kernels; do
         if grep -q -E "test_cuda_sanitizer_smoke\[$k\] PASSED" "$run"; then
             :
@@ -264,68 +279,53 @@ sanitize() {
 summary() {
     echo
     echo "=================================== SUMMARY ==================================="
-    local fam
-    for fam in "${FAMILIES[@]}"; do
-        echo "-- benchmark $fam (bench_$fam.log, $fam.md):"
-        if [[ -s "$OUTDIR/$fam.csv" ]]; then
-            bench_summary "$OUTDIR/$fam.csv" 2>&1 || echo "(no benchmark table)"
-            grep -E "^targets:|rows wrong" "$OUTDIR/bench_$fam.log" 2>/dev/null | tail -n 2 || true
-        else
-            echo "(no benchmark results)"
-            tail -n 15 "$OUTDIR/bench_$fam.log" 2>/dev/null || true
-        fi
-    done
+    echo "-- benchmarks (bench.log, bench.csv):"
+    if [[ -s "$OUTDIR/bench.csv" ]]; then
+        timeout 60 "$PY" - "$OUTDIR/bench.csv" <<'EOF' 2>&1 || echo "(no benchmark table)"
+import sys
+sys.path.insert(0, ".")
+from bench import report
+from bench.common import fmt_num, text_table
+rows = report.read_rows(sys.argv[1])
+date = max(r.get("date", "") for r in rows)
+rows = [r for r in rows if r.get("date") == date]
+r0 = rows[0]
+print(f"== {r0.get('gpu')}  {date}  commit {r0.get('commit')}  mode {r0.get('mode')}  driver {r0.get('driver')}  "
+      f"copy {fmt_num(report._f(r0.get('copy_gbps')))} GB/s  {len(rows)} rows")
+shown = rows if len(rows) <= 40 else [r for r in rows if r.get("status") not in ("PASS", "-", "")][:30]
+if len(rows) > 40:
+    print(f"{len(shown)} of the rows off target or failed (at most 30):")
+if shown:
+    print(report.table(shown, compact=True))
+print(text_table(report.speedup_summary(rows), report.SUMMARY_HEADER))
+EOF
+    else
+        echo "(no benchmark results)"
+    fi
+    grep -E "^targets:|rows wrong|time budget of" "$OUTDIR/bench.log" 2>/dev/null | tail -n 3 || true
     echo
     echo "-- tests (tests.log):"
-    grep -E "^(SKIPPED|FAILED|ERROR)" "$OUTDIR/tests.log" 2>/dev/null | cut -c1-160 | head -n 10 || true
-    tail -n 1 "$OUTDIR/tests.log" 2>/dev/null || true
+    grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" 2>/dev/null | cut -c1-160 | head -n 12 || true
+    tail -n 1 "$OUTDIR/tests.log" 2>/dev/null | cut -c1-200 || true
     echo "-- sanitizer:"
     grep -E "^=====|ERROR SUMMARY|RACECHECK SUMMARY|^FAILED| in [0-9.]+s" "$OUTDIR/sanitizer.log" 2>/dev/null | head -n 10 || true
-    echo "-- pytest bench:"
-    for fam in "${FAMILIES[@]}"; do
-        tail -n 1 "$OUTDIR/pytest_bench_$fam.log" 2>/dev/null || true
-    done
     echo
-    printf "%-21s %-48s %6s  %s\n" step status sec log
+    printf "%-21s %-48s %6s  %s\n" stage status sec log
     local s name status secs log
     for s in "${STEPS[@]}"; do
         IFS='|' read -r name status secs log <<<"$s"
         printf "%-21s %-48s %6s  %s\n" "$name" "$status" "$secs" "$log"
     done
-    echo "total $(($(date +%s) - START))s of ${BUDGET}s budget; commit $EFFKERN_COMMIT; outputs in $OUTDIR"
+    echo "total $(($(date +%s) - START))s of ${BUDGET}s budget; commit ${EFFKERN_COMMIT:-'(tree digest)'}; outputs in $OUTDIR"
+    echo "back here: python bench/report.py --append-from <fetched>/bench.csv"
     if ((FAILED)); then echo "GPU CHECK: FAILED"; else echo "GPU CHECK: OK"; fi
-}
-
-bench_summary() {
-    # The latest run in CSV $1: its compact table when short, else the rows off target (MISS,
-    # WRONG, ERROR, N/A; at most 25) and the speedup summary (the tool returns the last 12,000 chars).
-    "$PY" - "$1" <<'EOF'
-import sys
-sys.path.insert(0, ".")
-from bench import report
-from bench.common import fmt_num, text_table
-runs = report.latest_runs(report.read_rows(sys.argv[1]))
-gpu = max(runs, key=lambda g: runs[g][0].get("date", ""))
-rows = runs[gpu]
-r0 = rows[0]
-print(f"== {gpu}  {r0.get('date')}  commit {r0.get('commit')}  mode {r0.get('mode')}  "
-      f"copy {fmt_num(report._f(r0.get('copy_gbps')))} GB/s  {len(rows)} rows")
-if len(rows) <= 40:
-    print(report.table(rows, compact=True))
-else:
-    off = [r for r in rows if r.get("status") not in ("PASS", "-", "")]
-    print(f"{len(off)} rows off target or failed{' (first 25)' if len(off) > 25 else ''}:")
-    if off:
-        print(report.table(off[:25], compact=True))
-print(text_table(report.speedup_summary(rows), report.SUMMARY_HEADER))
-EOF
 }
 
 pack_outdir() {
     # Keep at most MAX_FILES plain files in OUTDIR (the device tool returns 8): the most useful
     # stay loose, the rest go into logs.tar.gz.
     ((MAX_FILES > 0)) || return 0
-    local keep=(gpu_check.log tests.log integer.csv tokens.csv binary_hash.csv integer.md tokens.md binary_hash.md build.log info.txt)
+    local keep=(gpu_check.log bench.csv bench.log tests.log sanitizer.log build.log info.txt)
     local files n
     mapfile -t files < <(cd "$OUTDIR" && find . -maxdepth 1 -type f ! -name logs.tar.gz -printf '%f\n' | sort)
     n=${#files[@]}
