@@ -365,3 +365,74 @@ def test_gpu_check_script_syntax():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "EFFKERN_COMMIT" in text and "timeout" in text
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for the timers' control flow: a device clock that each call of
+    the timed function advances by ``us``; a graph replays what was captured."""
+
+    def __init__(self, us: float, fail_capture: bool = False):
+        self.us, self.now, self.capturing, self.fail_capture = us, 0.0, None, fail_capture
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = fake.now
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) / 1e3  # ms
+
+        class Graph:
+            def __init__(self):
+                self.calls = 0
+
+            def replay(self):
+                fake.now += self.calls * fake.us
+
+        class Capture:
+            def __init__(self, g, stream=None, capture_error_mode="global"):
+                self.g = g
+
+            def __enter__(self):
+                fake.capturing = self.g
+
+            def __exit__(self, *exc):
+                fake.capturing = None
+                if fake.fail_capture:
+                    raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        self.patches = {"Event": Event, "CUDAGraph": Graph, "graph": Capture, "Stream": Stream,
+                        "current_stream": lambda: Stream(), "stream": lambda s: __import__("contextlib").nullcontext(),
+                        "synchronize": lambda *a: None, "_sleep": lambda cycles: None}
+
+    def fn(self):
+        if self.capturing is not None:
+            self.capturing.calls += 1
+        else:
+            self.now += self.us
+
+
+@pytest.mark.parametrize("fail_capture", [False, True])
+def test_timers_control_flow(monkeypatch, fail_capture):
+    fake = _FakeCuda(us=5.0, fail_capture=fail_capture)
+    for name, value in fake.patches.items():
+        monkeypatch.setattr(torch.cuda, name, value, raising=False)
+    t, how = common.device_us(fake.fn, 3, 1.0, 2.0)
+    assert t.median_us == pytest.approx(5.0) and t.p20_us == pytest.approx(5.0)
+    assert how == "graph" if not fail_capture else how.startswith("loop (RuntimeError: CUDA error: operation not")
+    assert common.loop_us(fake.fn, 1.0, 2.0).median_us == pytest.approx(5.0)
+    if not fail_capture:
+        calls = []
+        monkeypatch.setattr(fake, "fn", lambda: (calls.append(fake.capturing is not None), _FakeCuda.fn(fake)))
+        common.graph_us(fake.fn, 3, 1.0, 2.0)
+        assert sum(calls) == common.graph_calls(3)  # every set captured, in rotation
