@@ -13,6 +13,7 @@ import ctypes
 import pytest
 import torch
 
+from effkern._common import INT32_MAX
 from effkern.ops.integer import ref_int_gelu_rows, ref_int_layernorm_rows, ref_int_softmax_rows
 from tests.cuda_lib_helpers import (assert_cpu_tensors_refused, assert_cuda_op_matches_python, build_host_check,
                                     case_id, cuda_kernels, needs_lib, poison_allocator, require_cuda)
@@ -84,21 +85,32 @@ def test_cpu_tensors_are_refused():
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
     lib = build_host_check(tmp_path_factory, "integer")
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.ek_int_softmax_rows.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr]
-    lib.ek_int_gelu_rows.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr]
-    lib.ek_int_layernorm_rows.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ptr]
+    i64, u32, i32, cint, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_int32, ctypes.c_int, ctypes.c_void_p
+    lib.ek_int_softmax_rows.argtypes = [ptr, i64, i64, i64, cint, cint, cint, cint, ptr]
+    lib.ek_int_gelu_rows.argtypes = [ptr, i64, i64, i64, cint, cint, cint, cint, ptr]
+    lib.ek_int_layernorm_rows.argtypes = [ptr, ptr, i64, i64, cint, cint, cint, ptr]
+    for name, args in [("ek_check_div_magic", [u32, u32]), ("ek_check_shift_exp32", [i64, cint, cint]),
+                       ("ek_check_gelu_out32", [i64, cint, cint, i32, i32]),
+                       ("ek_check_softmax_out32", [i64, i64, cint]), ("ek_check_layernorm_out32", [i64, i64, ptr, cint]),
+                       ("ek_check_layernorm_row", [ptr, i64, cint]), ("ek_check_row_split", [i64, i64, cint, cint])]:
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = i64
+    for name in ("ek_int_softmax_rows", "ek_int_gelu_rows", "ek_int_layernorm_rows"):
+        getattr(lib, name).restype = cint
     return lib
 
 
-def _host_call(fn, x, *args, bias=None):
+def _host_call(fn, x, *args, bias=None, g0=0):
+    """The kernels' math on the host; g0: the chunk phase of the row layout (-1: all scalar)."""
     x32 = x.to(torch.int32).contiguous()
     y = torch.empty(x.shape, dtype=torch.int64)
+    in_bytes = x.element_size()
     if bias is None:
-        fn(x32.data_ptr(), x.shape[0], x.shape[1], *args, y.data_ptr())
+        rc = fn(x32.data_ptr(), x.shape[0], x.shape[1], *args, in_bytes, g0, y.data_ptr())
     else:
         b = bias.to(torch.int32).contiguous()
-        fn(x32.data_ptr(), b.data_ptr(), x.shape[0], x.shape[1], *args, y.data_ptr())
+        rc = fn(x32.data_ptr(), b.data_ptr(), x.shape[0], x.shape[1], *args, in_bytes, g0, y.data_ptr())
+    assert rc == 0, "host check refused its arguments or split a row wrongly"
     return y
 
 
@@ -131,6 +143,100 @@ def test_host_layernorm_math(host_lib, gen, dtype, length):
         ref = ref_int_layernorm_rows(x, bias, iters)
         got = _host_call(host_lib.ek_int_layernorm_rows, x, iters, bias=bias)
         assert torch.equal(got, ref.to(torch.int64)), iters
+
+
+# The 32-bit arithmetic of the kernels (integer_math.cuh) against its plain int64 form, at the
+# edges of its ranges: x0 from -1 to -2^30 (powers of two and their neighbours, I-ViT's typical
+# scales), every n.
+EDGE_X0 = [-1, -2, -3, -5, -7, -10, -11, -13, -100, -255, -256, -257, -600, -641, -65535, -65536, -65537,
+           -(2**20) + 1, -(2**29) - 1, -(2**30) + 1, -(2**30)]
+EDGE_N = [0, 1, 2, 8, 15, 16, 20, 23, 30, 31]
+
+
+@pytest.mark.parametrize("x0", EDGE_X0)
+def test_host_div_magic(host_lib, x0):
+    """floor(P / X) by the host-computed multiplier, for every dividend range a launch can
+    have (P + 1 <= min(n * X, 2^31 - 1) + 1), and the widest (2^31)."""
+    x = -x0
+    for pcap in sorted({min(n * x, 2**31 - 1) + 1 for n in EDGE_N} | {2**31, 94209}):
+        assert host_lib.ek_check_div_magic(x, pcap) == 0, (x, pcap)
+
+
+@pytest.mark.parametrize("x0", EDGE_X0)
+def test_host_shift_exp32(host_lib, x0):
+    """Every 16-bit row-max difference (int8/int16 rows), narrow and wide; for 32-bit rows (only
+    with -x0 * 2^n <= 2^31 - 1, which the softmax requires) also the clamp of the difference."""
+    for n in EDGE_N:
+        assert host_lib.ek_check_shift_exp32(x0, n, 0) == 0, (x0, n)
+        if (-x0) << n <= INT32_MAX:
+            assert host_lib.ek_check_shift_exp32(x0, n, 1) == 0, (x0, n)
+        else:
+            assert host_lib.ek_check_shift_exp32(x0, n, 1) == -1, (x0, n)  # refused: not a launch
+
+
+@pytest.mark.parametrize("x0, n, out_bits", GELU_ARGS + [(-11, 23, 8), (-(2**30), 30, 2), (-256, 23, 16),
+                                                          (-1, 0, 16), (-65536, 16, 8), (-3, 31, 2)])
+def test_host_gelu_out32(host_lib, x0, n, out_bits):
+    """The GELU element formula for every int8 / int16 element under row maxima at the
+    extremes (negative maxima make e(-max) large)."""
+    for m, xmin in [(127, -128), (0, -128), (-1, -128), (-128, -128), (32767, -32768), (-1, -32768),
+                    (-32768, -32768), (100, -30000)]:
+        assert host_lib.ek_check_gelu_out32(x0, n, out_bits, m, xmin) == 0, (m, xmin)
+
+
+@pytest.mark.parametrize("out_bits", [8, 16])
+def test_host_softmax_out32(host_lib, out_bits):
+    """(e * f) >> (32 - out_bits) in 32 bits for the largest exp terms K, unsaturated and
+    saturated row sums."""
+    for k in (1, 2, 65535 * 2**15, 2**30, INT32_MAX):
+        for s in (1, 2, 3, 197, k, k + 1, 2**30 + 7, INT32_MAX - 1, INT32_MAX, 2**40):
+            assert host_lib.ek_check_softmax_out32(k, s, out_bits) == 0, (k, s)
+
+
+def test_host_layernorm_out32(host_lib):
+    """((y * f) >> 1) + bias in 32 bits for every |y| <= k and biases at the int32 extremes
+    (the reference wraps them too)."""
+    bias = torch.tensor([-(2**31), -(2**30) - 1, -1, 0, 1, 2**30, INT32_MAX], dtype=torch.int32)
+    for kmin, kmax in [(1, 300), (2**16 - 300, 2**16 + 10), (2**20, 2**20 + 2), (2**31 - 2, 2**31 - 1)]:
+        assert host_lib.ek_check_layernorm_out32(kmin, kmax, bias.data_ptr(), len(bias)) == 0, (kmin, kmax)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)
+def test_host_layernorm_rows_bound(host_lib, gen, dtype):
+    """layernorm_var == sum((x - mu)^2), and the square-root iteration keeps k >= |x - mu| (which
+    makes the output's 32-bit product exact) after any number of iterations."""
+    for length in (1, 2, 3, 197, 384, 785):
+        x = make_rows(gen, 10, length, dtype).to(torch.int32)
+        for row in x:
+            row = row.contiguous()
+            for iters in range(17):
+                assert host_lib.ek_check_layernorm_row(row.data_ptr(), length, iters) == 0, (length, iters)
+
+
+@pytest.mark.parametrize("vec", [4, 8, 16])
+def test_host_row_split(host_lib, vec):
+    """Head / 16-byte chunks / tail cover each row exactly once, chunks on the phase's grid."""
+    for length in (1, 2, 3, 15, 16, 17, 31, 197, 785, 1024, 4097):
+        for g0 in [-1] + list(range(vec)):
+            assert host_lib.ek_check_row_split(40, length, g0, vec) == 0, (length, g0)
+
+
+@pytest.mark.parametrize("length", [1, 3, 17, 197, 785], ids=case_id)
+def test_host_math_any_row_phase(host_lib, gen, length):
+    """The kernels' math is the same whatever the rows' alignment (chunk phase g0, as offset
+    or odd-length inputs give): every phase against the reference."""
+    bias = torch.randint(-(2**30), 2**30 + 1, (length,), generator=gen).to(torch.int32)
+    for dtype, vec in [(torch.int8, 16), (torch.int16, 8), (torch.int32, 16)]:
+        x = make_rows(gen, 6, length, dtype)
+        for g0 in [-1, 1, vec - 1]:
+            assert torch.equal(_host_call(host_lib.ek_int_softmax_rows, x, -13, 15, 8, g0=g0),
+                               ref_int_softmax_rows(x, -13, 15, 8).to(torch.int64)), (dtype, g0)
+            if dtype == torch.int32:
+                continue
+            assert torch.equal(_host_call(host_lib.ek_int_gelu_rows, x, -600, 23, 8, g0=g0),
+                               ref_int_gelu_rows(x, -600, 23, 8).to(torch.int64)), (dtype, g0)
+            assert torch.equal(_host_call(host_lib.ek_int_layernorm_rows, x, 10, bias=bias, g0=g0),
+                               ref_int_layernorm_rows(x, bias, 10).to(torch.int64)), (dtype, g0)
 
 
 # --------------------------------------------------------------------------------------------

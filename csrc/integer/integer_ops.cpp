@@ -59,6 +59,10 @@ Tensor cuda_int_softmax(const Tensor& x, int64_t x0, int64_t n, int64_t out_bits
   STD_TORCH_CHECK(out_bits == 8 || out_bits == 16, op, ": 'out_bits' must be 8 or 16, got ",
                   out_bits);
   check_shift_exp_args(op, x0, n);
+  // The kernel is 32-bit: every exp term (at most -x0 * 2^n) must fit int32, as
+  // effkern.ops.integer.int_softmax also requires of its scales.
+  STD_TORCH_CHECK((-x0) << n <= (int64_t)std::numeric_limits<int32_t>::max(), op,
+                  ": -x0 * 2^n must be at most 2^31 - 1, got x0 = ", x0, ", n = ", n);
   const int64_t rows = x.size(0), L = x.size(1);
   const std::vector<int64_t> sizes{rows, L};
   Tensor y = torch::stable::new_empty(x, sizes, out_bits == 8 ? ScalarType::Char : ScalarType::Short);

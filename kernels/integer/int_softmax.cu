@@ -1,87 +1,153 @@
-// I-ViT integer softmax, one thread block per row.
-//   m = max(row); e = shift_exp(I - m) (int64, >= 1); s = min(sum e, 2^31-1);
+// I-ViT integer softmax, T threads per row (integer_common.cuh: row layout, configurations).
+//   m = max(row); e = shift_exp(I - m) (>= 1); s = min(sum e, 2^31-1);
 //   f = (2^31-1) / s; y = (e * f) >> (32 - out_bits)  (int8 or int16 out).
+// All in 32 bits (integer_math.cuh, shift_exp32): the launcher requires K = -x0 * 2^n <= 2^31-1
+// (as effkern.ops.integer does), so every e <= K fits, e + s < 2^32 before the saturation, and
+// e * f <= 2^31 - 1 (e <= s, or s saturated and f = 1).  The division by x0 is a host-computed
+// multiplier (make_shift_exp32); the one division left is (2^31-1) / s, once per row.
 #include "kernels/integer/integer_common.cuh"
 
 namespace effkern {
 namespace integer {
 namespace {
 
-template <typename TIn, typename TOut, int BLOCK, int VPT>
+template <typename TIn, typename TOut, int T, int NV, int BLOCK>
 __global__ void __launch_bounds__(BLOCK)
-    int_softmax_kernel(const TIn* __restrict__ x, TOut* __restrict__ y, int64_t L,
-                       int64_t x0, int n, int out_bits) {
+    int_softmax_kernel(const TIn* __restrict__ x, TOut* __restrict__ y, int64_t rows, int64_t L,
+                       int g0, const ShiftExp32 c) {
+  constexpr int VEC = ChunkElems<TIn, TOut>::value;
+  constexpr int NS = (2 * (VEC - 1) + T - 1) / T;  // scalar (head + tail) slots per thread
+  constexpr bool kClampA = sizeof(TIn) == 4;      // m - x may exceed 2^16
   __shared__ int32_t s_max[BLOCK / 32];
-  __shared__ int64_t s_sum[BLOCK / 32];
-  const int64_t base = (int64_t)blockIdx.x * L;
-  const TIn* __restrict__ xr = x + base;
-  TOut* __restrict__ yr = y + base;
-  const int tid = threadIdx.x;
+  __shared__ uint32_t s_sum[BLOCK / 32];
+  const int lane = threadIdx.x % T;
+  const int64_t row = (int64_t)blockIdx.x * (BLOCK / T) + threadIdx.x / T;
+  const bool valid = row < rows;  // rows past the end still join the reductions
+  const RowSplit sp = row_split(valid ? row : 0, L, g0, VEC);
+  const int64_t nc = valid ? sp.nc : 0, ns = valid ? sp.head + sp.tail : 0;
+  const TIn* __restrict__ xr = x + (valid ? row : 0) * L;
+  TOut* __restrict__ yr = y + (valid ? row : 0) * L;
+  const TIn* __restrict__ xc = xr + sp.head;  // chunk 0, 16-byte aligned
+  TOut* __restrict__ yc = yr + sp.head;
 
-  if constexpr (VPT > 0) {  // whole row in registers: one read of x
-    int32_t v[VPT];
-    int64_t e[VPT];
-    int32_t m = INT32_MIN;
+  int64_t is[NS];  // scalar elements: index in the row, or -1
+  int32_t xs[NS];
+  int32_t m = INT32_MIN;
 #pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t i = tid + (int64_t)k * BLOCK;
-      v[k] = i < L ? (int32_t)xr[i] : INT32_MIN;
-      m = v[k] > m ? v[k] : m;
-    }
-    m = block_allreduce<BLOCK>(m, MaxOp{}, s_max);
-    int64_t s = 0;
+  for (int k = 0; k < NS; ++k) {
+    const int64_t u = lane + (int64_t)k * T;
+    is[k] = u < ns ? scalar_index(u, sp, VEC) : -1;
+    xs[k] = is[k] >= 0 ? (int32_t)xr[is[k]] : INT32_MIN;
+    m = xs[k] > m ? xs[k] : m;
+  }
+  uint32_t es[NS];
+
+  if constexpr (NV > 0) {  // whole row in registers: one read of x
+    Chunk<TIn, VEC> in[NV];
 #pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t i = tid + (int64_t)k * BLOCK;
-      e[k] = 0;
-      if (i < L) {
-        e[k] = shift_exp_nonpos((int64_t)v[k] - m, x0, n);
-        s = sat_add(s, clamp_one(e[k]));
+    for (int k = 0; k < NV; ++k) {
+      const int64_t ci = lane + (int64_t)k * T;
+      if (ci < nc) {
+        in[k].load(xc + ci * VEC);
+        const int32_t cm = in[k].max();
+        m = cm > m ? cm : m;
       }
     }
-    s = block_allreduce<BLOCK>(s, SatAddOp{}, s_sum);
-    const int64_t f = kOne / s;
+    m = group_allreduce<T, BLOCK>(m, MaxI32{}, s_max);
+    uint32_t e[NV][VEC];
+    uint32_t s = 0;
 #pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t i = tid + (int64_t)k * BLOCK;
-      if (i < L) yr[i] = (TOut)softmax_out(e[k], f, out_bits);
+    for (int k = 0; k < NV; ++k) {
+      if (lane + (int64_t)k * T < nc) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          e[k][j] = shift_exp32<kClampA>((uint32_t)m - (uint32_t)in[k].get(j), c);
+          s = sat_add32(s, e[k][j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < NS; ++k) {
+      es[k] = is[k] >= 0 ? shift_exp32<kClampA>((uint32_t)m - (uint32_t)xs[k], c) : 0;
+      s = sat_add32(s, es[k]);
+    }
+    s = group_allreduce<T, BLOCK>(s, SatAddU32{}, s_sum);
+    const uint32_t f = kOne32 / (s > 0 ? s : 1);  // s >= 1 on every valid row
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t ci = lane + (int64_t)k * T;
+      if (ci < nc) {
+        uint32_t p[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) p[j] = e[k][j] * f;  // < 2^31: (p >> (32-bits)) = top bytes
+        OutChunk<TOut, VEC> o;
+        o.template set_all<true>(p);
+        o.store(yc + ci * VEC);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < NS; ++k) {
+      if (is[k] >= 0) yr[is[k]] = (TOut)softmax_out32(es[k], f, 8 * sizeof(TOut));
     }
   } else {  // long row: pass 1 max, pass 2 sum, pass 3 recompute e and write
-    int32_t m = INT32_MIN;
-    for (int64_t i = tid; i < L; i += BLOCK) {
-      const int32_t v = (int32_t)xr[i];
-      m = v > m ? v : m;
+    for (int64_t ci = lane; ci < nc; ci += T) {
+      Chunk<TIn, VEC> in;
+      in.load(xc + ci * VEC);
+      const int32_t cm = in.max();
+      m = cm > m ? cm : m;
     }
-    m = block_allreduce<BLOCK>(m, MaxOp{}, s_max);
-    int64_t s = 0;
-    for (int64_t i = tid; i < L; i += BLOCK) {
-      s = sat_add(s, clamp_one(shift_exp_nonpos((int64_t)xr[i] - m, x0, n)));
+    m = group_allreduce<T, BLOCK>(m, MaxI32{}, s_max);
+    uint32_t s = 0;
+    for (int64_t ci = lane; ci < nc; ci += T) {
+      Chunk<TIn, VEC> in;
+      in.load(xc + ci * VEC);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s = sat_add32(s, shift_exp32<kClampA>((uint32_t)m - (uint32_t)in.get(j), c));
     }
-    s = block_allreduce<BLOCK>(s, SatAddOp{}, s_sum);
-    const int64_t f = kOne / s;
-    for (int64_t i = tid; i < L; i += BLOCK) {
-      yr[i] = (TOut)softmax_out(shift_exp_nonpos((int64_t)xr[i] - m, x0, n), f, out_bits);
+#pragma unroll
+    for (int k = 0; k < NS; ++k) {
+      es[k] = is[k] >= 0 ? shift_exp32<kClampA>((uint32_t)m - (uint32_t)xs[k], c) : 0;
+      s = sat_add32(s, es[k]);
+    }
+    s = group_allreduce<T, BLOCK>(s, SatAddU32{}, s_sum);
+    const uint32_t f = kOne32 / (s > 0 ? s : 1);
+    for (int64_t ci = lane; ci < nc; ci += T) {
+      Chunk<TIn, VEC> in;
+      in.load(xc + ci * VEC);
+      uint32_t p[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) p[j] = shift_exp32<kClampA>((uint32_t)m - (uint32_t)in.get(j), c) * f;
+      OutChunk<TOut, VEC> o;
+      o.template set_all<true>(p);
+      o.store(yc + ci * VEC);
+    }
+#pragma unroll
+    for (int k = 0; k < NS; ++k) {
+      if (is[k] >= 0) yr[is[k]] = (TOut)softmax_out32(es[k], f, 8 * sizeof(TOut));
     }
   }
 }
 
 template <typename TIn, typename TOut>
-void run(const void* x, void* y, int64_t rows, int64_t L, int64_t x0, int n, int out_bits,
-         cudaStream_t stream) {
-  dispatch_row_config(L, [&](auto block, auto vpt) {
-    constexpr int B = decltype(block)::value, V = decltype(vpt)::value;
-    int_softmax_kernel<TIn, TOut, B, V><<<(unsigned)rows, B, 0, stream>>>(
-        static_cast<const TIn*>(x), static_cast<TOut*>(y), L, x0, n, out_bits);
+void run(const void* x, void* y, int64_t rows, int64_t L, const ShiftExp32& c, cudaStream_t stream) {
+  constexpr int VEC = ChunkElems<TIn, TOut>::value;
+  const void* ptrs[2] = {x, y};
+  const int sizes[2] = {(int)sizeof(TIn), (int)sizeof(TOut)};
+  const int g0 = chunk_phase(VEC, ptrs, sizes, 2);
+  dispatch_rows(L, VEC, [&](auto t, auto nv, auto block) {
+    constexpr int T = decltype(t)::value, NV = decltype(nv)::value, B = decltype(block)::value;
+    int_softmax_kernel<TIn, TOut, T, NV, B><<<row_blocks<T, B>(rows), B, 0, stream>>>(
+        static_cast<const TIn*>(x), static_cast<TOut*>(y), rows, L, g0, c);
   });
 }
 
 template <typename TIn>
-void run_out(const void* x, void* y, int64_t rows, int64_t L, int64_t x0, int n, int out_bits,
+void run_out(const void* x, void* y, int64_t rows, int64_t L, const ShiftExp32& c, int out_bits,
              cudaStream_t stream) {
   if (out_bits == 8) {
-    run<TIn, int8_t>(x, y, rows, L, x0, n, out_bits, stream);
+    run<TIn, int8_t>(x, y, rows, L, c, stream);
   } else {
-    run<TIn, int16_t>(x, y, rows, L, x0, n, out_bits, stream);
+    run<TIn, int16_t>(x, y, rows, L, c, stream);
   }
 }
 
@@ -91,11 +157,14 @@ const char* launch_int_softmax(const void* x, IntType in_type, void* y, int64_t 
                                int64_t x0, int n, int out_bits, void* stream) {
   if (rows <= 0 || L <= 0) return nullptr;
   if (out_bits != 8 && out_bits != 16) return "launch_int_softmax: out_bits must be 8 or 16";
+  ShiftExp32 c;
+  if (!make_shift_exp32(x0, n, &c)) return "launch_int_softmax: x0 must be in [-2^30, -1] and n in [0, 31]";
+  if (!c.narrow) return "launch_int_softmax: -x0 * 2^n must be at most 2^31 - 1";
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (in_type) {
-    case IntType::I8: run_out<int8_t>(x, y, rows, L, x0, n, out_bits, s); break;
-    case IntType::I16: run_out<int16_t>(x, y, rows, L, x0, n, out_bits, s); break;
-    case IntType::I32: run_out<int32_t>(x, y, rows, L, x0, n, out_bits, s); break;
+    case IntType::I8: run_out<int8_t>(x, y, rows, L, c, out_bits, s); break;
+    case IntType::I16: run_out<int16_t>(x, y, rows, L, c, out_bits, s); break;
+    case IntType::I32: run_out<int32_t>(x, y, rows, L, c, out_bits, s); break;
     default: return "launch_int_softmax: unsupported input type";
   }
   return last_launch_error();

@@ -107,5 +107,201 @@ EK_HD int64_t layernorm_out(int64_t y, int64_t f, int64_t bias) {
   return ((y * f) >> 1) + bias;
 }
 
+// =============================================================================================
+// 32-bit forms the kernels run.  Each is exact against the int64 helpers above over the
+// ranges stated (host_check.cpp compares them exhaustively at the edges); the constants they
+// need are computed once per launch on the host (make_shift_exp32).  Unsigned 32-bit wrap is
+// used deliberately where a value is known to come back into range.
+// =============================================================================================
+
+EK_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return (uint32_t)(((uint64_t)a * b) >> 32);
+#endif
+}
+
+// floor(p / X) by a multiplier: umulhi(p + 1, magic) >> shift, for p + 1 in [1, pcap].
+// With 2^k = 2^(32+shift), magic = floor((2^k - 1) / X) < 2^32 and f = 2^k - magic*X in
+// [1, X]:  (p+1)*magic / 2^k = q + (R + 1 - (p+1)*f / 2^k) / X  (p = q*X + R, 0 <= R < X),
+// and 0 <= R + 1 - (p+1)*f/2^k < X holds when (p+1)*f <= 2^k (lower) and f >= 1 (upper, at
+// R = X-1).  find_div_magic takes the smallest shift satisfying pcap*f <= 2^k; one always
+// exists for pcap <= 2^31: X = 1: shift 0 (f = 1); else with 2^(l-1) < X <= 2^l, shift = l-1
+// gives magic < 2^32 and pcap*f <= 2^31 * 2^l = 2^k.  Host only.
+inline bool find_div_magic(uint32_t x, uint32_t pcap, uint32_t* magic, uint32_t* shift) {
+  if (x == 0 || pcap == 0 || pcap > (1u << 31)) return false;
+  for (uint32_t s = 0; s < 32; ++s) {
+    const unsigned __int128 two_k = (unsigned __int128)1 << (32 + s);
+    const unsigned __int128 m = (two_k - 1) / x;
+    if (m >> 32) continue;
+    const unsigned __int128 f = two_k - m * x;  // in [1, x]
+    if ((unsigned __int128)pcap * f <= two_k) {
+      *magic = (uint32_t)m;
+      *shift = s;
+      return true;
+    }
+  }
+  return false;
+}
+
+EK_HD uint32_t div_by_magic(uint32_t p1, uint32_t magic, uint32_t shift) {
+  return umulhi32(p1, magic) >> shift;
+}
+
+// Constants of the 32-bit shift-exponential for x0 = -X (X in [1, 2^30]) and n in [0, 31].
+//   narrow (K = X * 2^n <= 2^31 - 1): every exp term fits 32 bits (shift_exp32);
+//   otherwise only the exponent split does (shift_exp32_wide returns a 64-bit term).
+struct ShiftExp32 {
+  uint32_t amax;   // a = (row max - x) is clamped to amax first (32-bit inputs; see below)
+  uint32_t pcap;   // P + 1 is clamped to pcap = min(n*X, 2^31 - 1) + 1 (P = -p >= 0)
+  uint32_t magic, shift;  // floor(P / X) = div_by_magic(P + 1, ...) for P + 1 <= pcap
+  uint32_t k2, c2, m2;    // narrow: e = (q*k2 + c2 - (P+1)*m2) >> q
+  uint32_t x, c;          // wide: t = q*X + (2X + 1) - (P+1), e = (t << (n - q)) >> 1
+  int32_t n;
+  int32_t narrow;
+};
+
+// P(a) = a + ceil(a/2) - ceil(a/16) = -(d + (d >> 1) - (d >> 4)) for d = -a <= 0 (floor shifts
+// of a negative d are ceilings of a), in int64 for the host.
+inline int64_t shift_exp_p(int64_t a) { return a + (a + 1) / 2 - (a + 15) / 16; }
+
+// Host: the constants, or false when x0 / n are outside [-2^30, -1] / [0, 31].
+inline bool make_shift_exp32(int64_t x0, int n, ShiftExp32* c) {
+  if (x0 > -1 || x0 < -((int64_t)1 << 30) || n < 0 || n > 31) return false;
+  const int64_t X = -x0;
+  const int64_t nx = (int64_t)n * X;
+  const int64_t pmax = nx < 2147483647LL ? nx : 2147483647LL;
+  c->pcap = (uint32_t)(pmax + 1);  // <= 2^31
+  // smallest a with P(a) + 1 >= pcap (P is non-decreasing in a, steps of at most 2): for
+  // a >= amax the clamp gives pcap either way, and P(amax) + 1 <= pcap + 2 < 2^32.
+  int64_t lo = 0, hi = 0xFFFFFFFFLL;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (shift_exp_p(mid) + 1 >= (int64_t)c->pcap) hi = mid; else lo = mid + 1;
+  }
+  c->amax = (uint32_t)lo;
+  if (!find_div_magic((uint32_t)X, c->pcap, &c->magic, &c->shift)) return false;
+  c->narrow = (X << n) <= 2147483647LL;
+  // narrow: t*2^(n-1) = q*X*2^(n-1) + (2X+1)*2^(n-1) - (P+1)*2^(n-1) <= K, and
+  // e = floor(t*2^(n-q)/2) = (t*2^(n-1)) >> q.  n = 0: q = 0 and P = 0, e = X.
+  if (n >= 1) {
+    c->m2 = 1u << (n - 1);
+    c->k2 = c->narrow ? (uint32_t)(X << (n - 1)) : 0;
+    c->c2 = c->narrow ? (uint32_t)((2 * X + 1) << (n - 1)) : 0;
+  } else {
+    c->m2 = 0; c->k2 = 0; c->c2 = (uint32_t)X;
+  }
+  c->x = (uint32_t)X;
+  c->c = (uint32_t)(2 * X + 1);
+  c->n = n;
+  return true;
+}
+
+// P + 1 clamped, from a = m - x >= 0.  kClampA: a may exceed 2^16 (32-bit inputs), so it is
+// clamped to amax first (b = a + 1 and 3b/2 then stay below 2^32).  Otherwise a <= 2^16 - 1
+// and P + 1 <= 94209.  P + 1 = b + floor(b/2) - floor((b + 14)/16) with b = a + 1.
+template <bool kClampA>
+EK_HD uint32_t shift_exp_p1(uint32_t a, const ShiftExp32& c) {
+  if (kClampA) a = a < c.amax ? a : c.amax;
+  const uint32_t b = a + 1;
+  const uint32_t p1 = b + (b >> 1) - ((b + 14) >> 4);
+  return p1 < c.pcap ? p1 : c.pcap;
+}
+
+// shift_exp_nonpos(-a, x0, n) for a narrow c: the result is at most K <= 2^31 - 1.
+// q in [0, n]; the bracket equals t*2^(n-1) in [0, K] modulo 2^32.
+template <bool kClampA>
+EK_HD uint32_t shift_exp32(uint32_t a, const ShiftExp32& c) {
+  const uint32_t p1 = shift_exp_p1<kClampA>(a, c);
+  const uint32_t q = div_by_magic(p1, c.magic, c.shift);
+  return (q * c.k2 + c.c2 - p1 * c.m2) >> q;
+}
+
+// shift_exp_nonpos(-a, x0, n) for any c: t = 2X - R in [X+1, 2X] <= 2^31, shift <= 31.
+template <bool kClampA>
+EK_HD uint64_t shift_exp32_wide(uint32_t a, const ShiftExp32& c) {
+  const uint32_t p1 = shift_exp_p1<kClampA>(a, c);
+  const uint32_t q = div_by_magic(p1, c.magic, c.shift);
+  const uint32_t t = q * c.x + c.c - p1;
+  return ((uint64_t)t << (c.n - (int)q)) >> 1;
+}
+
+constexpr uint32_t kOne32 = 2147483647u;
+
+// min(a + b, 2^31 - 1) for a, b <= 2^31 - 1 (a + b < 2^32).
+EK_HD uint32_t sat_add32(uint32_t a, uint32_t b) {
+  const uint32_t s = a + b;
+  return s < kOne32 ? s : kOne32;
+}
+
+// softmax_out for e <= s' and f = (2^31-1)/s (narrow: e*f <= 2^31 - 1, see int_softmax.cu).
+EK_HD uint32_t softmax_out32(uint32_t e, uint32_t f, int out_bits) {
+  return (e * f) >> (32 - out_bits);
+}
+
+// gelu_out, narrow (e <= 2^31 - 1), em_c = min(e(-max), 2^31 - 1).  s = min(e + em_c, 2^31-1);
+// e*f <= 2^31 - 1 (s >= e, or s saturated and f = 1).  x * sig is taken modulo 2^32, as the
+// reference's int64 -> int32 conversion does.
+EK_HD int32_t gelu_out32(int32_t xi, uint32_t e, uint32_t em_c, int out_bits) {
+  const uint32_t f = kOne32 / sat_add32(e, em_c);
+  const uint32_t sig = (e * f) >> (32 - out_bits);
+  return (int32_t)((uint32_t)xi * sig);
+}
+
+// gelu_out for a 64-bit e: f >= 2 means s <= 2^30, so e = min(e, 2^31-1) and e*f fits; f = 1
+// leaves e >> (32 - out_bits), of which only the low 32 bits reach the int32 product.
+EK_HD int32_t gelu_out32_wide(int32_t xi, uint64_t e, uint32_t em_c, int out_bits) {
+  const uint32_t ec = e < kOne32 ? (uint32_t)e : kOne32;
+  const uint32_t f = kOne32 / sat_add32(ec, em_c);
+  const uint64_t ef = f == 1 ? e : (uint64_t)(ec * f);
+  const uint32_t sig = (uint32_t)(ef >> (32 - out_bits));
+  return (int32_t)((uint32_t)xi * sig);
+}
+
+// layernorm: var = sum((x - mu)^2) = sumsq - 2*mu*sum + C*mu^2 (exact in int64 for
+// |x| <= 2^15 and C < 2^31), so one pass gives both sums.
+EK_HD int64_t layernorm_var(int64_t sum, int64_t sumsq, int64_t mu, int64_t c) {
+  return sumsq - 2 * mu * sum + c * mu * mu;
+}
+
+// ((y*f) >> 1) + bias in 32 bits: |y| <= k (k0 = 2^16 > |y|; after an iteration
+// k >= isqrt(var) >= |y|), so |y*f| <= k*floor((2^31-1)/k) <= 2^31 - 1; the bias addition
+// wraps modulo 2^32 like the reference's int64 -> int32 conversion.
+EK_HD int32_t layernorm_out32(int32_t y, int32_t f, int32_t bias) {
+  return (int32_t)((uint32_t)((y * f) >> 1) + (uint32_t)bias);
+}
+
+// ---- row layout: head (scalar) | chunks of VEC elements (16-byte aligned) | tail (scalar) -----
+
+// Row r of a contiguous [rows, L] matrix spans global elements [r*L, r*L + L).  Chunks start at
+// global indices congruent to g0 mod vec (g0 < 0: no aligned chunks, all scalar), vec a power
+// of two: head + nc*vec + tail == L, head, tail < vec unless nc == 0.
+struct RowSplit {
+  int64_t head;  // scalar elements before the first chunk
+  int64_t nc;    // chunks
+  int64_t tail;  // scalar elements after the last chunk
+};
+
+EK_HD RowSplit row_split(int64_t row, int64_t L, int g0, int vec) {
+  RowSplit s;
+  if (g0 < 0) {
+    s.head = L; s.nc = 0; s.tail = 0;
+    return s;
+  }
+  const int64_t start = row * L;
+  int64_t head = (int64_t)((uint64_t)(g0 - start) & (uint64_t)(vec - 1));
+  if (head > L) head = L;
+  s.head = head;
+  s.nc = (L - head) / vec;
+  s.tail = L - head - s.nc * vec;
+  return s;
+}
+
+// Index in the row of scalar element u (u < head + tail): head elements first, then the tail.
+EK_HD int64_t scalar_index(int64_t u, const RowSplit& s, int vec) {
+  return u < s.head ? u : u + s.nc * vec;
+}
+
 }  // namespace integer
 }  // namespace effkern
