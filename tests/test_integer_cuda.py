@@ -345,3 +345,82 @@ def test_cuda_bad_arguments(call, match):
     b = torch.zeros(6, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match=match):
         call(x, b)
+
+
+# --------------------------------------------------------------------------------------------
+# the 32-bit kernels at their edges (GPU only): extreme x0 and n, short and odd rows, rows that
+# start anywhere in a 16-byte vector (offset inputs), the wide GELU regime
+# --------------------------------------------------------------------------------------------
+
+EDGE_LENGTHS = [1, 3, 15, 16, 17, 197, 257, 785, 1040, 4111]  # every configuration, odd tails
+# -x0 * 2^n <= 2^31 - 1 (the softmax's 32-bit bound) at its limit, n = 0 and the largest x0
+EDGE_SOFTMAX_ARGS = [(-1, 0, 8), (-1, 30, 16), (-(2**30), 0, 16), (-(2**30) + 1, 1, 8), (-65535, 15, 16),
+                     (-3, 29, 8), (-13, 15, 8), (-1023, 21, 16)]
+# narrow and wide (-x0 * 2^n > 2^31 - 1: 64-bit exp terms) GELU, out_bits 2 to 16
+EDGE_GELU_ARGS = [(-1, 0, 16), (-11, 23, 8), (-256, 23, 8), (-2, 30, 16), (-(2**30), 30, 2), (-65536, 16, 4)]
+
+
+def _offset_rows(x, offset):
+    """x's values in a contiguous tensor whose data starts offset elements into a fresh
+    allocation: rows no longer start on 16-byte boundaries (or, for some offsets, no element
+    of any row does for the output's alignment)."""
+    flat = torch.empty(x.numel() + offset, dtype=x.dtype, device="cuda")
+    view = flat[offset:].view(x.shape)
+    view.copy_(x)
+    assert view.is_contiguous() and view.data_ptr() % 16 == (offset * x.element_size()) % 16
+    return view
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("length", EDGE_LENGTHS, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32], ids=case_id)
+def test_cuda_softmax_edges(gen, dtype, length):
+    require_cuda()
+    x = make_rows(gen, 37, length, dtype)
+    for x0, n, out_bits in EDGE_SOFTMAX_ARGS:
+        ref = ref_int_softmax_rows(x, x0, n, out_bits)
+        for offset in (0, 1, 3, 8):
+            poison_allocator(x.numel() * out_bits // 8)
+            got = torch.ops.effkern.cuda_int_softmax(_offset_rows(x, offset), x0, n, out_bits).cpu()
+            assert torch.equal(got, ref), (x0, n, out_bits, offset)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("length", EDGE_LENGTHS, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)
+def test_cuda_gelu_edges(gen, dtype, length):
+    require_cuda()
+    x = make_rows(gen, 37, length, dtype)
+    for x0, n, out_bits in EDGE_GELU_ARGS:
+        ref = ref_int_gelu_rows(x, x0, n, out_bits)
+        for offset in (0, 1, 5):
+            poison_allocator(x.numel() * 4)
+            got = torch.ops.effkern.cuda_int_gelu(_offset_rows(x, offset), x0, n, out_bits).cpu()
+            assert torch.equal(got, ref), (x0, n, out_bits, offset)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("length", EDGE_LENGTHS, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)
+def test_cuda_layernorm_edges(gen, dtype, length):
+    """Offset x and offset bias (the bias moves in 16-byte vectors only where a row allows)."""
+    require_cuda()
+    x = make_rows(gen, 37, length, dtype)
+    bias = torch.randint(-(2**31), 2**31, (length,), generator=gen).to(torch.int32)
+    for iters in (0, 3, 10, 16):
+        ref = ref_int_layernorm_rows(x, bias, iters)
+        for offset, bias_offset in ((0, 0), (1, 0), (0, 1), (7, 3)):
+            poison_allocator(x.numel() * 4)
+            got = torch.ops.effkern.cuda_int_layernorm(_offset_rows(x, offset), _offset_rows(bias, bias_offset),
+                                                      iters).cpu()
+            assert torch.equal(got, ref), (iters, offset, bias_offset)
+
+
+@pytest.mark.cuda
+def test_cuda_softmax_refuses_wide_exp_terms():
+    """The 32-bit softmax needs every exp term (up to -x0 * 2^n) within int32."""
+    require_cuda()
+    x = torch.zeros(4, 6, dtype=torch.int8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"-x0 \* 2\^n must be at most 2\^31 - 1"):
+        torch.ops.effkern.cuda_int_softmax(x, -65536, 15, 8)
+    torch.ops.effkern.cuda_int_softmax(x, -65535, 15, 8)  # the largest x0 allowed at n = 15
