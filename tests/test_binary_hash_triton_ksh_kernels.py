@@ -7,8 +7,12 @@ with the torch primitive run in float64 on the same values. The tolerance comes 
 the Triton error may be at most twice the error of the torch primitive run on the test dtype
 (which computes in float32 and rounds to the output dtype), plus 1e-5 of the result's scale (and,
 under the interpreter, which truncates float32 to bfloat16, one bfloat16 ulp). While a wrapper
-runs, ``torch.empty`` returns NaN-filled tensors, so an output or scratch element that a kernel
-fails to write shows up as a mismatch.
+runs, ``torch.empty`` returns NaN-filled tensors (garbage in integer ones), so an output or
+scratch element that a kernel fails to write shows up as a mismatch.
+
+The fused hash-and-pack (``ksh_hash_codes``) must give exactly pack_codes of the hash kernel's y,
+bit for bit. The products run as 3xTF32 on tensor cores; their accuracy is measured against the
+same kernels run with IEEE float32 products (the kernels' former arithmetic) on the same inputs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from effkern.ops import binary_hash as ref
 from effkern.triton import binary_hash_ksh as tri
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# 3xTF32 error / IEEE float32 error, at most (measured here: 0.92-1.15 for y, 0.97-1.0 for grad_x)
+SPLIT_SLACK = 1.25
 
 # (B, H, N, d, m, b): one token; d off the power-of-two grid (masked lanes); m = 25 (the
 # published models) and 7 (BLOCK_M = 16); several token blocks at N = 197 (BLOCK_N = 64, a
@@ -163,3 +169,65 @@ def test_ksh_hash_huge_and_tiny_rows(dtype, gen):
     assert int((~normal).sum()) == 1
     check((gx.double() / rows)[normal].to(gx.dtype), (exact / rows)[normal], (lowp.double() / rows)[normal].to(lowp.dtype),
           "ksh_hash_bwd")
+
+
+# b = 8 (one partial word), 32 (one full word), 33 (a word and one bit), 200 (several b chunks,
+# a partial last word), 64 with m = 64 (the benchmark's BLOCK_M, 8 warps) and a partial token block
+CODE_SHAPES = [(1, 1, 1, 32, 25, 8), (3, 3, 7, 17, 7, 32), (2, 1, 70, 64, 25, 33), (1, 2, 70, 80, 25, 200),
+               (2, 2, 97, 64, 64, 64)]
+
+
+@pytest.mark.parametrize("shape", CODE_SHAPES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_ksh_hash_codes_is_hash_then_pack(dtype, shape, gen):
+    """The fused kernel's int32 words are pack_codes of the hash kernel's y, bit for bit."""
+    args = _inputs(shape, dtype, gen)
+    codes = run(tri.ksh_hash_codes, *args)
+    assert codes.dtype == torch.int32 and codes.shape == (*shape[:3], (shape[5] + 31) // 32)
+    assert torch.equal(codes, ref.pack_codes(run(tri.ksh_hash_fwd, *args)))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the unused 2^k / eps branch, interpreted
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_ksh_hash_codes_param_dtypes_and_zero_rows(param_dtype, gen):
+    """Parameters of other float dtypes, zero rows of x and huge rows: still hash-then-pack."""
+    shape = (2, 3, 37, 32, 25, 48)
+    x, anchors, mu, proj = _inputs(shape, torch.bfloat16, gen, param_dtype)
+    x[1, 0, 3] = 0
+    x[0, 2, :4] *= 1e30
+    args = (x, anchors, mu, proj)
+    assert torch.equal(run(tri.ksh_hash_codes, *args), ref.pack_codes(run(tri.ksh_hash_fwd, *args)))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 32, 25, 8), (2, 3, 5, 32, 0, 40), (2, 3, 5, 32, 25, 0)])
+def test_ksh_hash_codes_degenerate(shape, gen):
+    """No tokens or no bits: empty; no anchors: y = 0, so every word is 0."""
+    args = _inputs(shape, torch.float32, gen)
+    codes = run(tri.ksh_hash_codes, *args)
+    assert codes.shape == (*shape[:3], (shape[5] + 31) // 32) and codes.dtype == torch.int32
+    assert torch.equal(codes, ref.pack_codes(ref.ksh_hash_fwd(*args)))
+
+
+def _max_err(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return (out.double().cpu() - exact.cpu()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_ksh_split_tf32_as_accurate_as_ieee(dtype, gen):
+    """The 3xTF32 tensor-core products against the same kernels with IEEE float32 products:
+    the largest error against float64, of y and of grad_x, at most SPLIT_SLACK times the IEEE
+    kernels' (measured on the same inputs; both also pass check() in the tests above)."""
+    shape = (2, 2, 130, 64, 64, 64)  # the benchmark's d, m, b; a partial token block
+    args = _inputs(shape, dtype, gen)
+    grad = randn((*shape[:3], shape[5]), gen)
+    y_exact = ref.ksh_hash_fwd(*f64(*args))
+    e_split = _max_err(tri._hash(*args, codes=False), y_exact)
+    e_ieee = _max_err(tri._hash(*args, codes=False, tensor_cores=False), y_exact)
+    print(f"y: split {e_split:.3g} ieee {e_ieee:.3g}")
+    assert e_split <= SPLIT_SLACK * e_ieee, f"y: 3xTF32 error {e_split:.3g} > {SPLIT_SLACK} x IEEE {e_ieee:.3g}"
+    x, anchors, _mu, proj = args
+    g_exact = ref.ksh_hash_bwd(*f64(grad, *args))
+    e_split = _max_err(tri._hash_bwd(grad, x, anchors, proj), g_exact)
+    e_ieee = _max_err(tri._hash_bwd(grad, x, anchors, proj, tensor_cores=False), g_exact)
+    print(f"grad_x: split {e_split:.3g} ieee {e_ieee:.3g}")
+    assert e_split <= SPLIT_SLACK * e_ieee, f"grad_x: 3xTF32 error {e_split:.3g} > {SPLIT_SLACK} x IEEE {e_ieee:.3g}"

@@ -34,7 +34,6 @@ from effkern.ops.binary_hash import (
     RandomProjection,
     binary_attention,
     binary_hash_attention,
-    pack_bits,
 )
 
 __all__ = ["BinaryHashAttention", "TokenDWConv", "fit_ksh_head", "ksh_code_loss", "ksh_similarity_targets"]
@@ -180,8 +179,8 @@ class BinaryHashAttention(Attention):
 
     forward(x [B, N, C]): q, k, v = qkv (q_norm / k_norm on q, k); training:
     ``binary_hash_attention(q, k, v, hash, form)`` (gradients to q, k through the
-    straight-through estimator); eval: ``pack_bits`` of the hash projections then
-    ``binary_attention`` (same values; differentiable in v only). Then + dwconv(v), proj,
+    straight-through estimator); eval: the packed codes of the hash projections (KSH: hash and
+    pack fused, ``ksh_codes``) then ``binary_attention`` (same values; differentiable in v only). Then + dwconv(v), proj,
     proj_drop. There is no attention matrix, so ``attn_drop`` is kept (timm's name) but unused;
     q is not multiplied by ``scale`` (the KSH hash normalises q; the signs of a random
     projection do not depend on it).
@@ -312,7 +311,7 @@ class BinaryHashAttention(Attention):
         if self.training:
             out = binary_hash_attention(q, k, v, hsh, self.form)
         else:
-            q_codes, k_codes = pack_bits(hsh(q)), pack_bits(hsh(k))
+            q_codes, k_codes = hsh.codes(q), hsh.codes(k)  # KSH: hash and pack fused
             out = binary_attention(q_codes, k_codes, v, nbits=self.nbits, form=self.form)
         if self.dwconv is not None:
             out = out + self.dwconv(v)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 # The public API (effkern.ops re-exports it).
 __all__ = [
-    "KSHParams", "RandomProjection", "binary_attention", "binary_hash_attention", "ksh_hash",
+    "KSHParams", "RandomProjection", "binary_attention", "binary_hash_attention", "ksh_codes", "ksh_hash",
     "pack_bits", "unpack_bits",
 ]
 
@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from effkern._common import (FLOAT_DTYPES, NORM_EPS, TORCH_FLOAT_DTYPES, acc_dtype, check_choice, check_int,
-                             check_same_device, check_tensor, num_words, row_major)
+                             check_same_device, check_tensor, num_words, resolve_validate, row_major)
 from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 
 FAMILY = "binary_hash"
@@ -128,6 +128,12 @@ def ksh_hash_bwd(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: T
     projected = (g_xn - (g_xn * xn).sum(-1, keepdim=True) * xn) / nrm.clamp_min(NORM_EPS)
     g_x = torch.where(nrm > NORM_EPS, projected, g_xn / NORM_EPS)
     return row_major(g_x.to(x.dtype))
+
+
+def ksh_hash_codes(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> Tensor:
+    """The packed codes int32 [B, H, N, ceil(b / 32)] of the KSH hash: pack_codes of
+    :func:`ksh_hash_fwd` (bit k is 1[y_k > 0]). Backends fuse the two (y is never written)."""
+    return pack_codes(ksh_hash_fwd(x, anchors, mu, proj))
 
 
 def pack_codes(h: Tensor) -> Tensor:
@@ -274,8 +280,12 @@ def _check_hash_params(op: str, x: Tensor, anchors: Tensor, mu: Tensor, proj: Te
         raise ValueError(f"{op}: x must have N >= 1 tokens and d >= 1 channels, got {tuple(x.shape)}")
 
 
-def _check_ksh_hash(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, validate: bool) -> None:
+def _check_ksh_hash(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, validate: bool | None) -> None:
     _check_hash_params("ksh_hash", x, anchors, mu, proj)
+
+
+def _check_ksh_codes(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, validate: bool | None) -> None:
+    _check_hash_params("ksh_codes", x, anchors, mu, proj)
 
 
 def _check_ksh_hash_backward(grad_y: Tensor, x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor) -> None:
@@ -309,7 +319,7 @@ def _check_codes(op: str, q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: in
 
 
 def _check_binary_attention(q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str,
-                            validate: bool) -> None:
+                            validate: bool | None) -> None:
     _check_codes("binary_attention", q_codes, k_codes, v, nbits, form)
 
 
@@ -411,8 +421,8 @@ KSH_HASH = define_op(
 
 
 @KSH_HASH.impl
-def _ksh_hash_op(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, validate: bool) -> Tensor:
-    if validate:
+def _ksh_hash_op(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, validate: bool | None) -> Tensor:
+    if resolve_validate(validate, x):
         _check_finite("ksh_hash", x=x, anchors=anchors, mu=mu, proj=proj)
     return KSH_HASH.kernels(x=x.contiguous(), anchors=anchors.contiguous(), mu=mu.contiguous(),
                             proj=proj.contiguous())
@@ -468,42 +478,106 @@ def _ksh_hash_random(gen, device):
     return Sample((x, *_ksh_buffers(gen, h, m, d, nbits, device), True), f"{dtype} x {tuple(x.shape)} m={m} b={nbits}")
 
 
-def _ksh_hash_invalid(gen, device):
+def _ksh_hash_invalid(gen, device, op="ksh_hash"):
     x = _randn(gen, 2, 3, 5, 8, device=device)
     a, mu, p = _ksh_buffers(gen, 3, 4, 8, 16, device)
     bad = x.clone()
     bad[1, 2, 3, 4] = math.inf
     return [
-        Invalid((x, a[:, :, :4], mu, p, True), ValueError, r"ksh_hash: anchors must be \[H, m, d\]"),
-        Invalid((x, a, mu[:, :3], p, True), ValueError, r"ksh_hash: mu must be \[H, m\]"),
-        Invalid((x, a, mu, p[:, :, :3], True), ValueError, r"ksh_hash: proj must be \[H, b, m\]"),
+        Invalid((x, a[:, :, :4], mu, p, True), ValueError, rf"{op}: anchors must be \[H, m, d\]"),
+        Invalid((x, a, mu[:, :3], p, True), ValueError, rf"{op}: mu must be \[H, m\]"),
+        Invalid((x, a, mu, p[:, :, :3], True), ValueError, rf"{op}: proj must be \[H, b, m\]"),
         Invalid((x, a, mu, torch.zeros(3, MAX_NBITS + 1, 4, device=device), True), ValueError,
-                r"ksh_hash: proj must be .* 1 <= b <= 1024"),
-        Invalid((x[0], a, mu, p, True), ValueError, "ksh_hash: x must be 4-D"),
-        Invalid((x.to(torch.int32), a, mu, p, True), TypeError, "ksh_hash: x must have dtype"),
-        Invalid((x, a.to("meta"), mu, p, True), ValueError, "ksh_hash: anchors is on meta"),
-        Invalid((x[:, :, :0], a, mu, p, True), ValueError, "ksh_hash: x must have N >= 1 tokens"),
-        Invalid((bad, a, mu, p, True), ValueError, "ksh_hash: x must be finite"),
+                rf"{op}: proj must be .* 1 <= b <= 1024"),
+        Invalid((x[0], a, mu, p, True), ValueError, f"{op}: x must be 4-D"),
+        Invalid((x.to(torch.int32), a, mu, p, True), TypeError, f"{op}: x must have dtype"),
+        Invalid((x, a.to("meta"), mu, p, True), ValueError, f"{op}: anchors is on meta"),
+        Invalid((x[:, :, :0], a, mu, p, True), ValueError, f"{op}: x must have N >= 1 tokens"),
+        Invalid((bad, a, mu, p, True), ValueError, f"{op}: x must be finite"),
     ]
 
 
 KSH_HASH.cases(samples=_ksh_hash_samples, random=_ksh_hash_random, invalid=_ksh_hash_invalid, grad_args=(0,))
 
 
-def ksh_hash(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, *, validate: bool = True) -> Tensor:
+def ksh_hash(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, *, validate: bool | None = None) -> Tensor:
     """KSH hash projections y of queries or keys (before the sign), fused.
 
     Args:
         x: ``[B, H, N, d]`` queries or keys (float16/bfloat16/float32; float64 on the torch
             backend), any layout (timm's permuted q/k views included).
         anchors: ``[H, m, d]``; mu: ``[H, m]``; proj: ``[H, b, m]`` (buffers, not trained).
-        validate: check that every input is finite (one device sync).
+        validate: check that every input is finite (one device sync on a GPU). None (default):
+            on CPU tensors, off on a GPU unless ``effkern.validation()`` / ``EFFKERN_VALIDATE=1``.
 
     Returns ``y [B, H, N, b]`` in float32 (float64 for float64 x), contiguous: x normalised
     over d (overflow-free for any finite x), D = ||x - anchor||^2, sigma = mean(D) per sample
     and head, K = exp(-D / (2 sigma)) - mu, y = K proj^T. Differentiable in x (through sigma too).
     """
     return torch.ops.effkern.ksh_hash(x, anchors, mu, proj, validate)
+
+
+# ---- ksh_codes: the hash and pack_bits fused (inference) -------------------------------------
+
+KSH_CODES = define_op(
+    "ksh_codes", family=FAMILY, doc="fused KSH hash and pack_bits: packed int32 codes, y never written",
+    check=_check_ksh_codes, dispatch_on="x",
+    kernels=[
+        torch_kernel(ksh_hash_codes, dtypes=TORCH_FLOAT_DTYPES),
+        triton_kernel("binary_hash_ksh:ksh_hash_codes", dtypes=FLOAT_DTYPES),
+    ],
+)
+
+
+@KSH_CODES.impl
+def _ksh_codes_op(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, validate: bool | None) -> Tensor:
+    if resolve_validate(validate, x):
+        _check_finite("ksh_codes", x=x, anchors=anchors, mu=mu, proj=proj)
+    return KSH_CODES.kernels(x=x.contiguous(), anchors=anchors.contiguous(), mu=mu.contiguous(),
+                             proj=proj.contiguous())
+
+
+@KSH_CODES.fake
+def _(x, anchors, mu, proj, validate):
+    return x.new_empty(tuple(x.shape[:3]) + (num_words(proj.shape[1]),), dtype=torch.int32)
+
+
+# Codes are compared bit for bit across backends, and backends round y differently: a hash
+# within rounding of zero could flip a bit. The test calls keep every hash at least
+# CODE_MARGIN max|y| (float64) away from zero, redrawing the rows of proj that come nearer
+# (y[..., k] of head h depends on proj[h, k] alone).
+CODE_MARGIN = 1e-5
+
+
+def _tie_free(gen, sample: Sample) -> Sample:
+    x, anchors, mu, proj, validate = sample.args
+    x64, a64, mu64 = (t.double().cpu() for t in (x, anchors, mu))
+    p = proj.double().cpu()
+    for _ in range(100):
+        y = ksh_hash_fwd(x64, a64, mu64, p)
+        if y.numel() == 0:
+            break
+        near = (y.abs() < CODE_MARGIN * y.abs().max()).any(dim=2).any(dim=0)  # [H, b]
+        if not near.any():
+            break
+        p[near] = torch.randn(int(near.sum()), p.shape[2], generator=gen, dtype=torch.float64)
+    return Sample((x, anchors, mu, p.to(proj.dtype).to(proj.device), validate), sample.note)
+
+
+KSH_CODES.cases(samples=lambda gen, device: [_tie_free(gen, s) for s in _ksh_hash_samples(gen, device)],
+                random=lambda gen, device: _tie_free(gen, _ksh_hash_random(gen, device)),
+                invalid=lambda gen, device: _ksh_hash_invalid(gen, device, "ksh_codes"), exact=True)
+
+
+def ksh_codes(x: Tensor, anchors: Tensor, mu: Tensor, proj: Tensor, *, validate: bool | None = None) -> Tensor:
+    """The packed binary codes of the KSH hash, ``pack_bits(ksh_hash(x, anchors, mu, proj))``,
+    fused for inference: y is never written.
+
+    Args: as :func:`ksh_hash`. Returns int32 ``[B, H, N, ceil(b / 32)]``, contiguous: bit k of
+    a token's code (bit k % 32 of word k // 32) is 1 where y_k > 0, the bits pack_bits makes of
+    the same backend's y. Not differentiable (train with :func:`ksh_hash`).
+    """
+    return torch.ops.effkern.ksh_codes(x, anchors, mu, proj, validate)
 
 
 # ---- pack_bits / unpack_bits ---------------------------------------------------------------
@@ -634,8 +708,8 @@ BINARY_ATTENTION = define_op(
 
 @BINARY_ATTENTION.impl
 def _binary_attention_op(q_codes: Tensor, k_codes: Tensor, v: Tensor, nbits: int, form: str,
-                         validate: bool) -> Tensor:
-    if validate:
+                         validate: bool | None) -> Tensor:
+    if resolve_validate(validate, v):
         _check_finite("binary_attention", v=v)
         _check_code_padding("binary_attention", nbits, q_codes=q_codes, k_codes=k_codes)
     return BINARY_ATTENTION.kernels(q_codes=q_codes.contiguous(), k_codes=k_codes.contiguous(), v=v.contiguous(),
@@ -728,7 +802,7 @@ BINARY_ATTENTION.cases(samples=_binary_attention_samples, random=_binary_attenti
 
 
 def binary_attention(q_codes: Tensor, k_codes: Tensor, v: Tensor, *, nbits: int, form: str,
-                     validate: bool = True) -> Tensor:
+                     validate: bool | None = None) -> Tensor:
     """Linear attention from packed binary query/key codes (inference; not differentiable in
     the codes: use :func:`binary_hash_attention` to train).
 
@@ -737,7 +811,8 @@ def binary_attention(q_codes: Tensor, k_codes: Tensor, v: Tensor, *, nbits: int,
         v: ``[B, H, N, d]`` values, float16/bfloat16/float32 (float64 on the torch backend),
             any layout (timm's permuted v view included).
         nbits: code length b; form: ``"ecoformer"`` ({-1, +1} codes) or ``"shiftadd"`` ({0, 1}).
-        validate: check v is finite and no code bit beyond nbits is set (one device sync).
+        validate: check v is finite and no code bit beyond nbits is set (one device sync on a
+            GPU). None (default): as :func:`ksh_hash`.
 
     Returns ``[B, H, N, d]`` in v's dtype, contiguous, accumulated in float32; see the module
     docstring for the two forms. Differentiable in v.
@@ -868,8 +943,12 @@ class KSHParams:
     def nbits(self) -> int:
         return self.proj.shape[1]
 
-    def __call__(self, x: Tensor, *, validate: bool = True) -> Tensor:
+    def __call__(self, x: Tensor, *, validate: bool | None = None) -> Tensor:
         return ksh_hash(x, self.anchors, self.mu, self.proj, validate=validate)
+
+    def codes(self, x: Tensor, *, validate: bool | None = None) -> Tensor:
+        """The packed codes of x's hash, fused (:func:`ksh_codes`)."""
+        return ksh_codes(x, self.anchors, self.mu, self.proj, validate=validate)
 
 
 @dataclass(frozen=True)
@@ -883,7 +962,7 @@ class RandomProjection:
     def nbits(self) -> int:
         return self.weight.shape[2]
 
-    def __call__(self, x: Tensor, *, validate: bool = True) -> Tensor:
+    def __call__(self, x: Tensor, *, validate: bool | None = None) -> Tensor:
         if x.dim() != 4 or self.weight.dim() != 3 or self.weight.shape[:2] != (x.shape[1], x.shape[3]):
             raise ValueError(f"RandomProjection: x must be [B, H, N, d] and the projection [H, d, b], "
                              f"got {tuple(x.shape)} and {tuple(self.weight.shape)}")
@@ -892,9 +971,13 @@ class RandomProjection:
         acc = acc_dtype(x.dtype)
         return torch.einsum("bhnd,hdk->bhnk", x.to(acc), self.weight.to(acc))
 
+    def codes(self, x: Tensor, *, validate: bool | None = None) -> Tensor:
+        """The packed codes of x's hash (:func:`pack_bits` of the projection)."""
+        return pack_bits(self(x, validate=validate))
+
 
 def binary_hash_attention(q: Tensor, k: Tensor, v: Tensor, hash: KSHParams | RandomProjection, form: str,
-                          *, validate: bool = True) -> Tensor:
+                          *, validate: bool | None = None) -> Tensor:
     """The trainable path: hash q and k, binarise, attend; gradients to v and, through the
     straight-through estimator, to q and k.
 
@@ -904,7 +987,8 @@ def binary_hash_attention(q: Tensor, k: Tensor, v: Tensor, hash: KSHParams | Ran
             views included; works under ``torch.compile``, inductor included).
         hash: :class:`KSHParams` (KSH, both papers) or :class:`RandomProjection`.
         form: ``"ecoformer"`` (codes sign(y)) or ``"shiftadd"`` (codes 1[y > 0]).
-        validate: check q, k, v are finite (one device sync).
+        validate: check q, k, v are finite (one device sync on a GPU). None (default): as
+            :func:`ksh_hash`.
 
     Returns ``[B, H, N, d]`` in v's dtype. The backward is fused kernels (the attention's
     backward and the hash's), with dL/dy = dL/dh where |y| < 1 ({-1, +1} codes) or 0 < y < 1
@@ -917,7 +1001,7 @@ def binary_hash_attention(q: Tensor, k: Tensor, v: Tensor, hash: KSHParams | Ran
     if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
         raise ValueError(f"{op}: q and k must be [B, H, N, d] and v [B, H, N, d_v] with the "
                          f"same B, H, N, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if validate:
+    if resolve_validate(validate, v):
         _check_finite(op, q=q, k=k, v=v)
     y_q, y_k = hash(q, validate=False), hash(k, validate=False)
     return torch.ops.effkern.hashed_attention(y_q, y_k, v, form)
