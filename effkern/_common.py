@@ -9,7 +9,6 @@ this module; it imports nothing of effkern. The CUDA side keeps the same constan
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from typing import Iterator
 
@@ -104,7 +103,9 @@ def check_choice(op: str, name: str, value, choices: tuple) -> None:
 # where that is free (CPU tensors), skipped on the GPU hot path unless asked for.
 # --------------------------------------------------------------------------------------------
 
-_validation: contextvars.ContextVar[bool | None] = contextvars.ContextVar("effkern_validation", default=None)
+# Process-wide, like torch.backends flags; a plain dict (not a ContextVar) so that torch.compile
+# traces the lookup in Python-level ops instead of breaking the graph.
+_VALIDATION: dict[str, bool | None] = {"forced": None}
 _ENV_ON, _ENV_OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
@@ -112,18 +113,19 @@ _ENV_ON, _ENV_OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 def validation(enabled: bool = True) -> Iterator[None]:
     """Inside the block, ops called with ``validate=None`` (the default) validate their input
     values (``enabled=True``, one device sync per call on a GPU) or never do (False)."""
-    token = _validation.set(bool(enabled))
+    previous = _VALIDATION["forced"]
+    _VALIDATION["forced"] = bool(enabled)
     try:
         yield
     finally:
-        _validation.reset(token)
+        _VALIDATION["forced"] = previous
 
 
 def validation_enabled(device: torch.device) -> bool:
     """What ``validate=None`` means for an op on ``device``: ``effkern.validation(...)`` if set,
     else ``EFFKERN_VALIDATE`` (1/0), else True on CPU (a host read costs no device sync there)
     and False elsewhere (no synchronisation on the GPU hot path)."""
-    forced = _validation.get()
+    forced = _VALIDATION["forced"]
     if forced is not None:
         return forced
     env = os.environ.get("EFFKERN_VALIDATE", "").strip().lower()

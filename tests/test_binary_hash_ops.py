@@ -253,7 +253,7 @@ def test_bad_inputs(gen):
     with pytest.raises(ValueError, match=r"q_codes must be \[B, H, N, ceil\(nbits / 32\)\] = \(2, 3, 7, 2\)"):
         bh.binary_attention(qc, qc, v, nbits=40, form="ecoformer")
     with pytest.raises(ValueError, match="bits set beyond nbits = 8"):
-        bh.binary_attention(qc, qc, v, nbits=8, form="ecoformer")
+        bh.binary_attention(qc, qc, v, nbits=8, form="ecoformer", validate=True)
     with pytest.raises(ValueError, match="form must be"):
         bh.binary_attention(qc, qc, v, nbits=16, form="softmax")
     with pytest.raises(ValueError, match="k_codes must be"):
@@ -263,16 +263,16 @@ def test_bad_inputs(gen):
     bad_v = v.clone()
     bad_v[0, 0, 0, 0] = math.nan
     with pytest.raises(ValueError, match="v must be finite"):
-        bh.binary_attention(qc, qc, bad_v, nbits=16, form="shiftadd")
+        bh.binary_attention(qc, qc, bad_v, nbits=16, form="shiftadd", validate=True)
     anchors, mu, proj = ksh_params(gen, 3, 5, 8, 16, torch.float32)
     with pytest.raises(ValueError, match=r"anchors must be \[H, m, d\]"):
         bh.ksh_hash(v, anchors[:, :, :4], mu, proj)
     with pytest.raises(ValueError, match=r"proj must be \[H, b, m\]"):
         bh.ksh_hash(v, anchors, mu, proj[:, :, :4])
     with pytest.raises(ValueError, match="x must be finite"):
-        bh.ksh_hash(bad_v, anchors, mu, proj)
+        bh.ksh_hash(bad_v, anchors, mu, proj, validate=True)
     with pytest.raises(ValueError, match="q must be finite"):
-        bh.binary_hash_attention(bad_v, v, v, bh.KSHParams(anchors, mu, proj), "ecoformer")
+        bh.binary_hash_attention(bad_v, v, v, bh.KSHParams(anchors, mu, proj), "ecoformer", validate=True)
     with pytest.raises(ValueError, match="same B, H, N"):
         bh.binary_hash_attention(v, v[:, :, :5], v, bh.KSHParams(anchors, mu, proj), "ecoformer")
     with pytest.raises(ValueError, match="codes hold 1 words but b = 40 needs 2"):
@@ -373,6 +373,7 @@ def _family_op_calls(gen, form):
     return [
         ("ksh_hash", (q, anchors, mu, proj, True)),
         ("ksh_hash_backward", (y_q, q, anchors, mu, proj)),
+        ("ksh_codes", (q, anchors, mu, proj, True)),
         ("pack_bits", (y_q,)),
         ("binary_attention", (qc, kc, v, nbits, form, True)),
         ("binary_attention_backward", (g, qc, kc, v, nbits, form)),

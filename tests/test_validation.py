@@ -9,6 +9,7 @@ import torch
 
 import effkern
 from effkern._common import validation_enabled
+from effkern.ops import binary_hash as bh
 from effkern.ops import bipartite_matching, fuse_tokens, merge_tokens, token_gather, token_scatter
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -66,9 +67,27 @@ def _token_calls(gen):
     }
 
 
-@pytest.mark.parametrize("op", ["token_gather", "token_scatter", "fuse_tokens", "bipartite_matching", "merge_tokens"])
+def _binary_hash_calls(gen):
+    b, h, n, d, m, nbits = 2, 3, 7, 8, 5, 12
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    ksh = bh.KSHParams(torch.randn(h, m, d, generator=gen), torch.randn(h, m, generator=gen),
+                       torch.randn(h, nbits, m, generator=gen))
+    codes = bh.pack_bits(torch.randn(b, h, n, nbits, generator=gen))
+    return {
+        "ksh_hash": lambda: ksh(q),
+        "binary_attention": lambda: bh.binary_attention(codes, codes, v, nbits=nbits, form="ecoformer"),
+        "binary_hash_attention": lambda: bh.binary_hash_attention(q, k, v, ksh, "shiftadd"),
+    }
+
+
+def _calls(gen):
+    return {**_token_calls(gen), **_binary_hash_calls(gen)}
+
+
+@pytest.mark.parametrize("op", ["token_gather", "token_scatter", "fuse_tokens", "bipartite_matching", "merge_tokens",
+                                "ksh_hash", "binary_attention", "binary_hash_attention"])
 def test_validation_off_means_no_host_read(monkeypatch, gen, op):
-    call = _token_calls(gen)[op]
+    call = _calls(gen)[op]
     call()  # validated on CPU by default
     with effkern.validation(False), no_host_reads(monkeypatch):
         call()
