@@ -15,9 +15,21 @@ Layout of this module, one section per op:
 The ops are integer in and integer out, so they carry no autograd; quantisation-aware training
 goes through the straight-through estimators of :mod:`effkern.nn.integer`.
 
-Host synchronisation: the scale-derived constants and their range checks are computed on the
-host. A scale given as a Python float or a CPU tensor costs nothing; a scale that lives on the
-GPU is read back once per call (one device synchronisation).
+Host synchronisation. No op synchronises host and device on its hot path when its scales are
+Python floats or CPU tensors: the scale-derived constants (x0, the dyadic m and e) and their
+range checks are computed on the host in plain Python (float32 steps emulated exactly with
+numpy), handed to the kernels as scalar arguments, and the few device tensors built from them
+(output scales, per-tensor m and e vectors) are made by fill kernels (``torch.full``), never by
+a host -> device copy of pageable memory; per-channel host scales travel through pinned memory
+with ``non_blocking=True``. Costs that remain, by design:
+* int_softmax / int_gelu with a scale that lives on the GPU read it back once per call (x0 is a
+  kernel scalar): one synchronisation. Pass the scale as a float or CPU tensor to avoid it.
+* requantize / int8_linear with a scale on the GPU compute m and e on the device (no sync); the
+  check that such a scale is finite and positive reads it back and runs only when validation is
+  on (``effkern.validation()`` or ``EFFKERN_VALIDATE=1``; always on CPU, where it is free).
+* int_layernorm computes bias_int from weight and bias on their device (no sync); the check
+  that every channel's bias_int fits +-2^30 reads it back and runs only when validation is on
+  (the same switch: always on CPU, off on a GPU unless asked for).
 """
 
 from __future__ import annotations
@@ -27,10 +39,12 @@ __all__ = ["int8_linear", "int_gelu", "int_layernorm", "int_softmax", "requantiz
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from effkern._common import INT32_MAX, INT_DTYPES, MAX_INT8_LINEAR_K, check_int, check_same_device, dtype_name, int_dtype_for_bits
+from effkern._common import (INT32_MAX, INT_DTYPES, MAX_INT8_LINEAR_K, check_int, check_same_device, dtype_name,
+                             int_dtype_for_bits, validation_enabled)
 from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 
 _DTYPE_BITS = {torch.int8: 8, torch.int16: 16, torch.int32: 32}
@@ -87,13 +101,23 @@ def _check_scalar_scale(op: str, name: str, scale: Tensor, x: Tensor) -> None:
     _check_scale_device(op, name, scale, x)
 
 
-def _host_scale(op: str, name: str, scale: Tensor) -> Tensor:
-    """The scale as a float32 CPU tensor, checked finite and positive (reads a GPU scale back)."""
-    host = scale.detach().to("cpu", torch.float32).reshape(-1)
-    if not bool(torch.isfinite(host).all()) or not bool((host > 0).all()):
-        bad = host[~(torch.isfinite(host) & (host > 0))][0].item()
-        raise ValueError(f"{op}: {name} must be finite and > 0, got {bad}")
-    return host
+def _host_scale(op: str, name: str, scale: Tensor) -> list[float]:
+    """The scale's float32 values as Python floats, checked finite and positive: one ``tolist``
+    of a CPU tensor (free), or a read-back of a GPU scale (one synchronisation)."""
+    values = scale.detach().to(torch.float32).reshape(-1)
+    values = (values if values.device.type == "cpu" else values.cpu()).tolist()
+    for v in values:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{op}: {name} must be finite and > 0, got {v}")
+    return values
+
+
+def _f32(value: float) -> np.float32:
+    """A Python float rounded to float32 (round to nearest even; out of range -> inf), the
+    host-side stand-in for a float32 tensor element: numpy's float32 arithmetic on it is IEEE
+    float32, as torch's CPU kernels."""
+    with np.errstate(over="ignore"):
+        return np.float32(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,16 +130,21 @@ def _host_scale(op: str, name: str, scale: Tensor) -> Tensor:
 MAX_ABS_X0 = 2**30
 
 
-def shift_exp_x0(scale: Tensor, op: str = "shift_exp", what: str = "scale") -> int:
-    """I-ViT's x0 = floor(-1 / S), computed in float32 (S a float32 CPU tensor, one value).
+def shift_exp_x0(scale, op: str = "shift_exp", what: str = "scale") -> int:
+    """I-ViT's x0 = floor(-1 / S), computed in float32 (S a float32 value: a Python float that
+    is one, a numpy float32, or a one-element CPU tensor).
 
     Raises ValueError naming ``what`` when a finite S gives no usable x0: a subnormal S makes
     -1/S infinite, a huge one (or one whose derived S overflows float32) makes x0 = 0, and a
     small one makes |x0| exceed 2^30, where the integer exp would overflow int64.
     """
-    value = float(scale.reshape(()).item())
-    neg_inv = torch.floor(-1.0 / scale.reshape(()))
-    if not bool(torch.isfinite(neg_inv)) or -float(neg_inv) > MAX_ABS_X0:
+    if isinstance(scale, Tensor):
+        scale = scale.detach().to(torch.float32).reshape(()).item()
+    s = _f32(scale)
+    value = float(s)
+    with np.errstate(all="ignore"):
+        neg_inv = np.floor(np.float32(-1.0) / s)  # float32 division, as torch's -1.0 / S
+    if not math.isfinite(neg_inv) or -float(neg_inv) > MAX_ABS_X0:
         raise ValueError(f"{op}: {what}={value:.6g} is too small: x0 = floor(-1/({what})) is below -2^30, "
                          f"where the integer exp would overflow int64")
     if not math.isfinite(value) or int(neg_inv) == 0:
@@ -212,13 +241,13 @@ def ref_int_softmax_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
 
 
 def _softmax_x0(scale: Tensor, n: int, out_bits: int) -> int:
-    host = _host_scale("int_softmax", "scale", scale)
+    (host,) = _host_scale("int_softmax", "scale", scale)
     x0 = shift_exp_x0(host, "int_softmax")
     # The largest exp term is -x0 * 2^n. Up to 2^31 - 1 every output fits out_bits (when the
     # row sum saturates, f = 1 and y = e >> (32 - out_bits)); beyond it the output would not.
     if -x0 * 2**n > INT32_MAX:
         raise ValueError(
-            f"int_softmax: scale={host.item():.6g} is too small for n={n}: x0 = floor(-1/scale) = {x0} "
+            f"int_softmax: scale={host:.6g} is too small for n={n}: x0 = floor(-1/scale) = {x0} "
             f"makes the largest exp term -x0 * 2^n exceed 2^31 - 1, so outputs would overflow "
             f"{out_bits} bits; use a scale >= {2.0**n / INT32_MAX:.6g} or a smaller n"
         )
@@ -308,8 +337,10 @@ def ref_int_gelu_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
 
 
 def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
-    host = _host_scale("int_gelu", "scale", scale)
-    x0 = shift_exp_x0(host * 1.702, "int_gelu", "1.702 * scale")  # S' = 1.702 * S in float32, as I-ViT
+    (host,) = _host_scale("int_gelu", "scale", scale)
+    with np.errstate(over="ignore"):
+        scaled = _f32(host) * _f32(1.702)  # S' = 1.702 * S in float32, as I-ViT (and torch's S * 1.702)
+    x0 = shift_exp_x0(scaled, "int_gelu", "1.702 * scale")
     # The sigmoid term is at most 2^(out_bits-1) - 1, except when e + e(-max) saturates at
     # 2^31 - 1 (f = 1): then it is e >> (32 - out_bits), e at most -x0 * 2^n. The int32 output
     # I * sigmoid must not overflow for any input of this dtype.
@@ -317,7 +348,7 @@ def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
     max_abs_input = 2 ** (_DTYPE_BITS[x_dtype] - 1)
     if max_abs_input * max_sigmoid > INT32_MAX:
         raise ValueError(
-            f"int_gelu: scale={host.item():.6g} is too small for n={n}, out_bits={out_bits} and "
+            f"int_gelu: scale={host:.6g} is too small for n={n}, out_bits={out_bits} and "
             f"{dtype_name(x_dtype)} inputs: the saturated sigmoid term reaches {max_sigmoid}, so "
             f"x * sigmoid could overflow the int32 output"
         )
@@ -347,7 +378,12 @@ def _int_gelu_op(x: Tensor, scale: Tensor, out_bits: int, n: int) -> tuple[Tenso
     x0 = _gelu_x0(x.dtype, scale, n, out_bits)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = INT_GELU.kernels(x=rows, x0=x0, n=n, out_bits=out_bits)
-    out_scale = scale.detach().to(device=x.device, dtype=torch.float32).reshape(()) * 2.0 ** -(out_bits - 1)
+    step = 2.0 ** -(out_bits - 1)
+    if scale.device.type == "cpu":  # a fill on x's device, no copy (exact: a power-of-two step)
+        value = float(_f32(scale.detach().to(torch.float32).reshape(()).item()) * np.float32(step))
+        out_scale = torch.full((), value, dtype=torch.float32, device=x.device)
+    else:
+        out_scale = scale.detach().to(torch.float32).reshape(()) * step
     return y.reshape(x.shape), out_scale
 
 
@@ -406,28 +442,36 @@ def ref_int_layernorm_rows(x: Tensor, bias_int: Tensor, iters: int) -> Tensor:
     return (((y * f) >> 1) + bias_int.to(device=x.device, dtype=torch.int64)).to(torch.int32)
 
 
-def layernorm_constants(c: int, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+def layernorm_constants(c: int, weight: Tensor, bias: Tensor, validate: bool | None = True) -> tuple[Tensor, Tensor]:
     """I-LayerNorm's (bias_int, out_scale) from the float affine parameters, in float32 as I-ViT:
     s = sqrt(C) / 2^30, bias_int = floor((bias / weight) / s), out_scale = s * weight.
 
     bias_int must lie in [-2^30, 2^30] so that the int32 output cannot overflow (the normalised
     part (y * f) >> 1 lies in [-2^30, 2^30 - 1]); a ValueError names the first offending channel.
-    Reads bias_int back to the host for that check.
+    That check reads bias_int back to the host (a synchronisation on a GPU): ``validate=True``
+    always runs it, False never, None as :func:`effkern._common.validation_enabled` says for
+    weight's device (on CPU: yes; on a GPU: only under ``effkern.validation()``). The rest makes
+    no copy between host and device: s is a float32 host value, placed on weight's device by a
+    fill.
     """
     w = weight.detach().to(torch.float32)
     b = bias.detach().to(torch.float32)
-    s = torch.sqrt(torch.tensor(float(c), dtype=torch.float32)) / 2.0**30
-    bias_float = torch.floor((b / w) / s.to(w.device))
-    host = bias_float.cpu()
-    bad = ~(torch.isfinite(host) & (host.abs() <= 2**30))
-    if bool(bad.any()):
+    s = float(np.sqrt(np.float32(c)) / np.float32(2.0**30))  # float32 sqrt, as torch.sqrt (exact /2^30)
+    # A 0-d tensor on w's device, not a Python scalar: a CUDA division by a CPU scalar multiplies
+    # by its reciprocal, which can differ in the last bit from the division the reference does.
+    s_dev = torch.full((), s, dtype=torch.float32, device=w.device)
+    bias_float = torch.floor((b / w) / s_dev)
+    check = validation_enabled(w.device) if validate is None else bool(validate)
+    host = bias_float.cpu() if check else None
+    bad = None if host is None else ~(torch.isfinite(host) & (host.abs() <= 2**30))
+    if bad is not None and bool(bad.any()):
         ch = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"int_layernorm: channel {ch} has bias/weight = {b[ch].item():.6g}/{w[ch].item():.6g}; "
             f"floor((bias/weight) / (sqrt(C)/2^30)) = {host[ch].item():.6g} must be finite and within "
             f"+-2^30 (|bias/weight| <= sqrt(C) = {math.sqrt(c):.4g}) for the int32 output to be exact"
         )
-    return bias_float.to(torch.int32), s.to(w.device) * w
+    return bias_float.to(torch.int32), s_dev * w
 
 
 def _check_int_layernorm(x: Tensor, weight: Tensor, bias: Tensor, iters: int) -> None:
@@ -457,7 +501,7 @@ INT_LAYERNORM = define_op(
 
 @INT_LAYERNORM.impl
 def _int_layernorm_op(x: Tensor, weight: Tensor, bias: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-    bias_int, out_scale = layernorm_constants(x.shape[-1], weight, bias)
+    bias_int, out_scale = layernorm_constants(x.shape[-1], weight, bias, validate=None)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = INT_LAYERNORM.kernels(x=rows, bias_int=bias_int.contiguous(), iters=iters)
     return y.reshape(x.shape), out_scale
@@ -507,14 +551,43 @@ def _scale_for_columns(op: str, name: str, scale: Tensor, x: Tensor, columns: in
         )
 
 
+def _dyadic_host(i: float, o: float) -> tuple[int, int]:
+    """dyadic_params for one pair of float32 scales, in Python: the float64 ratio, frexp, and
+    m = floor(mantissa * 2^31 + 0.5) are all exact in Python floats, as in torch's float64."""
+    mantissa, exponent = math.frexp(i / o)
+    return math.floor(mantissa * 2.0**31 + 0.5), 31 - exponent
+
+
+def _to_device(t: Tensor, device) -> Tensor:
+    """A CPU tensor on ``device`` without a blocking copy (pinned memory, non_blocking)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory(device).to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _dyadic_columns(op: str, in_scale: Tensor, out_scale: Tensor, columns: int, device) -> tuple[Tensor, Tensor]:
-    """Checked (m, e) as contiguous int64 vectors of length ``columns`` on ``device``."""
-    i = _host_scale(op, "in_scale", in_scale)
-    o = _host_scale(op, "out_scale", out_scale)
+    """Checked (m, e) as contiguous int64 vectors of length ``columns`` on ``device``, with no
+    synchronisation for host scales (per-tensor: two fills; per-channel: a pinned copy). A scale
+    on the GPU is turned into (m, e) on the device; its finite-and-positive check reads it back
+    and runs only when validation is on (see the module docstring)."""
+    if in_scale.device.type == "cpu" and out_scale.device.type == "cpu":
+        i = _host_scale(op, "in_scale", in_scale)
+        o = _host_scale(op, "out_scale", out_scale)
+        if len(i) == 1 and len(o) == 1:
+            m, e = _dyadic_host(i[0], o[0])
+            return (torch.full((columns,), m, dtype=torch.int64, device=device),
+                    torch.full((columns,), e, dtype=torch.int64, device=device))
+        m, e = dyadic_params(in_scale.detach().to(torch.float32).reshape(-1), out_scale.detach().to(torch.float32).reshape(-1))
+        return _to_device(m.expand(columns).contiguous(), device), _to_device(e.expand(columns).contiguous(), device)
+    dev = in_scale.device if in_scale.device.type != "cpu" else out_scale.device
+    if validation_enabled(dev):
+        _host_scale(op, "in_scale", in_scale)
+        _host_scale(op, "out_scale", out_scale)
+    i = in_scale.detach().to(dev, torch.float32, non_blocking=True).reshape(-1)
+    o = out_scale.detach().to(dev, torch.float32, non_blocking=True).reshape(-1)
     m, e = dyadic_params(i, o)
-    m = m.expand(columns).contiguous().to(device)
-    e = e.expand(columns).contiguous().to(device)
-    return m, e
+    return m.expand(columns).contiguous().to(device), e.expand(columns).contiguous().to(device)
 
 
 def _check_requantize(x: Tensor, in_scale: Tensor, out_scale: Tensor, out_bits: int) -> None:
@@ -625,7 +698,11 @@ def _int8_linear_op(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tensor 
                     out_scale: Tensor | None, out_bits: int) -> Tensor:
     m = e = None
     if out_scale is not None:
-        m, e = _dyadic_columns("int8_linear", in_scale, out_scale, w.shape[0], x.device)
+        # Left on the host, and (1,) when both scales are per-tensor (a shape test, no sync): the
+        # Triton kernel then takes them as two scalar arguments and picks its 32-bit epilogue
+        # on the host; each backend moves what it needs to the device.
+        per_tensor = in_scale.numel() == 1 and out_scale.numel() == 1
+        m, e = _dyadic_columns("int8_linear", in_scale, out_scale, 1 if per_tensor else w.shape[0], "cpu")
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     bias = None if bias is None else bias.contiguous()
     y = INT8_LINEAR.kernels(x=rows, w=w.contiguous(), bias=bias, m=m, e=e, out_bits=out_bits)

@@ -89,10 +89,10 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_pt
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         last = arrived == SPLIT_K - 1
-        if last:
-            for s in tl.static_range(SPLIT_K):
-                if s != tl.program_id(1):
-                    acc += tl.load(slot + s * (BLOCK_M * BLOCK_N) + tile_offs, cache_modifier=".cg")
+        if last:  # a runtime loop: one partial in registers at a time (unrolled, they spill)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for s in range(SPLIT_K):
+                acc += tl.load(slot + s * (BLOCK_M * BLOCK_N) + tile_offs, cache_modifier=".cg")
 
     if last:
         n_mask = offs_n < N
@@ -163,15 +163,28 @@ def _sm_count(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
-def _linear_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for Hopper-class GPUs."""
-    # Checked by compiling for sm_90a: these tiles pipeline their loads (cp.async), use wgmma
-    # from BLOCK_M = 64 up, and the epilogue does not spill.
+def _linear_config(m: int, n: int, k: int, consts: int, epilogue: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for Hopper-class GPUs.
+
+    Read by compiling for sm_90a (tests/sm90_launches_int8_linear.py): every tile pipelines its
+    loads (cp.async), uses wgmma from BLOCK_M = 64 up and does not spill. For large M the tiles
+    are sized so that several blocks share an SM (one's epilogue overlaps another's main loop):
+    per-tensor 32-bit: 128 x 128, 8 warps, ~115 registers, 96 KiB: 2 per SM; per-column 32-bit:
+    128 x 64, 4 warps (16 columns' constants per thread), ~124 registers, 72 KiB: 3 per SM; the
+    int64 epilogue (compiled alone, or beside the 32-bit one when the kernel decides) needs
+    far more registers: 64 x 64 tiles.
+    """
     block_k = min(128, max(32, triton.next_power_of_2(k)))
+    if k % 16:  # rows not 16-byte aligned: byte loads without cp.async, a short K step keeps them few
+        block_k = 32
     if m > 64:
+        if epilogue != INT32:
+            return 64, 64, block_k, 8, 4, 3
+        if consts == PER_COLUMN:
+            return 128, 64, block_k, 8, 4, 3
         return 128, 128, block_k, 8, 8, 3
     if m > 32:
-        return 64, 128, block_k, 8, 8, 4
+        return 64, 64, block_k, 8, 4, 4
     block_m = max(16, triton.next_power_of_2(m))
     block_n = 64 if n <= 4096 else 128
     return block_m, block_n, block_k, 8, 4, 4
@@ -186,7 +199,7 @@ def _split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
     return max(1, min(8, triton.cdiv(sms, tiles), steps // 2))
 
 
-def _requant_constants(op: str, m: Tensor, e: Tensor, n: int, device):
+def _requant_constants(op: str, m: Tensor, e: Tensor, n: int, device, on_host: bool):
     """(m, e, m_val, e_val, CONSTS, EPILOGUE) for the kernel, without a device sync.
 
     m, e have shape (N,) per column or (1,) per tensor. Constants on the CPU (as the op layer
@@ -199,7 +212,7 @@ def _requant_constants(op: str, m: Tensor, e: Tensor, n: int, device):
                              f"{t.dtype if isinstance(t, Tensor) else type(t).__name__} "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else ''}")
     per_tensor = m.numel() == 1 and e.numel() == 1
-    if m.device.type == "cpu" and e.device.type == "cpu":
+    if on_host and m.device.type == "cpu" and e.device.type == "cpu":
         top = (m == M_FAST_HI).to(torch.int64)
         fast = bool(((m >= 0) & (m <= M_FAST_HI) & (e - top >= E_FAST_LO) & (e - top <= E_FAST_HI)).all())
         epilogue = INT32 if fast else INT64
@@ -217,7 +230,7 @@ def _requant_constants(op: str, m: Tensor, e: Tensor, n: int, device):
 
 
 def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,
-                     out_bits: int, split_k: int | None = None) -> Tensor:
+                     out_bits: int, split_k: int | None = None, host_epilogue: bool = True) -> Tensor:
     """saturate_int32(x @ w^T + bias), optionally requantised per output column
     (ref_int8_linear_rows).
 
@@ -225,6 +238,8 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
     The 32-bit epilogue is used where every (m, e) satisfies 0 <= m <= 2^31 and 33 <= e <= 62
     (decided here for CPU constants, else per tile in the kernel: no sync); else int64.
     split_k: K ranges per output tile (None: chosen by shape; 1: off), reduced exactly in int32.
+    host_epilogue: False leaves the choice of epilogue to the kernel even for CPU constants (as
+    for device ones; tests and static reads use it).
     """
     op = "int8_linear_rows"
     x = _check_rows(op, x, (torch.int8,))
@@ -244,7 +259,7 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
     consts, epilogue = PER_COLUMN, AUTO
     if requant:
         _check_int(op, "out_bits", out_bits, 2, 32)
-        m, e, m_val, e_val, consts, epilogue = _requant_constants(op, m, e, n, x.device)
+        m, e, m_val, e_val, consts, epilogue = _requant_constants(op, m, e, n, x.device, host_epilogue)
         lo, hi = out_range(out_bits)
         out_dtype = int_dtype_for_bits(out_bits)
     else:
@@ -253,7 +268,7 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
     y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_m, block_n, block_k, group_m, warps, stages = _linear_config(rows, n, k)
+    block_m, block_n, block_k, group_m, warps, stages = _linear_config(rows, n, k, consts, epilogue)
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
     if split_k is None:
         split_k = _split_k(tiles, k, block_k, _sm_count(x.device))
