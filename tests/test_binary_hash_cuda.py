@@ -5,10 +5,13 @@
 CPU (always): the library, when built, registers the op with a schema that fits the Python kernel
 calling it and refuses CPU tensors, its constants (kernels/common/constants.h) are the Python
 side's; the kernels' per-thread code (kernels/binary_hash/binary_attention.cuh), compiled
-for the host through kernels/binary_hash/host_check.cpp and run thread by thread over the
-launchers' grids (with the warp's xor-butterfly norm), matches the float64 reference. CUDA
-(marked): the kernels themselves, over forms x nbits x d x N x odd B/H and the three dtypes,
-with outputs poisoned beforehand; empty shapes, grid striding, 64-bit offsets, the current
+for the host through kernels/binary_hash/host_check.cpp and run lane by lane over the
+launchers' grids (with the warps' xor butterflies), matches the float64 reference; pass 1's
+split over tokens visits every token once, its partials are exactly their splits' sums and
+are reduced in ascending split order, a capped grid and an unaligned v give the same bits.
+CUDA (marked): the kernels themselves, over forms x nbits x d x N x odd B/H and the three
+dtypes, with outputs poisoned beforehand; the token split's edges (one token, one split and
+one more, 16 splits), an unaligned v, empty shapes, grid striding, 64-bit offsets, the current
 stream, determinism and bad arguments.
 
 Tolerances: float32 rtol 1e-5 with an atol of 1e-5 of the output's largest magnitude
@@ -98,8 +101,17 @@ def test_cpu_tensors_are_refused():
 def host_lib(tmp_path_factory):
     lib = build_host_check(tmp_path_factory, "binary_hash")
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.ek_binary_attention.argtypes = [ptr, ptr, ptr, cint, cint, i64, ptr, ptr, i64, i64, i64]
+    lib.ek_binary_attention.argtypes = [ptr, ptr, ptr, cint, cint, i64, ptr, ptr, i64, i64, i64, i64]
     lib.ek_binary_attention.restype = cint
+    for name, args in [("ek_kv_chunk", [i64]), ("ek_kv_splits", [i64]), ("ek_kv_bits", []),
+                       ("ek_kv_items", [i64, i64, i64]), ("ek_kv_grid", [i64, i64, i64]),
+                       ("ek_workspace_elems", [i64, i64, i64, i64])]:
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = i64
+    lib.ek_workspace_layout.argtypes = [i64, i64, i64, i64, ptr]
+    lib.ek_workspace_layout.restype = None
+    lib.ek_kv_token_hits.argtypes = [i64, i64, i64, i64, i64, ptr]
+    lib.ek_kv_token_hits.restype = cint
     lib.ek_shiftadd_eps.restype = ctypes.c_float
     lib.ek_num_words.argtypes = [i64]
     lib.ek_num_words.restype = i64
@@ -113,15 +125,20 @@ def test_host_constants_are_the_python_ones(host_lib):
         assert host_lib.ek_num_words(nbits) == num_words(nbits)
 
 
-def host_run(lib, v, q, k, nbits, form):
+def host_run(lib, v, q, k, nbits, form, max_grid=0, ws_out=None):
+    """The host transcription's out; ws_out (a list) receives the workspace. max_grid > 0 caps
+    pass 1's grid (grid-stride loop). v may be a view at any element offset (the kernels' vector
+    loads then fall back to element loads)."""
     b, h, n, d = v.shape
     bh = b * h
-    out = torch.empty_like(v)
+    out = torch.empty(v.shape, dtype=v.dtype)
     out.view(BITS[v.dtype]).fill_(0x5B5B if v.dtype != torch.float32 else 0x5B5B5B5B)
-    ws = torch.full((max(bh * nbits * (d + 1), 1),), float("nan"))
+    ws = torch.full((max(lib.ek_workspace_elems(bh, n, nbits, d), 1),), float("nan"))
     rc = lib.ek_binary_attention(v.data_ptr(), q.data_ptr(), k.data_ptr(), TYPE_CODE[v.dtype], FORMS[form], nbits,
-                                 ws.data_ptr(), out.data_ptr(), bh, n, d)
+                                 ws.data_ptr(), out.data_ptr(), bh, n, d, max_grid)
     assert rc == 0
+    if ws_out is not None:
+        ws_out.append(ws)
     return out
 
 
@@ -164,9 +181,151 @@ def test_host_rejects(host_lib):
     c = torch.zeros(1, 1, 3, 1, dtype=torch.int32)
     out, ws = torch.empty_like(v), torch.empty(1000)
     f = host_lib.ek_binary_attention
-    assert f(v.data_ptr(), c.data_ptr(), c.data_ptr(), 2, 0, 8, ws.data_ptr(), out.data_ptr(), 1, 3, 48) == 3
-    assert f(v.data_ptr(), c.data_ptr(), c.data_ptr(), 2, 2, 8, ws.data_ptr(), out.data_ptr(), 1, 3, 32) == 2
-    assert f(v.data_ptr(), c.data_ptr(), c.data_ptr(), 2, 0, 0, ws.data_ptr(), out.data_ptr(), 1, 3, 32) == 2
+    assert f(v.data_ptr(), c.data_ptr(), c.data_ptr(), 2, 0, 8, ws.data_ptr(), out.data_ptr(), 1, 3, 48, 0) == 3
+    assert f(v.data_ptr(), c.data_ptr(), c.data_ptr(), 2, 2, 8, ws.data_ptr(), out.data_ptr(), 1, 3, 32, 0) == 2
+    assert f(v.data_ptr(), c.data_ptr(), c.data_ptr(), 2, 0, 0, ws.data_ptr(), out.data_ptr(), 1, 3, 32, 0) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# pass 1's split over tokens (kernels/binary_hash: kv_chunk / kv_splits, kv_item, kv_reduce),
+# through the host transcription
+# --------------------------------------------------------------------------------------------
+
+SPLIT_NS = [1, 2, 31, 255, 256, 257, 511, 785, 3136, 4097, 12544]  # one token, < / = / > one split
+
+
+def unaligned(v):
+    """v's values in a view one element past an aligned base (not 16-byte aligned)."""
+    buf = torch.empty(v.numel() + 1, dtype=v.dtype)
+    view = buf[1:].view(v.shape)
+    view.copy_(v)
+    return view
+
+
+def codes_to_signs(codes, nbits, signed):
+    """[BH, N, W] int32 -> [BH, N, nbits] float64 h (+-1 signed, 0/1 unsigned)."""
+    bits = torch.stack([(codes[..., i // 32] >> (i % 32)) & 1 for i in range(nbits)], dim=-1).double()
+    return 2 * bits - 1 if signed else bits
+
+
+@pytest.mark.parametrize("n", SPLIT_NS + [100003, 2**31 + 5, 2**40])
+def test_host_kv_plan(host_lib, n):
+    """Chunks: a multiple of 32, at least 256 tokens, at most 16 of them, each non-empty, covering N;
+    the workspace holds KV, ksum and (more than one split) every split's partials, in order."""
+    chunk, splits = host_lib.ek_kv_chunk(n), host_lib.ek_kv_splits(n)
+    assert chunk % 32 == 0 and chunk >= 256 and 1 <= splits <= 16, (chunk, splits)
+    assert (splits - 1) * chunk < n <= splits * chunk
+    assert chunk == max(256, 32 * -(-(-(-n // 16)) // 32))  # else the smallest multiple of 32 >= N / 16
+    for bh, nbits, d in [(1, 1, 32), (384, 16, 64), (7, 100, 128)]:
+        if n > 2**20:
+            continue
+        off = (ctypes.c_int64 * 4)()
+        host_lib.ek_workspace_layout(bh, n, nbits, d, off)
+        e, r = bh * nbits * d, bh * nbits
+        p = splits if splits > 1 else 0
+        assert list(off) == [0, e if p else -1, e * (1 + p), e * (1 + p) + r if p else -1]
+        assert host_lib.ek_workspace_elems(bh, n, nbits, d) == (e + r) * (1 + p)
+        assert host_lib.ek_kv_items(bh, n, nbits) == bh * splits * -(-nbits // host_lib.ek_kv_bits())
+        assert host_lib.ek_kv_grid(bh, n, nbits) == -(-host_lib.ek_kv_items(bh, n, nbits) // 4)
+
+
+@pytest.mark.parametrize("d", DS)
+@pytest.mark.parametrize("n, bh, nbits, max_grid", [
+    (1, 3, 8, 0), (7, 2, 33, 0), (256, 2, 16, 0), (257, 3, 16, 2), (785, 2, 64, 0), (3136, 1, 16, 3),
+    (12544, 2, 16, 0), (30011, 1, 9, 5),
+])
+def test_host_kv_every_token_once(host_lib, n, bh, nbits, d, max_grid):
+    """Pass 1's walk (grid-stride loop over items, lanes, token slots): every (head, token, bit
+    group, column group) visited exactly once, also with a grid capped below the items."""
+    groups, col_groups = -(-nbits // host_lib.ek_kv_bits()), d // 8
+    hits = torch.zeros(bh * n * groups * col_groups, dtype=torch.int32)
+    assert host_lib.ek_kv_token_hits(bh, n, nbits, d, max_grid, hits.data_ptr()) == 0
+    assert int(hits.min()) == 1 and int(hits.max()) == 1
+
+
+def _partials(ws, lib, bh, n, nbits, d):
+    off = (ctypes.c_int64 * 4)()
+    lib.ek_workspace_layout(bh, n, nbits, d, off)
+    s, e, r = lib.ek_kv_splits(n), bh * nbits * d, bh * nbits
+    kv, ksum = ws[off[0]:off[0] + e].view(bh, nbits, d), ws[off[2]:off[2] + r].view(bh, nbits)
+    if s == 1:
+        return kv, ksum, None, None
+    part_kv = ws[off[1]:off[1] + s * e].view(s, bh, nbits, d)
+    part_cnt = ws[off[3]:off[3] + s * r].view(torch.int32).view(s, bh, nbits)
+    return kv, ksum, part_kv, part_cnt
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=case_id)
+@pytest.mark.parametrize("d", DS)
+@pytest.mark.parametrize("n", [1, 200, 257, 785, 4097])
+def test_host_kv_partials_are_the_splits_sums(host_lib, gen, form, dtype, d, n):
+    """Integer-valued v, so every sum is exact: split s's partial sums and counts are exactly those of
+    its tokens s * chunk .. (s + 1) * chunk - 1 (a token missed, doubled or in the wrong split would
+    show), and KV, ksum are their totals."""
+    b, h, nbits = 1, 2, 33
+    v = torch.randint(-8, 9, (b, h, n, d), generator=gen).to(dtype)
+    q = pack_codes(torch.randn((b, h, n, nbits), generator=gen))
+    k = pack_codes(torch.randn((b, h, n, nbits), generator=gen))
+    ws = []
+    host_run(host_lib, v, q, k, nbits, form, ws_out=ws)
+    kv, ksum, part_kv, part_cnt = _partials(ws[0], host_lib, b * h, n, nbits, d)
+    signed = form == "ecoformer"
+    hk = codes_to_signs(k.view(b * h, n, -1), nbits, signed)
+    vv = v.view(b * h, n, d).double()
+    assert torch.equal(kv.double(), torch.einsum("znb,znd->zbd", hk, vv))
+    assert torch.equal(ksum.double(), hk.sum(1))
+    chunk, splits = host_lib.ek_kv_chunk(n), host_lib.ek_kv_splits(n)
+    assert (part_kv is None) == (splits == 1)
+    for s in range(splits if splits > 1 else 0):
+        sl = slice(s * chunk, min(n, (s + 1) * chunk))
+        assert torch.equal(part_kv[s].double(), torch.einsum("znb,znd->zbd", hk[:, sl], vv[:, sl])), s
+        bits = codes_to_signs(k.view(b * h, n, -1)[:, sl], nbits, False)
+        assert torch.equal(part_cnt[s].double(), bits.sum(1)), s
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("n", [257, 785, 3136])
+def test_host_kv_reduction_order(host_lib, gen, form, n):
+    """KV is the partials' float32 sum in ascending split order, bit for bit (0 + p0 + p1 + ...)."""
+    b, h, d, nbits = 1, 3, 64, 16
+    v, q, k = make_inputs(gen, b, h, n, d, nbits, torch.float32)
+    ws = []
+    host_run(host_lib, v, q, k, nbits, form, ws_out=ws)
+    kv, _, part_kv, _ = _partials(ws[0], host_lib, b * h, n, nbits, d)
+    total = torch.zeros_like(kv)
+    for s in range(part_kv.shape[0]):
+        total = total + part_kv[s]
+    assert torch.equal(kv, total)
+    shuffled = torch.zeros_like(kv)
+    for s in reversed(range(part_kv.shape[0])):
+        shuffled = shuffled + part_kv[s]
+    if part_kv.shape[0] > 2:  # the order is observable, so the check above means something
+        assert not torch.equal(kv, shuffled)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("d", DS)
+def test_host_grid_stride_and_unaligned_v(host_lib, gen, dtype, d):
+    """A pass-1 grid capped at 1 or 3 blocks, and v not 16-byte aligned (element loads instead of
+    16-byte vectors): the same bits as the plain run."""
+    for form in FORMS:
+        v, q, k = make_inputs(gen, 2, 3, 300, d, 40, dtype)
+        ref = host_run(host_lib, v, q, k, 40, form)
+        check_close(ref, v, q, k, 40, form, f"{form} d={d} {case_id(dtype)}")
+        for max_grid in (1, 3):
+            assert torch.equal(host_run(host_lib, v, q, k, 40, form, max_grid=max_grid), ref), max_grid
+        vu = unaligned(v)
+        assert vu.data_ptr() % 16 != 0
+        assert torch.equal(host_run(host_lib, vu, q, k, 40, form), ref)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 12544])
+def test_host_split_edges(host_lib, gen, form, n):
+    """One token, just under / at / over one split, and the largest benchmark N (16 splits)."""
+    v, q, k = make_inputs(gen, 1, 1 if n > 4096 else 3, n, 32, 16, torch.float32)
+    check_close(host_run(host_lib, v, q, k, 16, form), v, q, k, 16, form, f"{form} n={n}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +378,44 @@ def test_cuda_matches_host_check_and_is_deterministic(host_lib, gen):
         a, b2 = cuda_run(v, q, k, 64, form), cuda_run(v, q, k, 64, form)
         assert torch.equal(a, b2)
         torch.testing.assert_close(a.cpu(), host_run(host_lib, v, q, k, 64, form), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=case_id)
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("d", DS)
+@pytest.mark.parametrize("n", [1, 2, 255, 256, 257, 511, 4097, 12544, 30011])
+def test_cuda_token_splits(host_lib, gen, dtype, form, d, n):
+    """Pass 1's split over tokens: one token, under / at / over one split (256), odd N, the largest
+    benchmark N and beyond (16 splits); against float64, the host transcription (same split and
+    reduction order) and itself (bit-identical twice)."""
+    require_cuda()
+    b, h = (3, 5) if n <= 257 else (1, 3) if n <= 4097 else (1, 1)
+    v, q, k = make_inputs(gen, b, h, n, d, 40, dtype)
+    got = cuda_run(v, q, k, 40, form)
+    check_close(got, v, q, k, 40, form, f"{form} d={d} n={n} {case_id(dtype)}")
+    assert torch.equal(cuda_run(v, q, k, 40, form), got)
+    if n <= 4097:
+        # the same pass 1 bit for bit; pass 2 may contract multiply-adds (one bfloat16 ulp after rounding)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+        torch.testing.assert_close(got.cpu().float(), host_run(host_lib, v, q, k, 40, form).float(), **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("d", DS)
+def test_cuda_unaligned_v(gen, dtype, d):
+    """v one element past a 16-byte boundary (a contiguous view with an offset): element loads
+    instead of 16-byte vectors, the same bits."""
+    require_cuda()
+    for form in FORMS:
+        v, q, k = make_inputs(gen, 2, 3, 785, d, 16, dtype)
+        buf = torch.empty(v.numel() + 1, dtype=dtype, device="cuda")
+        vu = buf[1:].view(v.shape)
+        vu.copy_(v.cuda())
+        assert vu.data_ptr() % 16 != 0 and vu.is_contiguous()
+        got = torch.ops.effkern.cuda_binary_attention(vu, q.cuda(), k.cuda(), 16, FORMS[form])
+        assert torch.equal(got, cuda_run(v, q, k, 16, form)), form
 
 
 @pytest.mark.cuda

@@ -4,7 +4,7 @@
 // backend there is the reference): form 0 ecoformer, 1 shiftadd; v [B, H, N, d]
 // float16/bfloat16/float32 with d in {32, 64, 128}; codes int32 [B, H, N,
 // ceil(nbits / 32)]; all contiguous, CUDA implementation only.  A float32
-// workspace (KV and ksum of pass 1) is allocated here.  Its schema: the
+// workspace (KV and ksum of pass 1, and its partial sums over token splits) is allocated here.  Its schema: the
 // registration block at the end of this file.  The device code is in
 // kernels/binary_hash/.
 #include <torch/csrc/stable/accelerator.h>
@@ -64,7 +64,7 @@ Tensor cuda_binary_attention(const Tensor& v, const Tensor& q_codes, const Tenso
   Tensor out = torch::stable::new_empty(v, sizes);
   const int64_t BH = B * H;
   if (BH == 0 || N == 0) return out;
-  const std::vector<int64_t> ws_sizes{kb::binary_attention_workspace_elems(BH, nbits, d)};
+  const std::vector<int64_t> ws_sizes{kb::binary_attention_workspace_elems(BH, N, nbits, d)};
   Tensor ws = torch::stable::new_empty(v, ws_sizes, ScalarType::Float);
   torch::stable::accelerator::DeviceGuard guard(v.get_device_index());
   const char* err = kb::launch_binary_attention(

@@ -1,8 +1,10 @@
 // Binary-hash attention kernels (EcoFormer / ShiftAddViT linear attention from
-// packed codes).  Two launches on the caller's stream:
-//   pass 1 binary_kv_kernel:  grid min(BH * W, kMaxGrid) blocks of kBlock, one
-//     block per (bh, code word), grid-strided; each thread loops over all N
-//     tokens (no token split, so no second stage and no atomics).
+// packed codes).  Two or three launches on the caller's stream:
+//   pass 1 binary_kv_kernel: one warp per item (head, token split, kKvBits code bits),
+//     kKvWarps per block of kKvBlock, grid min(ceil(items / kKvWarps), kMaxGrid),
+//     grid-strided; with one split (N <= kKvMinChunk) it writes KV and ksum.
+//   pass 1b binary_kv_reduce_kernel (more than one split): the splits' partials
+//     summed in ascending split order, 4 floats per thread (no atomics).
 //   pass 2 binary_out_kernel: grid min(BH * ceil(N / kTokensPerBlock),
 //     kMaxGrid) blocks of kBlock, one warp per token, grid-strided.
 // The per-thread code is in binary_attention.cuh (shared with host_check.cpp).
@@ -15,16 +17,43 @@ namespace binary_hash {
 namespace {
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kKvBlock, kKvMinBlocks)
     binary_kv_kernel(const typename T::storage* __restrict__ v,
-                     const int32_t* __restrict__ k_codes, float* __restrict__ kv,
-                     float* __restrict__ ksum, int64_t BH, int64_t N, int64_t nbits,
-                     bool is_signed) {
-  const int64_t W = num_words(nbits);
-  const int64_t total = BH * W;
-  for (int64_t blk = blockIdx.x; blk < total; blk += gridDim.x) {
-    kv_thread<T, D>(v, k_codes, kv, ksum, blk / W, (int)(blk % W), threadIdx.x, N, nbits,
-                    is_signed);
+                     const int32_t* __restrict__ k_codes, float* __restrict__ kv_out,
+                     float* __restrict__ cnt_out, int64_t BH, int64_t N, int64_t nbits,
+                     int64_t chunk, int64_t splits, bool is_signed, bool vec_ok) {
+  using L = KvLayout<D>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t total = kv_items(BH, nbits, splits);
+  for (int64_t item = (int64_t)blockIdx.x * kKvWarps + warp; item < total;
+       item += (int64_t)gridDim.x * kKvWarps) {  // uniform over the warp
+    const KvItem it = kv_item(item, N, nbits, chunk, splits);
+    float acc[kKvCols][kKvBits];
+    int32_t cnt[L::kCounted];
+    kv_accumulate<T, D>(v, k_codes, it, lane, N, nbits, is_signed, vec_ok, acc, cnt);
+#pragma unroll
+    for (int off = L::kColGroups; off < 32; off <<= 1) {  // over the token slots
+#pragma unroll
+      for (int e = 0; e < kKvCols; ++e) {
+#pragma unroll
+        for (int k = 0; k < kKvBits; ++k) acc[e][k] += __shfl_xor_sync(0xffffffffu, acc[e][k], off);
+      }
+#pragma unroll
+      for (int m = 0; m < L::kCounted; ++m) cnt[m] += __shfl_xor_sync(0xffffffffu, cnt[m], off);
+    }
+    kv_store<T, D>(kv_out, cnt_out, it, lane, BH, N, nbits, splits, is_signed, acc, cnt);
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kBlock)
+    binary_kv_reduce_kernel(const float* __restrict__ part_kv, const float* __restrict__ part_cnt,
+                            float* __restrict__ kv, float* __restrict__ ksum, int64_t BH,
+                            int64_t N, int64_t nbits, int64_t splits, bool is_signed) {
+  const int64_t total = kv_reduce_units(BH, nbits, D);
+  for (int64_t t = (int64_t)blockIdx.x * kBlock + threadIdx.x; t < total;
+       t += (int64_t)gridDim.x * kBlock) {
+    kv_reduce(part_kv, part_cnt, kv, ksum, t, BH, N, nbits, D, splits, is_signed);
   }
 }
 
@@ -59,17 +88,25 @@ const char* launch_typed(const void* v, const int32_t* q_codes, const int32_t* k
                          bool ecoformer, int64_t nbits, float* workspace, void* out, int64_t BH,
                          int64_t N, cudaStream_t s) {
   using S = typename T::storage;
-  float* kv = workspace;
-  float* ksum = workspace + BH * nbits * D;
-  const int64_t W = num_words(nbits);
-  const int64_t g1 = BH * W < kMaxGrid ? BH * W : kMaxGrid;
-  binary_kv_kernel<T, D><<<(unsigned)g1, kBlock, 0, s>>>(static_cast<const S*>(v), k_codes, kv,
-                                                         ksum, BH, N, nbits, ecoformer);
+  const int64_t chunk = kv_chunk(N), splits = kv_splits(N);
+  const KvWorkspace w = kv_workspace(workspace, BH, nbits, D, splits);
+  const int64_t g1 = kv_grid(kv_items(BH, nbits, splits), kMaxGrid);
+  binary_kv_kernel<T, D><<<(unsigned)g1, kKvBlock, 0, s>>>(
+      static_cast<const S*>(v), k_codes, splits > 1 ? w.part_kv : w.kv,
+      splits > 1 ? w.part_cnt : w.ksum, BH, N, nbits, chunk, splits, ecoformer,
+      vec16_aligned(v));
   if (const char* err = last_launch_error()) return err;
+  if (splits > 1) {
+    const int64_t units = kv_reduce_units(BH, nbits, D);
+    const int64_t blocks = (units + kBlock - 1) / kBlock;
+    binary_kv_reduce_kernel<D><<<(unsigned)(blocks < kMaxGrid ? blocks : kMaxGrid), kBlock, 0, s>>>(
+        w.part_kv, w.part_cnt, w.kv, w.ksum, BH, N, nbits, splits, ecoformer);
+    if (const char* err = last_launch_error()) return err;
+  }
   const int64_t tiles = (N + kTokensPerBlock - 1) / kTokensPerBlock;
   const int64_t g2 = BH * tiles < kMaxGrid ? BH * tiles : kMaxGrid;
-  binary_out_kernel<T, D><<<(unsigned)g2, kBlock, 0, s>>>(static_cast<const S*>(v), q_codes, kv,
-                                                          ksum, static_cast<S*>(out), BH, N,
+  binary_out_kernel<T, D><<<(unsigned)g2, kBlock, 0, s>>>(static_cast<const S*>(v), q_codes, w.kv,
+                                                          w.ksum, static_cast<S*>(out), BH, N,
                                                           nbits, ecoformer);
   return last_launch_error();
 }
