@@ -91,7 +91,7 @@ def host_lib(tmp_path_factory):
     lib.ek_int_layernorm_rows.argtypes = [ptr, ptr, i64, i64, cint, cint, cint, ptr]
     for name, args in [("ek_check_div_magic", [u32, u32]), ("ek_check_shift_exp32", [i64, cint, cint]),
                        ("ek_check_gelu_out32", [i64, cint, cint, i32, i32]),
-                       ("ek_check_softmax_out32", [i64, i64, cint]), ("ek_check_layernorm_out32", [i64, i64, ptr, cint]),
+                       ("ek_check_softmax_out32", [i64, i64, cint]), ("ek_check_layernorm_out32", [i64, i64, ptr, cint, ptr, cint]),
                        ("ek_check_layernorm_row", [ptr, i64, cint]), ("ek_check_row_split", [i64, i64, cint, cint])]:
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = i64
@@ -194,11 +194,13 @@ def test_host_softmax_out32(host_lib, out_bits):
 
 
 def test_host_layernorm_out32(host_lib):
-    """((y * f) >> 1) + bias in 32 bits for every |y| <= k and biases at the int32 extremes
-    (the reference wraps them too)."""
-    bias = torch.tensor([-(2**31), -(2**30) - 1, -1, 0, 1, 2**30, INT32_MAX], dtype=torch.int32)
-    for kmin, kmax in [(1, 300), (2**16 - 300, 2**16 + 10), (2**20, 2**20 + 2), (2**31 - 2, 2**31 - 1)]:
-        assert host_lib.ek_check_layernorm_out32(kmin, kmax, bias.data_ptr(), len(bias)) == 0, (kmin, kmax)
+    """((y * f) >> 1) + bias in 32 bits (as x * f - mu * f) for every int16 x with |x - mu| <= k,
+    row means at the extremes, biases at the int32 extremes (the reference wraps them too)."""
+    bias = torch.tensor([-(2**31), -1, 0, 2**30, INT32_MAX], dtype=torch.int32)
+    mus = torch.tensor([-(2**15), -1, 0, 1, 2**15 - 1], dtype=torch.int32)
+    for kmin, kmax in [(1, 40), (2**16 - 20, 2**16 + 2), (2**20, 2**20 + 1), (2**31 - 2, 2**31 - 1)]:
+        assert host_lib.ek_check_layernorm_out32(kmin, kmax, mus.data_ptr(), len(mus), bias.data_ptr(),
+                                                 len(bias)) == 0, (kmin, kmax)
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)

@@ -63,8 +63,7 @@ int ek_int_softmax_rows(const int32_t* x, int64_t rows, int64_t L, int64_t x0, i
     int64_t* yr = y + r * L;
     const int32_t m = row_max(xr, L);
     auto e_of = [&](int64_t i) {
-      const uint32_t a = (uint32_t)m - (uint32_t)xr[i];
-      return clamp_a ? shift_exp32<true>(a, c) : shift_exp32<false>(a, c);
+      return shift_exp32(clamp_a ? exp_arg<true>(m, xr[i], c) : exp_arg<false>(m, xr[i], c), c);
     };
     uint32_t s = 0;
     if (!for_row(r, L, g0, vec, [&](int64_t i) { s = sat_add32(s, e_of(i)); })) return -1;
@@ -86,9 +85,9 @@ int ek_int_gelu_rows(const int32_t* x, int64_t rows, int64_t L, int64_t x0, int 
     const int64_t em = shift_exp(-(int64_t)m, x0, n);
     const uint32_t em_c = em < (int64_t)kOne32 ? (uint32_t)em : kOne32;
     const bool ok = for_row(r, L, g0, vec, [&](int64_t i) {
-      const uint32_t a = (uint32_t)(m - xr[i]);
-      yr[i] = c.narrow ? gelu_out32(xr[i], shift_exp32<false>(a, c), em_c, out_bits)
-                       : gelu_out32_wide(xr[i], shift_exp32_wide<false>(a, c), em_c, out_bits);
+      const uint32_t b = exp_arg<false>(m, xr[i], c);
+      yr[i] = c.narrow ? gelu_out32(xr[i], shift_exp32(b, c), em_c, out_bits)
+                       : gelu_out32_wide(xr[i], shift_exp32_wide(b, c), em_c, out_bits);
     });
     if (!ok) return -1;
   }
@@ -105,7 +104,8 @@ int ek_int_layernorm_rows(const int32_t* x, const int32_t* bias, int64_t rows, i
     if (!for_row(r, C, g0, vec, [&](int64_t i) { sum += xr[i]; sq += (int64_t)xr[i] * xr[i]; })) return -1;
     const int64_t mu = round_half_even_div(sum, C);
     const int32_t f = (int32_t)layernorm_factor(layernorm_var(sum, sq, mu, C), iters);
-    for_row(r, C, g0, vec, [&](int64_t i) { yr[i] = layernorm_out32(xr[i] - (int32_t)mu, f, bias[i]); });
+    const uint32_t muf = layernorm_muf((int32_t)mu, f);
+    for_row(r, C, g0, vec, [&](int64_t i) { yr[i] = layernorm_out32(xr[i], muf, f, bias[i]); });
   }
   return 0;
 }
@@ -144,10 +144,10 @@ int64_t ek_check_shift_exp32(int64_t x0, int n, int clamp_a) {
     if (a < 0 || a > 0xFFFFFFFFLL) return;
     const int64_t want = shift_exp_nonpos(-a, x0, n);
     if (c.narrow) {
-      const uint32_t got = clamp_a ? shift_exp32<true>((uint32_t)a, c) : shift_exp32<false>((uint32_t)a, c);
+      const uint32_t got = shift_exp32(clamp_a ? shift_exp_b<true>((uint32_t)a, c) : (uint32_t)a + 1, c);
       bad += (int64_t)got != want;
     }
-    const uint64_t wide = clamp_a ? shift_exp32_wide<true>((uint32_t)a, c) : shift_exp32_wide<false>((uint32_t)a, c);
+    const uint64_t wide = shift_exp32_wide(clamp_a ? shift_exp_b<true>((uint32_t)a, c) : (uint32_t)a + 1, c);
     bad += (int64_t)wide != want;
   };
   for (int64_t a = 0; a < 65536; ++a) check(a);
@@ -171,9 +171,9 @@ int64_t ek_check_gelu_out32(int64_t x0, int n, int out_bits, int32_t m, int32_t 
   for (int64_t xi = xmin; xi <= m; ++xi) {
     const int64_t e = shift_exp_nonpos(xi - m, x0, n);
     const int32_t want = (int32_t)gelu_out(xi, e, em, out_bits);
-    const uint32_t a = (uint32_t)(m - xi);
-    if (c.narrow) bad += gelu_out32((int32_t)xi, shift_exp32<false>(a, c), em_c, out_bits) != want;
-    bad += gelu_out32_wide((int32_t)xi, shift_exp32_wide<false>(a, c), em_c, out_bits) != want;
+    const uint32_t b = exp_arg<false>(m, (int32_t)xi, c);
+    if (c.narrow) bad += gelu_out32((int32_t)xi, shift_exp32(b, c), em_c, out_bits) != want;
+    bad += gelu_out32_wide((int32_t)xi, shift_exp32_wide(b, c), em_c, out_bits) != want;
   }
   return bad;
 }
@@ -196,17 +196,23 @@ int64_t ek_check_softmax_out32(int64_t k, int64_t s, int out_bits) {
   return bad;
 }
 
-// layernorm_out32 against layernorm_out for y in [-(2^16-1), 2^16-1] with f = (2^31-1)/k for
-// every k >= |y| given (k in [kmin, kmax]) and the bias values given.
-int64_t ek_check_layernorm_out32(int64_t kmin, int64_t kmax, const int32_t* bias, int nbias) {
+// layernorm_out32 against layernorm_out(x - mu) for every int16 x with |x - mu| <= k, for
+// f = (2^31-1)/k, k in [kmin, kmax], and the mu and bias values given.
+int64_t ek_check_layernorm_out32(int64_t kmin, int64_t kmax, const int32_t* mus, int nmu, const int32_t* bias,
+                                 int nbias) {
   if (kmin < 1 || kmax < kmin) return -1;
   int64_t bad = 0;
   for (int64_t k = kmin; k <= kmax; ++k) {
     const int64_t f = (int64_t)kOne32 / k;
-    const int64_t ymax = k < 65535 ? k : 65535;
-    for (int64_t y = -ymax; y <= ymax; ++y)
-      for (int b = 0; b < nbias; ++b)
-        bad += layernorm_out32((int32_t)y, (int32_t)f, bias[b]) != (int32_t)layernorm_out(y, f, bias[b]);
+    for (int u = 0; u < nmu; ++u) {
+      const uint32_t muf = layernorm_muf(mus[u], (int32_t)f);
+      for (int64_t x = -32768; x <= 32767; ++x) {
+        const int64_t y = x - mus[u];
+        if (y > k || y < -k) continue;
+        for (int b = 0; b < nbias; ++b)
+          bad += layernorm_out32((int32_t)x, muf, (int32_t)f, bias[b]) != (int32_t)layernorm_out(y, f, bias[b]);
+      }
+    }
   }
   return bad;
 }

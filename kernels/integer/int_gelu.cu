@@ -17,11 +17,11 @@ namespace {
 template <bool kNarrow>
 __device__ __forceinline__ uint32_t gelu_elem(int32_t v, int32_t m, uint32_t em_c, const ShiftExp32& c,
                                               int out_bits) {
-  const uint32_t a = (uint32_t)(m - v);  // in [0, 2^16)
+  const uint32_t b = exp_arg<false>(m, v, c);  // m - v in [0, 2^16)
   if constexpr (kNarrow) {
-    return (uint32_t)gelu_out32(v, shift_exp32<false>(a, c), em_c, out_bits);
+    return (uint32_t)gelu_out32(v, shift_exp32(b, c), em_c, out_bits);
   } else {
-    return (uint32_t)gelu_out32_wide(v, shift_exp32_wide<false>(a, c), em_c, out_bits);
+    return (uint32_t)gelu_out32_wide(v, shift_exp32_wide(b, c), em_c, out_bits);
   }
 }
 

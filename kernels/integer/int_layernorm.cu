@@ -6,7 +6,7 @@
 // One pass gives sum(I) and sum(I^2) (var = sumsq - 2 mu sum + C mu^2, layernorm_var); the
 // per-row scalar work (mu, the square-root iteration, f: 64-bit divides) is done once per row,
 // by one thread, the rows of a block in parallel, and broadcast through shared memory.  The
-// output is 32-bit (layernorm_out32: |y * f| <= 2^31 - 1).
+// output is 32-bit (layernorm_out32: |y * f| <= 2^31 - 1, y * f = x * f - mu * f).
 #include "kernels/integer/integer_common.cuh"
 
 namespace effkern {
@@ -102,7 +102,8 @@ __global__ void __launch_bounds__(BLOCK)
     s_f[threadIdx.x] = (int32_t)layernorm_factor(var, iters);  // in [0, 2^31 - 1]
   }
   __syncthreads();
-  const int32_t mu = s_mu[rb], f = s_f[rb];
+  const int32_t f = s_f[rb];
+  const uint32_t muf = layernorm_muf(s_mu[rb], f);
 
   auto write_chunk = [&](const Chunk<TIn, VEC>& ch, int64_t ci) {
     Chunk<int32_t, VEC> b;
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(BLOCK)
     }
     OutChunk<int32_t, VEC> o;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) o.w[j] = (uint32_t)layernorm_out32(ch.get(j) - mu, f, (int32_t)b.w[j]);
+    for (int j = 0; j < VEC; ++j) o.w[j] = (uint32_t)layernorm_out32(ch.get(j), muf, f, (int32_t)b.w[j]);
     o.store(oc + ci * VEC);
   };
   if constexpr (NV > 0) {
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(BLOCK)
   }
 #pragma unroll
   for (int k = 0; k < NS; ++k) {
-    if (is[k] >= 0) outr[is[k]] = layernorm_out32(xs[k] - mu, f, __ldg(bias + is[k]));
+    if (is[k] >= 0) outr[is[k]] = layernorm_out32(xs[k], muf, f, __ldg(bias + is[k]));
   }
 }
 

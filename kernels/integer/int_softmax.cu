@@ -61,14 +61,14 @@ __global__ void __launch_bounds__(BLOCK)
       if (lane + (int64_t)k * T < nc) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          e[k][j] = shift_exp32<kClampA>((uint32_t)m - (uint32_t)in[k].get(j), c);
+          e[k][j] = shift_exp32(exp_arg<kClampA>(m, in[k].get(j), c), c);
           s = sat_add32(s, e[k][j]);
         }
       }
     }
 #pragma unroll
     for (int k = 0; k < NS; ++k) {
-      es[k] = is[k] >= 0 ? shift_exp32<kClampA>((uint32_t)m - (uint32_t)xs[k], c) : 0;
+      es[k] = is[k] >= 0 ? shift_exp32(exp_arg<kClampA>(m, xs[k], c), c) : 0;
       s = sat_add32(s, es[k]);
     }
     s = group_allreduce<T, BLOCK>(s, SatAddU32{}, s_sum);
@@ -102,11 +102,11 @@ __global__ void __launch_bounds__(BLOCK)
       Chunk<TIn, VEC> in;
       in.load(xc + ci * VEC);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) s = sat_add32(s, shift_exp32<kClampA>((uint32_t)m - (uint32_t)in.get(j), c));
+      for (int j = 0; j < VEC; ++j) s = sat_add32(s, shift_exp32(exp_arg<kClampA>(m, in.get(j), c), c));
     }
 #pragma unroll
     for (int k = 0; k < NS; ++k) {
-      es[k] = is[k] >= 0 ? shift_exp32<kClampA>((uint32_t)m - (uint32_t)xs[k], c) : 0;
+      es[k] = is[k] >= 0 ? shift_exp32(exp_arg<kClampA>(m, xs[k], c), c) : 0;
       s = sat_add32(s, es[k]);
     }
     s = group_allreduce<T, BLOCK>(s, SatAddU32{}, s_sum);
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(BLOCK)
       in.load(xc + ci * VEC);
       uint32_t p[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) p[j] = shift_exp32<kClampA>((uint32_t)m - (uint32_t)in.get(j), c) * f;
+      for (int j = 0; j < VEC; ++j) p[j] = shift_exp32(exp_arg<kClampA>(m, in.get(j), c), c) * f;
       OutChunk<TOut, VEC> o;
       o.template set_all<true>(p);
       o.store(yc + ci * VEC);

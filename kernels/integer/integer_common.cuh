@@ -68,12 +68,14 @@ struct Chunk {
                    : "memory");
     }
   }
-  // element j (a compile-time constant after unrolling), sign-extended
+  // element j (a compile-time constant after unrolling), sign-extended by one byte permute
+  // (selector nibble 8 + k: the sign of byte k)
   __device__ __forceinline__ int32_t get(int j) const {
     if constexpr (sizeof(T) == 1) {
-      return (int32_t)(int8_t)(w[j / 4] >> (8 * (j % 4)));
+      const unsigned k = j % 4;
+      return (int32_t)__byte_perm(w[j / 4], 0, k | (8u + k) << 4 | (8u + k) << 8 | (8u + k) << 12);
     } else if constexpr (sizeof(T) == 2) {
-      return (int32_t)(int16_t)(w[j / 2] >> (16 * (j % 2)));
+      return (int32_t)__byte_perm(w[j / 2], 0, j % 2 ? 0xBB32u : 0x9910u);
     } else {
       return (int32_t)w[j];
     }

@@ -156,7 +156,7 @@ struct ShiftExp32 {
   uint32_t amax;   // a = (row max - x) is clamped to amax first (32-bit inputs; see below)
   uint32_t pcap;   // P + 1 is clamped to pcap = min(n*X, 2^31 - 1) + 1 (P = -p >= 0)
   uint32_t magic, shift;  // floor(P / X) = div_by_magic(P + 1, ...) for P + 1 <= pcap
-  uint32_t k2, c2, m2;    // narrow: e = (q*k2 + c2 - (P+1)*m2) >> q
+  uint32_t k2, c2, nm2;   // narrow: e = (q*k2 + c2 + (P+1)*nm2) >> q, nm2 = -m2 mod 2^32
   uint32_t x, c;          // wide: t = q*X + (2X + 1) - (P+1), e = (t << (n - q)) >> 1
   int32_t n;
   int32_t narrow;
@@ -186,11 +186,11 @@ inline bool make_shift_exp32(int64_t x0, int n, ShiftExp32* c) {
   // narrow: t*2^(n-1) = q*X*2^(n-1) + (2X+1)*2^(n-1) - (P+1)*2^(n-1) <= K, and
   // e = floor(t*2^(n-q)/2) = (t*2^(n-1)) >> q.  n = 0: q = 0 and P = 0, e = X.
   if (n >= 1) {
-    c->m2 = 1u << (n - 1);
+    c->nm2 = 0u - (1u << (n - 1));
     c->k2 = c->narrow ? (uint32_t)(X << (n - 1)) : 0;
     c->c2 = c->narrow ? (uint32_t)((2 * X + 1) << (n - 1)) : 0;
   } else {
-    c->m2 = 0; c->k2 = 0; c->c2 = (uint32_t)X;
+    c->nm2 = 0; c->k2 = 0; c->c2 = (uint32_t)X;
   }
   c->x = (uint32_t)X;
   c->c = (uint32_t)(2 * X + 1);
@@ -198,30 +198,41 @@ inline bool make_shift_exp32(int64_t x0, int n, ShiftExp32* c) {
   return true;
 }
 
-// P + 1 clamped, from a = m - x >= 0.  kClampA: a may exceed 2^16 (32-bit inputs), so it is
-// clamped to amax first (b = a + 1 and 3b/2 then stay below 2^32).  Otherwise a <= 2^16 - 1
-// and P + 1 <= 94209.  P + 1 = b + floor(b/2) - floor((b + 14)/16) with b = a + 1.
+// The functions below take b = a + 1, a = m - x >= 0 the element's distance below the row
+// maximum m: for int8 / int16 rows a <= 2^16 - 1 and b = (m + 1) - x, one subtraction from a
+// per-row constant; 32-bit rows go through shift_exp_b, which clamps a to amax first (then b
+// and 3b/2 stay below 2^32).
 template <bool kClampA>
-EK_HD uint32_t shift_exp_p1(uint32_t a, const ShiftExp32& c) {
+EK_HD uint32_t shift_exp_b(uint32_t a, const ShiftExp32& c) {
   if (kClampA) a = a < c.amax ? a : c.amax;
-  const uint32_t b = a + 1;
+  return a + 1;
+}
+
+// b for element x of a row with maximum m (what the kernels call).
+template <bool kClampA>
+EK_HD uint32_t exp_arg(int32_t m, int32_t x, const ShiftExp32& c) {
+  if (kClampA) return shift_exp_b<true>((uint32_t)m - (uint32_t)x, c);
+  return ((uint32_t)m + 1u) - (uint32_t)x;
+}
+
+// P + 1 = b + floor(b/2) - floor((b + 14)/16), clamped to pcap (P + 1 <= 94209 unclamped for
+// 16-bit a).
+EK_HD uint32_t shift_exp_p1(uint32_t b, const ShiftExp32& c) {
   const uint32_t p1 = b + (b >> 1) - ((b + 14) >> 4);
   return p1 < c.pcap ? p1 : c.pcap;
 }
 
 // shift_exp_nonpos(-a, x0, n) for a narrow c: the result is at most K <= 2^31 - 1.
 // q in [0, n]; the bracket equals t*2^(n-1) in [0, K] modulo 2^32.
-template <bool kClampA>
-EK_HD uint32_t shift_exp32(uint32_t a, const ShiftExp32& c) {
-  const uint32_t p1 = shift_exp_p1<kClampA>(a, c);
+EK_HD uint32_t shift_exp32(uint32_t b, const ShiftExp32& c) {
+  const uint32_t p1 = shift_exp_p1(b, c);
   const uint32_t q = div_by_magic(p1, c.magic, c.shift);
-  return (q * c.k2 + c.c2 - p1 * c.m2) >> q;
+  return (q * c.k2 + (c.c2 + p1 * c.nm2)) >> q;
 }
 
 // shift_exp_nonpos(-a, x0, n) for any c: t = 2X - R in [X+1, 2X] <= 2^31, shift <= 31.
-template <bool kClampA>
-EK_HD uint64_t shift_exp32_wide(uint32_t a, const ShiftExp32& c) {
-  const uint32_t p1 = shift_exp_p1<kClampA>(a, c);
+EK_HD uint64_t shift_exp32_wide(uint32_t b, const ShiftExp32& c) {
+  const uint32_t p1 = shift_exp_p1(b, c);
   const uint32_t q = div_by_magic(p1, c.magic, c.shift);
   const uint32_t t = q * c.x + c.c - p1;
   return ((uint64_t)t << (c.n - (int)q)) >> 1;
@@ -265,11 +276,14 @@ EK_HD int64_t layernorm_var(int64_t sum, int64_t sumsq, int64_t mu, int64_t c) {
   return sumsq - 2 * mu * sum + c * mu * mu;
 }
 
-// ((y*f) >> 1) + bias in 32 bits: |y| <= k (k0 = 2^16 > |y|; after an iteration
-// k >= isqrt(var) >= |y|), so |y*f| <= k*floor((2^31-1)/k) <= 2^31 - 1; the bias addition
-// wraps modulo 2^32 like the reference's int64 -> int32 conversion.
-EK_HD int32_t layernorm_out32(int32_t y, int32_t f, int32_t bias) {
-  return (int32_t)((uint32_t)((y * f) >> 1) + (uint32_t)bias);
+// ((y*f) >> 1) + bias in 32 bits, y = x - mu, muf = mu * f mod 2^32 (once per row):
+// |y| <= k (k0 = 2^16 > |y|; after an iteration k >= isqrt(var) >= |y|), so
+// |y*f| <= k*floor((2^31-1)/k) <= 2^31 - 1 and x*f - mu*f, taken modulo 2^32, is y*f exactly;
+// the bias addition wraps modulo 2^32 like the reference's int64 -> int32 conversion.
+EK_HD uint32_t layernorm_muf(int32_t mu, int32_t f) { return (uint32_t)mu * (uint32_t)f; }
+EK_HD int32_t layernorm_out32(int32_t x, uint32_t muf, int32_t f, int32_t bias) {
+  const int32_t yf = (int32_t)((uint32_t)x * (uint32_t)f - muf);
+  return (int32_t)((uint32_t)(yf >> 1) + (uint32_t)bias);
 }
 
 // ---- row layout: head (scalar) | chunks of VEC elements (16-byte aligned) | tail (scalar) -----
