@@ -3,6 +3,7 @@
 
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -395,3 +396,130 @@ def test_forced_unsupported_backend_lists_reasons():
         int8_linear(x8, torch.ones(3, 4, dtype=torch.int8))
     with effkern.backend("cuda"), pytest.raises(effkern.BackendNotSupported, match=r"int_softmax: forced backend\(s\) cuda declined"):
         int_softmax(x8.to("cpu"), 0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# Host synchronisation: the constants path
+# --------------------------------------------------------------------------------------------
+
+
+def test_host_constants_match_torch_float32(gen):
+    """x0 (softmax, and GELU's 1.702 * S), the dyadic (m, e) and LayerNorm's s, computed on the
+    host in Python / numpy float32, equal what torch's float32 / float64 CPU ops give, across
+    many scales, subnormal-adjacent and huge ones included."""
+    mant = torch.rand(3000, generator=gen) + 0.5
+    scales = (mant * 2.0 ** torch.randint(-40, 40, (3000,), generator=gen).to(torch.float32)).tolist()
+    scales += [1.0, 0.5, 1.0 / 3, 0.08, 0.0005, 1e-30, 1e-38, 3e38, 2.0**-126, 1.5 * 2.0**-24]
+    for s in scales:
+        t = torch.tensor(s, dtype=torch.float32)
+        for what, dev in (("scale", t), ("1.702 * scale", t * 1.702)):
+            try:
+                want = int(torch.floor(-1.0 / dev))
+            except (OverflowError, ValueError):
+                want = None  # not finite: shift_exp_x0 must refuse it
+            try:
+                got = ki.shift_exp_x0(float(dev), "t", what)
+            except ValueError:
+                got = None
+            if got is not None:
+                assert got == want, (s, what)
+        with np.errstate(over="ignore"):
+            host = ki._np_f32(float(t)) * ki._np_f32(1.702)
+        assert float(host) == float(t * 1.702), s
+    pairs = list(zip(scales[:1500], scales[1500:3000]))
+    for i, o in pairs:
+        m, e = ki.dyadic_params(torch.tensor(i, dtype=torch.float32), torch.tensor(o, dtype=torch.float32))
+        assert ki._dyadic_host(float(torch.tensor(i, dtype=torch.float32)), float(torch.tensor(o, dtype=torch.float32))) \
+            == (int(m), int(e)), (i, o)
+
+
+class _WouldBeSyncs:
+    """Counts, on CPU, the calls that would synchronise host and device if x lived on a GPU:
+    reading a tensor's values on the host (item, tolist, cpu, numpy, bool/int/float) unless the
+    tensor is a host scale (made by torch.tensor without a device: a Python-float scale),
+    torch.tensor / as_tensor with a device, and moving a host tensor to a device."""
+
+    READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.host, self.calls = set(), []
+        for factory in ("tensor", "as_tensor"):
+            monkeypatch.setattr(torch, factory, self._factory(getattr(torch, factory), factory))
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, self._read(getattr(torch.Tensor, name), name))
+        for name in ("to", "cuda"):
+            monkeypatch.setattr(torch.Tensor, name, self._move(getattr(torch.Tensor, name), name))
+
+    def _is_host(self, t) -> bool:
+        return t.untyped_storage().data_ptr() in self.host
+
+    def _factory(self, real, name):
+        def factory(*args, **kwargs):
+            t = real(*args, **kwargs)
+            if kwargs.get("device") is not None:
+                self.calls.append(f"torch.{name}(device=)")
+            else:
+                self.host.add(t.untyped_storage().data_ptr())
+            return t
+        return factory
+
+    def _read(self, real, name):
+        def read(t, *args, **kwargs):
+            if not self._is_host(t):
+                self.calls.append(f"Tensor.{name}")
+            return real(t, *args, **kwargs)
+        return read
+
+    def _move(self, real, name):
+        def move(t, *args, **kwargs):
+            to_device = name == "cuda" or "device" in kwargs or any(
+                isinstance(a, (torch.device, str)) or (isinstance(a, torch.Tensor)) for a in args)
+            if to_device and self._is_host(t):
+                self.calls.append(f"Tensor.{name}(device) of a host tensor")
+            return real(t, *args, **kwargs)
+        return move
+
+
+def test_no_would_be_sync_on_the_hot_path(monkeypatch, gen):
+    """Every integer op, called with Python-float scales and validation off (a GPU's default),
+    on the torch backend: no host read of a device tensor, no torch.tensor(device=), no copy of
+    a host tensor to the device."""
+    x8 = randint(gen, (3, 5, 64), torch.int8)
+    x32 = randint(gen, (3, 64), torch.int32, -(2**20), 2**20)
+    w = randint(gen, (16, 64), torch.int8)
+    bias = randint(gen, (16,), torch.int32, -(2**10), 2**10)
+    weight, ln_bias = torch.rand(64, generator=gen) + 0.5, torch.randn(64, generator=gen) * 0.1
+    calls = {
+        "int_softmax": lambda: int_softmax(x8, 0.08, out_bits=8, n=15),
+        "int_softmax int16": lambda: int_softmax(x8.to(torch.int16), 0.0005, out_bits=16, n=15),
+        "int_gelu": lambda: int_gelu(x8, 0.05, out_bits=8, n=23),
+        "int_layernorm": lambda: int_layernorm(x8, weight, ln_bias, iters=10),
+        "requantize": lambda: requantize(x32, 2e-5, 0.05, out_bits=8),
+        "int8_linear": lambda: int8_linear(x8, w, bias, in_scale=1e-4, out_scale=0.02, out_bits=8),
+        "int8_linear int32": lambda: int8_linear(x8, w, bias),
+    }
+    expected = {}
+    with effkern.backend("torch"), effkern.validation(False):
+        for name, call in calls.items():
+            expected[name] = call()  # warm: first-call work (registry, caches) is not the hot path
+        counter = _WouldBeSyncs(monkeypatch)
+        for name, call in calls.items():
+            counter.calls.clear()
+            out = call()
+            assert counter.calls == [], f"{name}: {counter.calls}"
+            monkeypatch.undo()  # compare with the real methods
+            got = out if isinstance(out, tuple) else (out,)
+            want = expected[name] if isinstance(expected[name], tuple) else (expected[name],)
+            for g, w_ in zip(got, want):
+                assert torch.equal(g, w_), name
+            counter = _WouldBeSyncs(monkeypatch)
+
+
+def test_layernorm_validation_is_opt_in(gen):
+    """The bias_int range check (a read-back on a GPU) follows the validation switch."""
+    x8 = randint(gen, (2, 4), torch.int8)
+    weight, bias = torch.full((4,), 1e-3), torch.ones(4)
+    with effkern.validation(False):
+        int_layernorm(x8, weight, bias)  # unchecked: the caller's responsibility
+    with effkern.validation(True), pytest.raises(ValueError, match="channel 0"):
+        int_layernorm(x8, weight, bias)

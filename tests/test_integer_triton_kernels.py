@@ -160,6 +160,112 @@ def test_softmax_rejects_bad_arguments():
 
 
 # --------------------------------------------------------------------------------------------
+# The 32-bit shift-exp: divide_magic and the edges of its range
+# --------------------------------------------------------------------------------------------
+
+MAGIC_A_MAX = 2**30 - 1  # divide_magic's dividend range is [0, 2^30)
+
+
+def _magic_quotients(a: torch.Tensor, b: int) -> torch.Tensor:
+    """umulhi(4a, M) >> s on int64 tensors (4a * M < 2^63: exact), as the kernels compute it."""
+    m, s = tri.divide_magic(b)
+    assert 0 < m < 2**32 and 0 <= s <= 31
+    return ((4 * a * m) >> 32) >> s
+
+
+def _divisors() -> list[int]:
+    powers = [2**k + d for k in range(1, 31) for d in (-1, 0, 1)] + [2**31 - 1, 2**31 - 2]
+    return sorted(set(range(1, 300)) | {b for b in powers if 1 <= b <= 2**31 - 1} | {3**k for k in range(1, 20)})
+
+
+def test_divide_magic_every_divisor_at_the_edges(gen):
+    """floor(a / b) for divisors 1..299, powers of two and their neighbours, powers of three, up
+    to 2^31 - 1: a at 0, around every multiple of b near both ends of the range, at 2^30 - 1,
+    and at random."""
+    for b in _divisors():
+        k_top = MAGIC_A_MAX // b
+        ks = torch.tensor(sorted({0, 1, 2, 3, max(k_top - 2, 0), max(k_top - 1, 0), k_top}), dtype=torch.int64)
+        near = (ks[:, None] * b + torch.tensor([-1, 0, 1])[None, :]).reshape(-1)
+        a = torch.cat([near, torch.tensor([0, 1, MAGIC_A_MAX - 1, MAGIC_A_MAX]),
+                       torch.randint(0, MAGIC_A_MAX + 1, (512,), generator=gen)])
+        a = a[(a >= 0) & (a <= MAGIC_A_MAX)]
+        assert torch.equal(_magic_quotients(a, b), torch.div(a, b, rounding_mode="floor")), f"b={b}"
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 7, 13, 100, 2000, 2**15 - 1, 2**16 + 1, 2**30 - 1, 2**31 - 1])
+def test_divide_magic_exhaustive_low_range(b):
+    """Every a in [0, 2^22) and the last 2^20 values below 2^30."""
+    for lo, hi in ((0, 2**22), (2**30 - 2**20, 2**30)):
+        a = torch.arange(lo, hi, dtype=torch.int64)
+        assert torch.equal(_magic_quotients(a, b), torch.div(a, b, rounding_mode="floor")), f"b={b}"
+
+
+def test_divide_magic_rejects_bad_divisors():
+    for b in (0, -3, 2**31, 1.5, True):
+        with pytest.raises(ValueError, match="divisor"):
+            tri.divide_magic(b)
+
+
+def _largest_x0(n: int, limit: int = INT32_MAX) -> int:
+    """The x0 with the largest |x0| such that -x0 * 2^n <= limit."""
+    return -(limit >> n)
+
+
+EDGE_LENGTHS = [1, 3, 197, 785, 5000]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("length", EDGE_LENGTHS)
+def test_softmax_32bit_edges(dtype, length, gen):
+    """x0 at both ends of the 32-bit range for n = 0, 1, 15, 30 (largest exp term 2^31 - 1 or just
+    below), rows of extreme values and random rows spanning the clamp at n * x0."""
+    x = torch.cat([_extreme_rows(dtype, length), rand_rows(2, length, dtype, gen, spread=5000)])
+    for n in (0, 1, 15, 30):
+        for x0 in sorted(v for v in {-1, -7, -max(1, (INT32_MAX >> n) // 3), _largest_x0(n)} if v >= _largest_x0(n)):
+            for out_bits in (8, 16):
+                assert_same(tri.int_softmax_rows(x, x0, n, out_bits), ref.ref_int_softmax_rows(x, x0, n, out_bits),
+                            f"x0={x0} n={n} out_bits={out_bits}")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+@pytest.mark.parametrize("length", EDGE_LENGTHS)
+def test_gelu_32bit_edges(dtype, length, gen):
+    """The 32-bit path at its edge (-x0 * 2^n = 2^31 - 1 or just below) and the int64 path just past
+    it, with saturating sums (e + em) and negative row maxima."""
+    lo, _ = INT_RANGE[dtype]
+    negative = rand_int((1, length), lo, -1, gen).to(dtype)
+    x = torch.cat([_extreme_rows(dtype, length), rand_rows(2, length, dtype, gen, spread=3000), negative])
+    for n in (1, 15, 23):
+        for x0 in (-1, _largest_x0(n), _largest_x0(n) - 1):
+            for out_bits in (2, 8, 16):
+                assert_same(tri.int_gelu_rows(x, x0, n, out_bits), ref.ref_int_gelu_rows(x, x0, n, out_bits),
+                            f"x0={x0} n={n} out_bits={out_bits}")
+
+
+@pytest.mark.parametrize("c", [33025, 33026])
+def test_layernorm_int32_limit(c, gen):
+    """int8 rows at the int32 path's limit (C = 33025: var <= C * 255^2 <= 2^31 - 2) and one past
+    it (int64), with the largest variances: half -128 and half 127, and random full-range rows."""
+    half = torch.tensor([-128, 127] * c)[:c]
+    x = torch.stack([half, half.flip(0), torch.full((c,), -128)]).to(torch.int8).to(DEVICE)
+    x = torch.cat([x, rand_rows(1, c, torch.int8, gen)])
+    bias = rand_int((c,), -(2**30), 2**30, gen, torch.int32)
+    for iters in (0, 10, 16):
+        assert_same(tri.int_layernorm_rows(x, bias, iters), ref.ref_int_layernorm_rows(x, bias, iters),
+                    f"iters={iters}")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+@pytest.mark.parametrize("length", EDGE_LENGTHS)
+def test_layernorm_edges(dtype, length, gen):
+    x = torch.cat([_extreme_rows(dtype, length), rand_rows(2, length, dtype, gen)])
+    bias = rand_int((length,), -(2**31), 2**31 - 1, gen, torch.int32)  # the output wraps, as the reference
+    for iters in (0, 10, 16):
+        assert_same(tri.int_layernorm_rows(x, bias, iters), ref.ref_int_layernorm_rows(x, bias, iters),
+                    f"iters={iters}")
+
+
+# --------------------------------------------------------------------------------------------
 # int_gelu_rows
 # --------------------------------------------------------------------------------------------
 

@@ -112,7 +112,7 @@ def _host_scale(op: str, name: str, scale: Tensor) -> list[float]:
     return values
 
 
-def _f32(value: float) -> np.float32:
+def _np_f32(value: float) -> np.float32:
     """A Python float rounded to float32 (round to nearest even; out of range -> inf), the
     host-side stand-in for a float32 tensor element: numpy's float32 arithmetic on it is IEEE
     float32, as torch's CPU kernels."""
@@ -140,7 +140,7 @@ def shift_exp_x0(scale, op: str = "shift_exp", what: str = "scale") -> int:
     """
     if isinstance(scale, Tensor):
         scale = scale.detach().to(torch.float32).reshape(()).item()
-    s = _f32(scale)
+    s = _np_f32(scale)
     value = float(s)
     with np.errstate(all="ignore"):
         neg_inv = np.floor(np.float32(-1.0) / s)  # float32 division, as torch's -1.0 / S
@@ -339,7 +339,7 @@ def ref_int_gelu_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
 def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
     (host,) = _host_scale("int_gelu", "scale", scale)
     with np.errstate(over="ignore"):
-        scaled = _f32(host) * _f32(1.702)  # S' = 1.702 * S in float32, as I-ViT (and torch's S * 1.702)
+        scaled = _np_f32(host) * _np_f32(1.702)  # S' = 1.702 * S in float32, as I-ViT (and torch's S * 1.702)
     x0 = shift_exp_x0(scaled, "int_gelu", "1.702 * scale")
     # The sigmoid term is at most 2^(out_bits-1) - 1, except when e + e(-max) saturates at
     # 2^31 - 1 (f = 1): then it is e >> (32 - out_bits), e at most -x0 * 2^n. The int32 output
@@ -380,7 +380,7 @@ def _int_gelu_op(x: Tensor, scale: Tensor, out_bits: int, n: int) -> tuple[Tenso
     y = INT_GELU.kernels(x=rows, x0=x0, n=n, out_bits=out_bits)
     step = 2.0 ** -(out_bits - 1)
     if scale.device.type == "cpu":  # a fill on x's device, no copy (exact: a power-of-two step)
-        value = float(_f32(scale.detach().to(torch.float32).reshape(()).item()) * np.float32(step))
+        value = float(_np_f32(scale.detach().to(torch.float32).reshape(()).item()) * np.float32(step))
         out_scale = torch.full((), value, dtype=torch.float32, device=x.device)
     else:
         out_scale = scale.detach().to(torch.float32).reshape(()) * step
