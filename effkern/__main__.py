@@ -6,6 +6,9 @@
                                            scripts: scripts/gpu_check.sh reads its lists here
     python -m effkern bench FAMILY [...]   benchmark a kernel family (bench/FAMILY.py: integer, tokens,
                                            binary_hash; without a GPU: the correctness self-check)
+    python -m effkern perf [...]           the static performance report (bench/static.py): registers,
+                                           spills, occupancy, I/O widths, tensor cores, a roofline
+                                           estimate per benchmark row, read without a GPU
 """
 
 from __future__ import annotations
@@ -112,6 +115,20 @@ def _bench(argv: list[str]) -> int:
     return runner.cli(argv)
 
 
+def _perf(argv: list[str]) -> int:
+    """``python -m effkern perf [options]``: bench/static.py's command line (an estimate read from
+    the compiled kernels; it needs the checkout's bench/ directory and the CUDA binary tools)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "static.py").exists():
+        print(f"effkern perf: the bench/ directory of an effkern checkout is needed (looked in {root})",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from bench import static
+
+    return static.cli(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The subcommands parse their own options (and their own --help).
@@ -119,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(argv[1:])
     if argv[:1] == ["ops"]:
         return _ops(argv[1:])
+    if argv[:1] == ["perf"]:
+        return _perf(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m effkern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["info", "ops", "bench"])
+    parser.add_argument("command", choices=["info", "ops", "bench", "perf"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         print(info_text())

@@ -22,4 +22,11 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   "$PY" -m pip install -q "${missing[@]}"
 fi
+# The CUDA binary tools (ptxas, cuobjdump) of the static performance report (python -m effkern perf,
+# tests/test_perf_static.py), pinned so that the committed report is reproducible. Not fatal: the
+# GPU machine has no package index (its tests then skip, unless EFFKERN_REQUIRE_STATIC_TOOLS=1).
+if ! "$PY" -c "import sys; sys.path.insert(0, '.'); from bench.static import tool_dir; sys.exit(tool_dir() is None)" 2>/dev/null; then
+  "$PY" -m pip install -q nvidia-cuda-nvcc==13.5.37 nvidia-cuda-cuobjdump==13.5.37 nvidia-cuda-nvdisasm==13.5.37 \
+    || echo "install.sh: the CUDA binary tools could not be installed (no package index?); the static performance report and its tests skip" >&2
+fi
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
