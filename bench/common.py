@@ -305,15 +305,15 @@ class CopyMeter:
     3-10 µs kernel is judged against what a copy of its own bytes achieves (launch latency, a
     grid too small to fill the GPU), besides the large-copy ceiling."""
 
-    def __init__(self, warmup_ms: float, rep_ms: float) -> None:
-        self.timing, self.cache = (warmup_ms, rep_ms), {}
+    def __init__(self, warmup_ms: float, rep_ms: float, device="cuda") -> None:
+        self.timing, self.cache, self.device = (warmup_ms, rep_ms), {}, device
 
     def __call__(self, nbytes: int) -> Timing:
         half, pairs = same_bytes_copy_plan(nbytes)
         if half not in self.cache:
-            gen = torch.Generator(device="cuda").manual_seed(4321)
-            bufs = [(torch.randint(-128, 128, (half,), dtype=torch.int8, device="cuda", generator=gen),
-                     torch.empty(half, dtype=torch.int8, device="cuda")) for _ in range(pairs)]
+            gen = torch.Generator(device=self.device).manual_seed(4321)
+            bufs = [(torch.randint(-128, 128, (half,), dtype=torch.int8, device=self.device, generator=gen),
+                     torch.empty(half, dtype=torch.int8, device=self.device)) for _ in range(pairs)]
             rot = Rotator(bufs)
 
             def copy():

@@ -436,3 +436,25 @@ def test_timers_control_flow(monkeypatch, fail_capture):
         monkeypatch.setattr(fake, "fn", lambda: (calls.append(fake.capturing is not None), _FakeCuda.fn(fake)))
         common.graph_us(fake.fn, 3, 1.0, 2.0)
         assert sum(calls) == common.graph_calls(3)  # every set captured, in rotation
+
+
+def test_copy_meter_sizes_and_caches(monkeypatch):
+    """The same-size copy: one measurement per rounded size, on buffers of that size (CPU
+    buffers, the fake clock of _FakeCuda)."""
+    fake = _FakeCuda(us=1.0)
+    for name, value in fake.patches.items():
+        monkeypatch.setattr(torch.cuda, name, value, raising=False)
+    seen = []
+    real = common.device_us
+
+    def device_us(fn, n_sets, *a):
+        seen.append(n_sets)
+        return real(lambda: (fn(), fake.fn()), n_sets, *a)
+
+    monkeypatch.setattr(common, "device_us", device_us)
+    meter = common.CopyMeter(1.0, 2.0, device="cpu")
+    t = meter(100_000)
+    assert t.median_us == pytest.approx(1.0)
+    assert meter(100_000 - 20) is t and seen == [common.same_bytes_copy_plan(100_000)[1]]  # same rounded size: cached
+    meter(3 * 2**20)
+    assert len(seen) == 2
