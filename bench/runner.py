@@ -498,7 +498,10 @@ def baseline_callables(bl: Baseline, compile_ok: bool = True) -> list[tuple[str,
 def time_baseline(bl: Baseline, sets: list[dict], timing: tuple, ref_op=None, compile_ok: bool = True) -> Measured:
     """A baseline's device time (the fastest variant's) and host-inclusive time, on the rotated
     sets; never raises: a failure (a torch.compile error included) is N/A with the reason."""
-    fns = baseline_callables(bl, compile_ok)
+    try:
+        fns = baseline_callables(bl, compile_ok)
+    except Exception as e:  # torch.compile itself unavailable
+        return Measured(na=f"torch.compile unavailable: {common.short_exc(e)}")
     if isinstance(fns, str):
         return Measured(na=fns)
     times, fails, found = {}, {}, {}

@@ -7,8 +7,8 @@ written case by case, the report merge, and the GPU script's syntax."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -412,7 +412,7 @@ class _FakeCuda:
                 pass
 
         self.patches = {"Event": Event, "CUDAGraph": Graph, "graph": Capture, "Stream": Stream,
-                        "current_stream": lambda: Stream(), "stream": lambda s: __import__("contextlib").nullcontext(),
+                        "current_stream": lambda: Stream(), "stream": lambda s: contextlib.nullcontext(),
                         "synchronize": lambda *a: None, "_sleep": lambda cycles: None}
 
     def fn(self):
