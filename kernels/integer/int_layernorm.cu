@@ -132,7 +132,10 @@ __global__ void __launch_bounds__(BLOCK)
   }
 #pragma unroll
   for (int k = 0; k < NS; ++k) {
-    if (is[k] >= 0) outr[is[k]] = layernorm_out32(xs[k], muf, f, __ldg(bias + is[k]));
+    if (is[k] >= 0) {
+      const int32_t xv = NV > 0 ? xs[k] : (int32_t)xr[is[k]];  // looped rows: read again, not kept live
+      outr[is[k]] = layernorm_out32(xv, muf, f, __ldg(bias + is[k]));
+    }
   }
 }
 

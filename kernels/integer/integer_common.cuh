@@ -44,6 +44,14 @@ struct ChunkElems {
   static constexpr int value = 16 / (int)(sizeof(TIn) < sizeof(TOut) ? sizeof(TIn) : sizeof(TOut));
 };
 
+// Bytes of w picked by the PTX prmt selector sel (default mode: a nibble 8 + k replicates the
+// sign of byte k).
+__device__ __forceinline__ int32_t prmt_sx(uint32_t w, uint32_t sel) {
+  int32_t r;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(w), "r"(sel));
+  return r;
+}
+
 // VEC elements of an integer type T held as 32-bit words, loaded / stored as 16-byte vectors.
 template <typename T, int VEC>
 struct Chunk {
@@ -68,37 +76,32 @@ struct Chunk {
                    : "memory");
     }
   }
-  // element j (a compile-time constant after unrolling), sign-extended by one byte permute
-  // (selector nibble 8 + k: the sign of byte k)
+  // element j (a compile-time constant after unrolling), sign-extended by one byte permute:
+  // PTX prmt, whose selector nibble 8 + k gives the sign of byte k (the __byte_perm intrinsic
+  // keeps only 3 bits of each nibble, so it cannot sign-extend)
   __device__ __forceinline__ int32_t get(int j) const {
     if constexpr (sizeof(T) == 1) {
       const unsigned k = j % 4;
-      return (int32_t)__byte_perm(w[j / 4], 0, k | (8u + k) << 4 | (8u + k) << 8 | (8u + k) << 12);
+      return prmt_sx(w[j / 4], k | (8u + k) << 4 | (8u + k) << 8 | (8u + k) << 12);
     } else if constexpr (sizeof(T) == 2) {
-      return (int32_t)__byte_perm(w[j / 2], 0, j % 2 ? 0xBB32u : 0x9910u);
+      return prmt_sx(w[j / 2], j % 2 ? 0xBB32u : 0x9910u);
     } else {
       return (int32_t)w[j];
     }
   }
-  // the row maximum of the chunk (SIMD byte / halfword max for narrow types)
+  // the maximum of the chunk's elements (int16: SIMD halfword max, native on sm_90; int8:
+  // per element, which sm_90 folds into 3-way max instructions)
   __device__ __forceinline__ int32_t max() const {
-    if constexpr (sizeof(T) == 1) {
-      uint32_t m = w[0];
-#pragma unroll
-      for (int i = 1; i < kWords; ++i) m = __vmaxs4(m, w[i]);
-      m = __vmaxs4(m, m >> 16);
-      m = __vmaxs4(m, m >> 8);
-      return (int32_t)(int8_t)m;
-    } else if constexpr (sizeof(T) == 2) {
+    if constexpr (sizeof(T) == 2) {
       uint32_t m = w[0];
 #pragma unroll
       for (int i = 1; i < kWords; ++i) m = __vmaxs2(m, w[i]);
       m = __vmaxs2(m, m >> 16);
-      return (int32_t)(int16_t)m;
+      return prmt_sx(m, 0x9910u);
     } else {
-      int32_t m = (int32_t)w[0];
+      int32_t m = get(0);
 #pragma unroll
-      for (int i = 1; i < kWords; ++i) m = m > (int32_t)w[i] ? m : (int32_t)w[i];
+      for (int j = 1; j < VEC; ++j) m = m > get(j) ? m : get(j);
       return m;
     }
   }
