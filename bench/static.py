@@ -548,8 +548,9 @@ def _caller() -> str:
     import traceback as tb
 
     for fr in reversed(tb.extract_stack()[:-2]):
-        if "effkern" in fr.filename and "bench/static.py" not in fr.filename.replace(os.sep, "/"):
-            return f"{Path(fr.filename).name}:{fr.lineno}"
+        path = Path(fr.filename).resolve()
+        if path.is_relative_to(REPO / "effkern"):
+            return f"{path.relative_to(REPO).as_posix()}:{fr.lineno}"
     return "?"
 
 
@@ -1008,6 +1009,7 @@ def _rows(case, fam_name: str, read: CaseRead, launches: list[dict], compiled: d
             fl = floors(case.bytes, case.flops, case.dtype, tc, 0, 0)
             flags = [f for f in structural_flags(mk, case, fl, 0, 0) if not f.startswith("grid")]
             v, why = verdict(case, fl, flags, 0, bool(mk))
+            why += "; floors and the instantiations' properties only (grid, loop trip counts: n/a without a GPU)"
             rows.append(dict(base, backend="cuda", read=bool(mk), error="" if mk else "no CUDA kernel matched by name",
                              notes=["instantiations matched by name (the one that runs is chosen at run time); "
                                     "grid, launches and syncs need a GPU"],
