@@ -88,12 +88,16 @@ def warm_up(fn: Callable[[], object], warmup_ms: float) -> float:
         fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    n, t0 = 0, time.perf_counter()
-    while n < 3 or (time.perf_counter() - t0 < warmup_ms * 1e-3 and n < MAX_LOOP_CALLS):
-        fn()
-        n += 1
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
+    n, k, t0 = 0, 1, time.perf_counter()
+    while True:  # batches of doubling size, each synchronised: the host never runs far ahead of the GPU
+        for _ in range(k):
+            fn()
+        n += k
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        if (n >= 3 and elapsed >= warmup_ms * 1e-3) or n >= MAX_LOOP_CALLS:
+            return elapsed / n
+        k = min(2 * k, MAX_LOOP_CALLS - n)
 
 
 def _head_start(us: float) -> None:
