@@ -4,13 +4,14 @@ PVT-style stages), bf16, both forms (ecoformer {-1, +1} codes, shiftadd {0, 1} c
 and 64 at H = 12, N = 3136); KSH hash with 64 anchors per head.
 
 *binary_attention* is the linear attention alone on packed codes (kernel µs: the backend kernel; op µs:
-the public op). *hash_attention.unfused* is the same path with `ksh_hash` then `pack_bits` (y written
-and read back: what the fusion saves); *hash_attention.train* the trainable path's forward
-(`binary_hash_attention`: `ksh_hash` of q and k kept for the backward, `hashed_attention`). *hash_attention* is the inference path from q, k, v: `ksh_codes` (the fused KSH hash
+the public op). *hash_attention* is the inference path from q, k, v: `ksh_codes` (the fused KSH hash
 and bit packing) of q and of k, then `binary_attention` (kernel µs: the backend's kernels in a row; op
-µs: the public ops). Outputs are compared with the torch backend within the bf16 tolerance (plus 1e-3
-of max |out|); code bits equal except where the reference hash |y| is within 1e-4 of max |y| of zero,
-the output compared in the (batch, head) slices whose codes agree. *GB/s* counts the floor:
+µs: the public ops). *hash_attention.unfused* is the same path with `ksh_hash` then `pack_bits` (y
+written and read back: what the fusion saves); *hash_attention.train* the trainable path's forward
+(`binary_hash_attention`: `ksh_hash` of q and k, kept for the backward, then `hashed_attention`).
+Outputs are compared with the torch backend within the bf16 tolerance (plus 1e-3 of max |out|); code
+bits equal except where the reference hash |y| is within 1e-4 of max |y| of zero, the output compared
+in the (batch, head) slices whose codes agree. *GB/s* counts the floor:
 binary_attention reads q codes, k codes and v and writes out once; hash_attention reads q, k, v (and
 the hash parameters) and writes out once.
 
