@@ -14,7 +14,7 @@ torch launches between the kernels).
 Kernels (one program per (b, h, block of BLOCK_N tokens); d is walked in chunks of BLOCK_D, the
 m anchors are one BLOCK_M tile, the b bits are walked in chunks of BLOCK_B):
 
-* ``_ksh_sigma_part_kernel``: the block's sum of D without forming D: sum_n sum_j D[n, j] =
+* ``_ksh_sigma_part_kernel``: per token block, the sum of D without forming D: sum_n sum_j D[n, j] =
   m sum_n ||xn||^2 + n sum_j ||a_j||^2 - 2 sum_n xn . (sum_j a_j) (the clamp of D at 0 only
   removes rounding, far below sigma's own rounding). One pass over x, no anchor distances.
   As in the torch primitive, each row of x is scaled by a power of two (exact) that follows its
@@ -51,6 +51,7 @@ BLOCK_N = 64
 MAX_BLOCK_D = 64
 MAX_BLOCK_B = 64
 SUM_CHUNK = 128
+SIGMA_BLOCKS = 4  # token blocks per program of the sigma pass
 
 # Constants used inside kernels must be tl.constexpr globals (compiled Triton rejects others).
 _NORM_EPS = tl.constexpr(NORM_EPS)
@@ -212,17 +213,11 @@ def _ksh_block_grad_k(gy_ptr, p_ptr, gy_base, p_base, n0, N, M, NB,
     return gk
 
 
-# --------------------------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------------------------
-
-
 @triton.jit
-def _ksh_sigma_part_kernel(x_ptr, a_ptr, part_ptr, H, N, M, Dd, NBLK,
-                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """part[bh, blk] = sum of D over the block's tokens and all anchors, in closed form."""
-    bh = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
+def _ksh_sigma_part(x_ptr, a_ptr, part_ptr, bh, blk, H, N, M, Dd, NBLK,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """part[bh, blk] = the sum of D over token block blk of (b, h) bh and all anchors, in
+    closed form (see _ksh_sigma_part_kernel)."""
     h = bh % H
     n0 = blk * BLOCK_N
     nl = tl.arange(0, BLOCK_N)
@@ -253,6 +248,24 @@ def _ksh_sigma_part_kernel(x_ptr, a_ptr, part_ptr, H, N, M, Dd, NBLK,
     n_blk = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
     part = M.to(tl.float32) * tl.sum(xn2, axis=0) + n_blk * tl.sum(a2, axis=0) - 2.0 * tl.sum(cross, axis=0)
     tl.store(part_ptr + bh * NBLK + blk, part)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ksh_sigma_part_kernel(x_ptr, a_ptr, part_ptr, H, N, M, Dd, NBLK,
+                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCKS: tl.constexpr):
+    """part[bh, blk] = sum of D over the block's tokens and all anchors, in closed form, for
+    BLOCKS consecutive token blocks (the anchors, re-read per block, then come from L1)."""
+    bh = tl.program_id(0).to(tl.int64)
+    for sub in range(BLOCKS):
+        blk = tl.program_id(1) * BLOCKS + sub
+        if blk < NBLK:
+            _ksh_sigma_part(x_ptr, a_ptr, part_ptr, bh, blk, H, N, M, Dd, NBLK, BLOCK_N, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -384,9 +397,9 @@ def _sigma_parts(x: Tensor, anchors: Tensor, cfg: dict, nblk: int) -> Tensor:
     """Per-token-block sums of D [B * H, token blocks] (the kernels sum them into sigma)."""
     bsz, h, n, d = x.shape
     part = torch.empty((bsz * h, nblk), device=x.device, dtype=torch.float32)
-    _ksh_sigma_part_kernel[(bsz * h, nblk)](x, anchors, part, h, n, anchors.shape[1], d, nblk,
-                                            BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
-                                            num_warps=4)
+    grid = (bsz * h, triton.cdiv(nblk, SIGMA_BLOCKS))
+    _ksh_sigma_part_kernel[grid](x, anchors, part, h, n, anchors.shape[1], d, nblk, BLOCK_N=cfg["BLOCK_N"],
+                                 BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCKS=SIGMA_BLOCKS, num_warps=4)
     return part
 
 
