@@ -118,6 +118,10 @@ def _binary_shapes():
             for i, dt in enumerate(FLOATS):
                 nbits = (16, 33, 64)[i]  # one, two (a padded one) and two full code words
                 yield b, h, n, d, nbits, dt, form, f"{form} d={d} nbits={nbits} {case_id(dt)}"
+    # N = 785 > 256 tokens: several token splits, so the partials buffer and the pass that sums
+    # them in order run under the sanitizer too (N = 197 is a single split).
+    for form in ("ecoformer", "shiftadd"):
+        yield 1, 2, 785, 64, 16, FLOATS[0], form, f"{form} n=785 (token splits) {case_id(FLOATS[0])}"
 
 
 def binary_attention_cases(gen):
