@@ -153,7 +153,8 @@ def test_saturation_extremes(gen):
 
 def test_split_k_choice_and_arguments(gen):
     """Small M splits K (grid fills the SMs); bad constants raise."""
-    assert T._split_k(tiles=18, k=384, block_k=128, sms=132) == 1  # 3 steps: not worth it
+    assert T._split_k(tiles=36, k=384, block_k=128, sms=132) == 3  # ViT-S qkv at batch 1
+    assert T._split_k(tiles=36, k=100, block_k=128, sms=132) == 1  # one K step
     assert T._split_k(tiles=12, k=3072, block_k=128, sms=132) == 8
     assert T._split_k(tiles=900, k=3072, block_k=128, sms=132) == 1
     x = ints((2, 16), -128, 127, gen, torch.int8)

@@ -698,11 +698,13 @@ def _int8_linear_op(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tensor 
                     out_scale: Tensor | None, out_bits: int) -> Tensor:
     m = e = None
     if out_scale is not None:
-        # Left on the host, and (1,) when both scales are per-tensor (a shape test, no sync): the
-        # Triton kernel then takes them as two scalar arguments and picks its 32-bit epilogue
-        # on the host; each backend moves what it needs to the device.
+        # (1,) when both scales are per-tensor (a shape test, no sync), and left on the host when
+        # they are host scales: the Triton kernel then takes per-tensor constants as two scalar
+        # arguments and picks its epilogue on the host; each backend moves what it needs.
         per_tensor = in_scale.numel() == 1 and out_scale.numel() == 1
-        m, e = _dyadic_columns("int8_linear", in_scale, out_scale, 1 if per_tensor else w.shape[0], "cpu")
+        host = in_scale.device.type == "cpu" and out_scale.device.type == "cpu"
+        m, e = _dyadic_columns("int8_linear", in_scale, out_scale, 1 if per_tensor else w.shape[0],
+                               "cpu" if host else x.device)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     bias = None if bias is None else bias.contiguous()
     y = INT8_LINEAR.kernels(x=rows, w=w.contiguous(), bias=bias, m=m, e=e, out_bits=out_bits)

@@ -120,7 +120,8 @@ def _requantize(acc, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS: tl.cons
     where that is exact (requant.py), else in int64. The host decides when it knows the
     constants (EPILOGUE = INT32 / INT64: one path compiled); with device constants (AUTO) the
     kernel does, by a branch uniform over the tile. Per-tensor constants are scalars (no
-    per-column registers); PER_TENSOR_VALUES passes them as arguments (m', t - 1 for INT32)."""
+    per-column registers); PER_TENSOR_VALUES passes them as arguments. With INT32 the host has
+    already turned them into requant_i32_constants (int32 m', t - 1)."""
     if CONSTS == 2:
         if EPILOGUE == 1:
             out = requantize_tile_i32(acc, m_val, e_val, OUT_LO, OUT_HI)
@@ -133,9 +134,8 @@ def _requantize(acc, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS: tl.cons
         else:  # masked columns read in-range values: they never send a tile to the int64 path
             m = tl.load(m_ptr + offs_n, mask=n_mask, other=2**30)[None, :]
             e = tl.load(e_ptr + offs_n, mask=n_mask, other=40)[None, :]
-        if EPILOGUE == 1:
-            m32, t1 = requant_i32_constants(m, e)
-            out = requantize_tile_i32(acc, m32, t1, OUT_LO, OUT_HI)
+        if EPILOGUE == 1:  # the host prepared int32 (m', t - 1): int32 loads keep the multiply 32 x 32
+            out = requantize_tile_i32(acc, m, e, OUT_LO, OUT_HI)
         elif EPILOGUE == 2:
             out = requantize_tile(acc, m, e, OUT_LO, OUT_HI).to(tl.int32)
         else:
@@ -192,11 +192,12 @@ def _linear_config(m: int, n: int, k: int, consts: int, epilogue: int) -> tuple[
 
 def _split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
     """How many K ranges each output tile is summed over: enough programs to fill the SMs when
-    the tiles alone cannot (small M), each range at least two BLOCK_K steps, at most 8."""
+    the tiles alone fill less than half of them (small M), at most 8 and at least one BLOCK_K
+    step per range."""
     steps = triton.cdiv(k, block_k)
-    if tiles >= sms // 2 or steps < 4:
+    if tiles >= sms // 2 or steps < 2:
         return 1
-    return max(1, min(8, triton.cdiv(sms, tiles), steps // 2))
+    return min(8, triton.cdiv(sms, tiles), steps)
 
 
 def _requant_constants(op: str, m: Tensor, e: Tensor, n: int, device, on_host: bool):
@@ -221,12 +222,21 @@ def _requant_constants(op: str, m: Tensor, e: Tensor, n: int, device, on_host: b
             if fast:  # requant_i32_constants on the host
                 mv, ev = requant_i32_host(mv, ev)
             return None, None, mv, ev, PER_TENSOR_VALUES, epilogue
+        if fast:  # requant_i32_constants on the host, as int32 vectors
+            m, e = torch.where(top == 1, m // 2, m).to(torch.int32), (e - top - E_FAST_LO).to(torch.int32)
     else:
         epilogue = AUTO
     if not per_tensor:
         m, e = m.expand(n), e.expand(n)
     consts = PER_TENSOR_PTR if per_tensor else PER_COLUMN
-    return m.to(device).contiguous(), e.to(device).contiguous(), 0, 0, consts, epilogue
+    return _to_device(m.contiguous(), device), _to_device(e.contiguous(), device), 0, 0, consts, epilogue
+
+
+def _to_device(t: Tensor, device) -> Tensor:
+    """t on ``device``; from the host through pinned memory, not blocking (as the op layer does)."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,

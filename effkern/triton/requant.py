@@ -47,14 +47,14 @@ def requantize_tile(acc, m, e, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
 # else (m, e) (the same ratio, and m' < 2^31 fits int32): every realistic int8/int16
 # requantisation (ratio m / 2^e below 2^-1). requantize_tile's result is then computed from the
 # two 32-bit halves of v = acc * m' (one 32 x 32 -> 64-bit multiply, IMAD.WIDE), in int32:
-#   |v| <= 2^31 * (2^31 - 1) < 2^62, so v = hi * 2^32 + lo, hi in [-2^30, 2^30], lo in [0, 2^32);
+#   |v| <= 2^31 * (2^31 - 1) < 2^62, so v = hi * 2^32 + lo, hi in [-2^30, 2^30), lo in [0, 2^32);
 #   round-half-even(v / 2^e') = floor((v + 2^(e'-1) - 1 + p) / 2^e'), p = bit e' of v (the
 #   parity of floor(v / 2^e')): a remainder above half rounds up, exactly half rounds up iff the
-#   quotient is odd; with t = e' - 32 in [1, 30], p = (hi >> t) & 1 (lo < 2^32 cannot reach bit
-#   e'), and floor((v + 2^(e'-1) - 1 + p) / 2^32) = hi + 2^(t-1) - c, c = 1 iff lo == 0 and
-#   p == 0 (lo - 1 + p is in [-1, 2^32), below 0 only then), so the result is
-#   floor((hi - c + 2^(t-1)) / 2^t) = (((hi - c) >> (t - 1)) + 1) >> 1 (nested floors), where
-#   hi - c >= -2^30 - 1 cannot wrap; its magnitude is at most 2^62 / 2^33 + 1 < 2^31.
+#   quotient is odd. With t = e' - 32 in [1, 30]: p = (hi >> t) & 1 (lo < 2^32 cannot reach bit
+#   e'); 2^(e'-1) - 1 = (2^(t-1) - 1) * 2^32 + (2^32 - 1), so the high word of the numerator is
+#   hi + (2^(t-1) - 1) + carry, carry = [lo + 2^32 - 1 + p >= 2^32] = [(lo | p) != 0], and
+#   floor(numerator / 2^e') = (hi + 2^(t-1) - 1 + carry) >> t (floor of a floor). That sum is in
+#   [-2^30, 2^30 + 2^29]: no wrap; the result's magnitude is at most 2^62 / 2^33 + 1 < 2^31.
 
 E_FAST_LO, E_FAST_HI, M_FAST_HI = 33, 62, 2**31  # the range, for host code
 _E_LO, _E_HI, _M_HI = tl.constexpr(E_FAST_LO), tl.constexpr(E_FAST_HI), tl.constexpr(M_FAST_HI)
@@ -91,7 +91,7 @@ def requantize_tile_i32(acc, m1, t1, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr)
     v = acc.to(tl.int64) * m1.to(tl.int64)  # int32 x int32 -> int64: a single IMAD.WIDE
     hi = (v >> 32).to(tl.int32)
     lo = v.to(tl.int32)
-    p = (hi >> (t1 + 1)) & 1
-    c = ((lo | p) == 0).to(tl.int32)
-    y = (((hi - c) >> t1) + 1) >> 1
+    t = t1 + 1
+    carry = ((lo | ((hi >> t) & 1)) != 0).to(tl.int32)
+    y = (hi + ((1 << t1) - 1) + carry) >> t
     return tl.minimum(tl.maximum(y, OUT_LO), OUT_HI)
