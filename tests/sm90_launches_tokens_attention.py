@@ -29,12 +29,20 @@ def launch_all(T, g: torch.Generator) -> None:
         # masked_softmax: short rows packed several per program (N = 3, 197), rows of one full
         # block (N = 4096) and chunked rows (N = 4097); policy in fp32 (what the op passes) and
         # in the logits' dtype.
+        # The benchmark's sequence lengths (bench/tokens.py: N = 197 and 785, 6 heads) are
+        # read at their own shapes below.
         for n in (3, 197, 4096, 4097):
             x = torch.empty((1, 1, n, n), dtype=dtype)
             for pdtype in {torch.float32, dtype}:
                 policy = torch.ones((1, n), dtype=pdtype)
                 T.masked_softmax_fwd(x, policy, 1e-6)
                 T.masked_softmax_bwd(torch.empty_like(x), x, policy, 1e-6)
+
+        for b, h, n in ((64, 6, 197), (2, 6, 785)):
+            x = torch.empty((b, h, n, n), dtype=dtype)
+            policy = torch.ones((b, n), dtype=torch.float32)
+            T.masked_softmax_fwd(x, policy, 1e-6)
+            T.masked_softmax_bwd(torch.empty_like(x), x, policy, 1e-6)
 
         # tome_match: metric widths of one chunk (C = 16, 17) or several (C = 64, 300, 1024);
         # row blocks of 16 (N = 5), 32 x 16 (N = 33) and 32 x 64 (N = 197); class_token both ways.
