@@ -133,7 +133,7 @@ def _requantize(acc, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS: tl.cons
             e = tl.load(e_ptr)
         else:  # masked columns read in-range values: they never send a tile to the int64 path
             m = tl.load(m_ptr + offs_n, mask=n_mask, other=2**30)[None, :]
-            e = tl.load(e_ptr + offs_n, mask=n_mask, other=40)[None, :]
+            e = tl.load(e_ptr + offs_n, mask=n_mask, other=0 if EPILOGUE == 1 else 40)[None, :]
         if EPILOGUE == 1:  # the host prepared int32 (m', t - 1): int32 loads keep the multiply 32 x 32
             out = requantize_tile_i32(acc, m, e, OUT_LO, OUT_HI)
         elif EPILOGUE == 2:
