@@ -3,9 +3,14 @@ and requantising epilogue, bit for bit the reference ``ref_int8_linear_rows`` of
 :mod:`effkern.ops.integer`.
 
 Tiled GEMM, ``tl.dot(int8, int8) -> int32`` accumulation, grouped program order for L2 reuse,
-then the epilogue: saturating bias add and the requantisation helper that the ``requantize``
-kernel also uses (:mod:`effkern.triton.requant`). Tile sizes are chosen by shape (no
-autotuning). The integer row kernels of the family live in :mod:`effkern.triton.integer`.
+then the epilogue: an int32 saturating bias add and the requantisation of
+:mod:`effkern.triton.requant` -- in 32-bit arithmetic (one widening multiply) where that is
+proven exact, which covers every realistic scale ratio, else in int64 as the ``requantize``
+kernel does. Per-tensor constants known on the host are two scalar arguments; the host picks the
+epilogue when it holds the constants, the kernel (per tile, no sync) when they live on the
+device. Small M splits K over several programs per tile, reduced exactly in int32 by the last
+to arrive. Tile sizes are chosen by shape and epilogue (no autotuning), so that two or three
+blocks share an SM at large M. The integer row kernels live in :mod:`effkern.triton.integer`.
 """
 
 from __future__ import annotations
@@ -170,7 +175,7 @@ def _linear_config(m: int, n: int, k: int, consts: int, epilogue: int) -> tuple[
     loads (cp.async), uses wgmma from BLOCK_M = 64 up and does not spill. For large M the tiles
     are sized so that several blocks share an SM (one's epilogue overlaps another's main loop):
     per-tensor 32-bit: 128 x 128, 8 warps, ~115 registers, 96 KiB: 2 per SM; per-column 32-bit:
-    128 x 64, 4 warps (16 columns' constants per thread), ~124 registers, 72 KiB: 3 per SM; the
+    128 x 64, 4 warps (16 columns' constants per thread), ~151 registers, 72 KiB: 3 per SM; the
     int64 epilogue (compiled alone, or beside the 32-bit one when the kernel decides) needs
     far more registers: 64 x 64 tiles.
     """
@@ -278,7 +283,9 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
     y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_m, block_n, block_k, group_m, warps, stages = _linear_config(rows, n, k, consts, epilogue)
+    # without requantisation the epilogue is the bias alone: the per-tensor 32-bit tiles
+    cfg = (consts, epilogue) if requant else (PER_TENSOR_VALUES, INT32)
+    block_m, block_n, block_k, group_m, warps, stages = _linear_config(rows, n, k, *cfg)
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
     if split_k is None:
         split_k = _split_k(tiles, k, block_k, _sm_count(x.device))
