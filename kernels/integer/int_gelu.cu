@@ -26,11 +26,14 @@ __device__ __forceinline__ uint32_t gelu_elem(int32_t v, int32_t m, uint32_t em_
 }
 
 template <typename TIn, int T, int NV, int BLOCK, bool kNarrow>
-__global__ void __launch_bounds__(BLOCK)
+__global__ void __launch_bounds__(BLOCK, kMinBlocks<BLOCK>)
     int_gelu_kernel(const TIn* __restrict__ x, int32_t* __restrict__ y, int64_t rows, int64_t L, int g0,
                     const ShiftExp32 c, int64_t x0, int n, int out_bits) {
   constexpr int VEC = ChunkElems<TIn, int32_t>::value;
-  constexpr int NS = (2 * (VEC - 1) + T - 1) / T;  // scalar (head + tail) slots per thread
+  // scalar (head + tail) slots per thread, kept in registers on the register path; the looped
+  // path (long rows) reads its few scalar elements again in each pass (for_rest) instead
+  constexpr int NS = NV > 0 ? (2 * (VEC - 1) + T - 1) / T : 0;
+  constexpr int NSA = NS > 0 ? NS : 1;  // array extent
   __shared__ int32_t s_max[BLOCK / 32];
   const int lane = threadIdx.x % T;
   const int64_t row = (int64_t)blockIdx.x * (BLOCK / T) + threadIdx.x / T;
@@ -42,8 +45,8 @@ __global__ void __launch_bounds__(BLOCK)
   const TIn* __restrict__ xc = xr + sp.head;  // chunk 0, 16-byte aligned
   int32_t* __restrict__ yc = yr + sp.head;
 
-  int64_t is[NS];  // scalar elements: index in the row, or -1
-  int32_t xs[NS];
+  int64_t is[NSA];  // scalar elements: index in the row, or -1
+  int32_t xs[NSA];
   int32_t m = INT32_MIN;
 #pragma unroll
   for (int k = 0; k < NS; ++k) {
@@ -52,6 +55,13 @@ __global__ void __launch_bounds__(BLOCK)
     xs[k] = is[k] >= 0 ? (int32_t)xr[is[k]] : INT32_MIN;
     m = xs[k] > m ? xs[k] : m;
   }
+  // scalar elements beyond the NS slots: only rows whose x and y admit no common 16-byte
+  // phase (g0 < 0, every element scalar) have them; read again in each pass
+  auto for_rest = [&](auto&& f) {
+#pragma unroll 1
+    for (int64_t u = lane + (int64_t)NS * T; u < ns; u += T) f(scalar_index(u, sp, VEC));
+  };
+  for_rest([&](int64_t i) { m = max(m, (int32_t)xr[i]); });
   Chunk<TIn, VEC> in[NV > 0 ? NV : 1];
   if constexpr (NV > 0) {  // whole row in registers: one read of x
 #pragma unroll
@@ -98,6 +108,7 @@ __global__ void __launch_bounds__(BLOCK)
   for (int k = 0; k < NS; ++k) {
     if (is[k] >= 0) yr[is[k]] = (int32_t)gelu_elem<kNarrow>(xs[k], m, em_c, c, out_bits);
   }
+  for_rest([&](int64_t i) { yr[i] = (int32_t)gelu_elem<kNarrow>((int32_t)xr[i], m, em_c, c, out_bits); });
 }
 
 template <typename TIn, bool kNarrow>

@@ -39,11 +39,14 @@ __device__ __forceinline__ void chunk_sums(const Chunk<TIn, VEC>& ch, int64_t& s
 }
 
 template <typename TIn, int T, int NV, int BLOCK>
-__global__ void __launch_bounds__(BLOCK)
+__global__ void __launch_bounds__(BLOCK, kMinBlocks<BLOCK>)
     int_layernorm_kernel(const TIn* __restrict__ x, const int32_t* __restrict__ bias,
                          int32_t* __restrict__ out, int64_t rows, int64_t C, int g0, int iters) {
   constexpr int VEC = ChunkElems<TIn, int32_t>::value;
-  constexpr int NS = (2 * (VEC - 1) + T - 1) / T;  // scalar (head + tail) slots per thread
+  // scalar (head + tail) slots per thread, kept in registers on the register path; the looped
+  // path (long rows) reads its few scalar elements again in each pass (for_rest) instead
+  constexpr int NS = NV > 0 ? (2 * (VEC - 1) + T - 1) / T : 0;
+  constexpr int NSA = NS > 0 ? NS : 1;  // array extent
   constexpr int R = BLOCK / T;                     // rows per block
   __shared__ int64_t s_red[BLOCK / 32];
   __shared__ int64_t s_sum[R], s_sq[R];
@@ -60,8 +63,8 @@ __global__ void __launch_bounds__(BLOCK)
   const int32_t* __restrict__ bc = bias + sp.head;
   const bool bias_vec = reinterpret_cast<uintptr_t>(bc) % 16 == 0;  // per row: head varies
 
-  int64_t is[NS];  // scalar elements: index in the row, or -1
-  int32_t xs[NS];
+  int64_t is[NSA];  // scalar elements: index in the row, or -1
+  int32_t xs[NSA];
   int64_t sum = 0, sq = 0;
 #pragma unroll
   for (int k = 0; k < NS; ++k) {
@@ -71,6 +74,17 @@ __global__ void __launch_bounds__(BLOCK)
     sum += xs[k];
     sq += (int64_t)(xs[k] * xs[k]);
   }
+  // scalar elements beyond the NS slots: only rows whose x and out admit no common 16-byte
+  // phase (g0 < 0, every element scalar) have them; read again in each pass
+  auto for_rest = [&](auto&& f) {
+#pragma unroll 1
+    for (int64_t u = lane + (int64_t)NS * T; u < ns; u += T) f(scalar_index(u, sp, VEC));
+  };
+  for_rest([&](int64_t i) {
+    const int32_t v = xr[i];
+    sum += v;
+    sq += (int64_t)(v * v);
+  });
   Chunk<TIn, VEC> in[NV > 0 ? NV : 1];
   if constexpr (NV > 0) {  // whole row in registers: one read of x
 #pragma unroll
@@ -133,10 +147,10 @@ __global__ void __launch_bounds__(BLOCK)
 #pragma unroll
   for (int k = 0; k < NS; ++k) {
     if (is[k] >= 0) {
-      const int32_t xv = NV > 0 ? xs[k] : (int32_t)xr[is[k]];  // looped rows: read again, not kept live
-      outr[is[k]] = layernorm_out32(xv, muf, f, __ldg(bias + is[k]));
+      outr[is[k]] = layernorm_out32(xs[k], muf, f, __ldg(bias + is[k]));
     }
   }
+  for_rest([&](int64_t i) { outr[i] = layernorm_out32((int32_t)xr[i], muf, f, __ldg(bias + i)); });
 }
 
 template <typename TIn>

@@ -12,11 +12,14 @@ namespace integer {
 namespace {
 
 template <typename TIn, typename TOut, int T, int NV, int BLOCK>
-__global__ void __launch_bounds__(BLOCK)
+__global__ void __launch_bounds__(BLOCK, kMinBlocks<BLOCK>)
     int_softmax_kernel(const TIn* __restrict__ x, TOut* __restrict__ y, int64_t rows, int64_t L,
                        int g0, const ShiftExp32 c) {
   constexpr int VEC = ChunkElems<TIn, TOut>::value;
-  constexpr int NS = (2 * (VEC - 1) + T - 1) / T;  // scalar (head + tail) slots per thread
+  // scalar (head + tail) slots per thread, kept in registers on the register path; the looped
+  // path (long rows) reads its few scalar elements again in each pass (for_rest) instead
+  constexpr int NS = NV > 0 ? (2 * (VEC - 1) + T - 1) / T : 0;
+  constexpr int NSA = NS > 0 ? NS : 1;  // array extent
   constexpr bool kClampA = sizeof(TIn) == 4;      // m - x may exceed 2^16
   __shared__ int32_t s_max[BLOCK / 32];
   __shared__ uint32_t s_sum[BLOCK / 32];
@@ -30,8 +33,8 @@ __global__ void __launch_bounds__(BLOCK)
   const TIn* __restrict__ xc = xr + sp.head;  // chunk 0, 16-byte aligned
   TOut* __restrict__ yc = yr + sp.head;
 
-  int64_t is[NS];  // scalar elements: index in the row, or -1
-  int32_t xs[NS];
+  int64_t is[NSA];  // scalar elements: index in the row, or -1
+  int32_t xs[NSA];
   int32_t m = INT32_MIN;
 #pragma unroll
   for (int k = 0; k < NS; ++k) {
@@ -40,7 +43,15 @@ __global__ void __launch_bounds__(BLOCK)
     xs[k] = is[k] >= 0 ? (int32_t)xr[is[k]] : INT32_MIN;
     m = xs[k] > m ? xs[k] : m;
   }
-  uint32_t es[NS];
+  // scalar elements beyond the NS slots: only rows whose x and y admit no common 16-byte
+  // phase (g0 < 0, every element scalar) have them; recomputed in each pass
+  auto for_rest = [&](auto&& f) {
+#pragma unroll 1
+    for (int64_t u = lane + (int64_t)NS * T; u < ns; u += T) f(scalar_index(u, sp, VEC));
+  };
+  for_rest([&](int64_t i) { m = max(m, (int32_t)xr[i]); });
+  auto e_at = [&](int64_t i) { return shift_exp32(exp_arg<kClampA>(m, (int32_t)xr[i], c), c); };
+  uint32_t es[NSA];
 
   if constexpr (NV > 0) {  // whole row in registers: one read of x
     Chunk<TIn, VEC> in[NV];
@@ -71,6 +82,7 @@ __global__ void __launch_bounds__(BLOCK)
       es[k] = is[k] >= 0 ? shift_exp32(exp_arg<kClampA>(m, xs[k], c), c) : 0;
       s = sat_add32(s, es[k]);
     }
+    for_rest([&](int64_t i) { s = sat_add32(s, e_at(i)); });
     s = group_allreduce<T, BLOCK>(s, SatAddU32{}, s_sum);
     const uint32_t f = kOne32 / (s > 0 ? s : 1);  // s >= 1 on every valid row
 #pragma unroll
@@ -89,6 +101,7 @@ __global__ void __launch_bounds__(BLOCK)
     for (int k = 0; k < NS; ++k) {
       if (is[k] >= 0) yr[is[k]] = (TOut)softmax_out32(es[k], f, 8 * sizeof(TOut));
     }
+    for_rest([&](int64_t i) { yr[i] = (TOut)softmax_out32(e_at(i), f, 8 * sizeof(TOut)); });
   } else {  // long row: pass 1 max, pass 2 sum, pass 3 recompute e and write
     for (int64_t ci = lane; ci < nc; ci += T) {
       Chunk<TIn, VEC> in;
@@ -109,6 +122,7 @@ __global__ void __launch_bounds__(BLOCK)
       es[k] = is[k] >= 0 ? shift_exp32(exp_arg<kClampA>(m, xs[k], c), c) : 0;
       s = sat_add32(s, es[k]);
     }
+    for_rest([&](int64_t i) { s = sat_add32(s, e_at(i)); });
     s = group_allreduce<T, BLOCK>(s, SatAddU32{}, s_sum);
     const uint32_t f = kOne32 / (s > 0 ? s : 1);
     for (int64_t ci = lane; ci < nc; ci += T) {
@@ -125,6 +139,7 @@ __global__ void __launch_bounds__(BLOCK)
     for (int k = 0; k < NS; ++k) {
       if (is[k] >= 0) yr[is[k]] = (TOut)softmax_out32(es[k], f, 8 * sizeof(TOut));
     }
+    for_rest([&](int64_t i) { yr[i] = (TOut)softmax_out32(e_at(i), f, 8 * sizeof(TOut)); });
   }
 }
 

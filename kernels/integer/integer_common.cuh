@@ -166,6 +166,11 @@ __device__ __forceinline__ V group_allreduce(V v, Op op, V* smem) {
 constexpr int kRowsBlock = 128;   // threads per block for T <= 128
 constexpr int kLoopBlock = 512;   // threads per block (= per row) of the looped path
 
+// Blocks per SM the kernels are compiled for: without it ptxas sizes the 512-thread looped
+// kernels for three blocks per SM (40 registers) and spills; two leave them 64.
+template <int BLOCK>
+constexpr int kMinBlocks = BLOCK >= kLoopBlock ? 2 : 1;
+
 // Calls f(integral_constant T, integral_constant NV, integral_constant BLOCK).
 template <typename F>
 inline void dispatch_rows(int64_t L, int vec, F&& f) {
