@@ -429,6 +429,18 @@ def _warps(block_d: int) -> int:
     return 4 if block_d <= 128 else 8
 
 
+def _bwd_config(block_d: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_M, BLOCK_K, warps, tensor cores) of the two backward attention kernels, which hold
+    more [BLOCK_M, BLOCK_D] and [BLOCK_K, BLOCK_D] tiles (and their bfloat16 pieces) than the
+    forward: BLOCK_K = 16, and 16 rows from d = 128 on, so that they do not spill (read at sm_90);
+    wide heads (d > 128, no ViT's) keep the FP32-core products, whose tiles need no pieces."""
+    if block_d <= 64:
+        return 64, 16, 4, TENSOR_CORES
+    if block_d <= 128:
+        return 16, 16, 4, TENSOR_CORES
+    return 16, 16, 8, False
+
+
 def pack_codes(h: Tensor) -> Tensor:
     """int32 [..., ceil(b / 32)]: bit j of word j // 32 is 1[h[..., j] > 0]."""
     b = h.shape[-1]
@@ -502,9 +514,8 @@ def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: 
     eco = form == "ecoformer"
     words = q_codes.shape[-1]
     kv, nc, length = _codes_outer(k_codes, v, None, nbits, eco)
-    block_k, block_d = _block_k(nbits), _block_d(d)
-    block_m = _block_m(block_d)
-    warps = _warps(block_d)
+    block_d = _block_d(d)
+    block_m, block_k, warps, tc = _bwd_config(block_d)
     grid = (bsz * heads, triton.cdiv(n, block_m))
     gq = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     gden = torch.empty((bsz, heads, n) if eco else (1,), dtype=torch.float32, device=v.device)
@@ -512,13 +523,13 @@ def binary_attention_bwd(grad_out: Tensor, q_codes: Tensor, k_codes: Tensor, v: 
     c = float(nbits + 1)
     _attention_bwd_query_kernel[grid](
         grad_out, v, q_codes, kv, gq, gden, d_hq, n, d, words, nbits, nc, length, c,
-        ECO=eco, TC=TENSOR_CORES, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps)
+        ECO=eco, TC=tc, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps)
     dkv, nc, length = _codes_outer(q_codes, gq, gden if eco else None, nbits, eco)
     d_hk = torch.empty(code_shape, dtype=torch.float32, device=v.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _attention_bwd_key_kernel[grid](
         v, k_codes, gq, dkv, d_hk, dv, n, d, words, nbits, nc, length, c if eco else math.pi / 2,
-        ECO=eco, TC=TENSOR_CORES, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps)
+        ECO=eco, TC=tc, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps)
     return d_hq, d_hk, dv
 
 
