@@ -563,7 +563,7 @@ def _to_device(t: Tensor, device) -> Tensor:
     device = torch.device(device)
     if device.type == "cpu":
         return t
-    return t.pin_memory(device).to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _dyadic_columns(op: str, in_scale: Tensor, out_scale: Tensor, columns: int, device) -> tuple[Tensor, Tensor]:

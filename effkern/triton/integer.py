@@ -9,10 +9,16 @@ op layer.
 Integer semantics on the device. Triton's ``//`` and ``%`` on signed integers truncate toward
 zero (C), not toward -inf (Python, torch's ``rounding_mode="floor"``), so every signed floor
 division goes through :func:`_floor_div`. ``>>`` on signed integers is arithmetic (floor), as in
-torch. Values that can leave int32 are widened to int64 before the operation that could
-overflow; int64 wrap-around (``<<``, ``*``) is two's complement, as in torch. Integer constants
-beyond int32 are never written as Python literals (Triton would type 2^31 as uint32); they are
-built from int64 tensors by shifts.
+torch. Arithmetic is 32-bit wherever the host proves it exact (each kernel section says why):
+the shift-exp when -x0 * 2^n <= 2^31 - 1 (always for Shiftmax, usually for ShiftGELU), its
+division by the constant x0 as a multiply-high by a host-computed multiplier
+(:func:`divide_magic`), the saturated row sums in uint32, I-LayerNorm's mean, variance and
+Newton square root for int8 rows up to 33025 long. Elsewhere values that can leave int32 are
+widened to int64 before the operation that could overflow; int64 wrap-around (``<<``, ``*``) is
+two's complement, as in torch. Integer constants beyond int32 are never written as Python
+literals (Triton would type 2^31 as uint32); they are built from int64 tensors by shifts, or
+passed as int32 bit patterns (the magic multiplier) so that a kernel's scalar types never
+change with their values.
 
 Kernel structure.
 * Row kernels (softmax, GELU, LayerNorm): a program owns ``ROWS`` rows. A row that fits one
@@ -147,6 +153,14 @@ def _sat_add(a, b):
 
 
 @triton.jit
+def _row_sum_sat(e):
+    """min(sum over axis 1, 2^31 - 1) of uint32 terms <= 2^31 - 1, as [ROWS, 1] uint32. The
+    reduction is an int64 tl.sum (exact: at most 2^12 * 2^31 per block), not tl.reduce with
+    _sat_add, which Triton's interpreter runs element by element."""
+    return tl.minimum(tl.sum(e.to(tl.int64), axis=1), _INT32_MAX).to(tl.uint32)[:, None]
+
+
+@triton.jit
 def _row_diff(xi, mx, mask):
     """x - rowmax for int32 x of a narrow dtype (|x - max| < 2^16); 0 where masked."""
     return tl.where(mask, xi - mx, 0)
@@ -194,7 +208,7 @@ def _int_softmax_kernel(x_ptr, y_ptr, R, L, b, nx0, n, magic, magic_shift,
         xi = tl.load(x_ptr + base + cols, mask=mask, other=0).to(tl.int32)
         mx = tl.max(tl.where(mask, xi, _INT32_MIN), axis=1)[:, None]
         e = _softmax_exp(xi, mx, mask, b, nx0, n, magic, magic_shift, CLAMP)
-        s = tl.reduce(e, 1, _sat_add)[:, None]
+        s = _row_sum_sat(e)
         f = 2147483647 // tl.maximum(s, 1)  # s >= 1 on real rows; padding rows have s = 0
         tl.store(y_ptr + base + cols, ((e * f) >> OUT_SHIFT).to(y_ptr.dtype.element_ty), mask=mask)
     else:
@@ -211,7 +225,7 @@ def _int_softmax_kernel(x_ptr, y_ptr, R, L, b, nx0, n, magic, magic_shift,
             mask = row_mask & (start + cols < L)
             xi = tl.load(x_ptr + base + start + cols, mask=mask, other=0).to(tl.int32)
             s_acc = _sat_add(s_acc, _softmax_exp(xi, mx, mask, b, nx0, n, magic, magic_shift, CLAMP))
-        s = tl.reduce(s_acc, 1, _sat_add)[:, None]
+        s = _row_sum_sat(s_acc)
         f = 2147483647 // tl.maximum(s, 1)
         # Pass 3: recompute the exps and write.
         for start in range(0, L, BLOCK):
