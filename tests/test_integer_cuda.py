@@ -92,7 +92,8 @@ def host_lib(tmp_path_factory):
     for name, args in [("ek_check_div_magic", [u32, u32]), ("ek_check_shift_exp32", [i64, cint, cint]),
                        ("ek_check_gelu_out32", [i64, cint, cint, i32, i32]),
                        ("ek_check_softmax_out32", [i64, i64, cint]), ("ek_check_layernorm_out32", [i64, i64, ptr, cint, ptr, cint]),
-                       ("ek_check_layernorm_row", [ptr, i64, cint]), ("ek_check_row_split", [i64, i64, cint, cint])]:
+                       ("ek_check_layernorm_row", [ptr, i64, cint]),
+                       ("ek_check_layernorm_factor32", [i64, i64]), ("ek_check_row_split", [i64, i64, cint, cint])]:
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = i64
     for name in ("ek_int_softmax_rows", "ek_int_gelu_rows", "ek_int_layernorm_rows"):
@@ -201,6 +202,15 @@ def test_host_layernorm_out32(host_lib):
     for kmin, kmax in [(1, 40), (2**16 - 20, 2**16 + 2), (2**20, 2**20 + 1), (2**31 - 2, 2**31 - 1)]:
         assert host_lib.ek_check_layernorm_out32(kmin, kmax, mus.data_ptr(), len(mus), bias.data_ptr(),
                                                  len(bias)) == 0, (kmin, kmax)
+
+
+def test_host_layernorm_factor32(host_lib, gen):
+    """The square-root iteration with 32-bit divisions (var < 2^32) against the int64 one, every
+    iteration count: all var up to 2^20, around 2^32 (where it hands over), random ones."""
+    ranges = [(0, 2**20), (2**32 - 2**18, 2**32 + 2**10), (2**31 - 5, 2**31 + 5), (2**16 * 2**16 - 1, 2**32)]
+    ranges += [(v, v + 64) for v in torch.randint(0, 2**32, (64,), generator=gen).tolist()]
+    for lo, hi in ranges:
+        assert host_lib.ek_check_layernorm_factor32(lo, hi) == 0, (lo, hi)
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=case_id)

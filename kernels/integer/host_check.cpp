@@ -103,7 +103,7 @@ int ek_int_layernorm_rows(const int32_t* x, const int32_t* bias, int64_t rows, i
     int64_t sum = 0, sq = 0;
     if (!for_row(r, C, g0, vec, [&](int64_t i) { sum += xr[i]; sq += (int64_t)xr[i] * xr[i]; })) return -1;
     const int64_t mu = round_half_even_div(sum, C);
-    const int32_t f = (int32_t)layernorm_factor(layernorm_var(sum, sq, mu, C), iters);
+    const int32_t f = (int32_t)layernorm_factor32(layernorm_var(sum, sq, mu, C), iters);
     const uint32_t muf = layernorm_muf((int32_t)mu, f);
     for_row(r, C, g0, vec, [&](int64_t i) { yr[i] = layernorm_out32(xr[i], muf, f, bias[i]); });
   }
@@ -233,6 +233,15 @@ int64_t ek_check_layernorm_row(const int32_t* x, int64_t C, int iters) {
   int64_t k = (int64_t)1 << 16;
   for (int i = 0; i < iters; ++i) k = (k + var / k) / 2;
   return bad + (k < ymax);
+}
+
+// layernorm_factor32 against layernorm_factor for var in [lo, hi], every iteration count.
+int64_t ek_check_layernorm_factor32(int64_t lo, int64_t hi) {
+  if (lo < 0 || hi < lo) return -1;
+  int64_t bad = 0;
+  for (int64_t v = lo; v <= hi; ++v)
+    for (int iters = 0; iters <= 16; ++iters) bad += layernorm_factor32(v, iters) != layernorm_factor(v, iters);
+  return bad;
 }
 
 // row_split over rows rows of length L: every row covered exactly once, chunks on the g0 grid.

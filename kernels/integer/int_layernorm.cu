@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(BLOCK, kMinBlocks<BLOCK>)
     const int64_t mu = round_half_even_div(s_sum[threadIdx.x], C);
     const int64_t var = layernorm_var(s_sum[threadIdx.x], s_sq[threadIdx.x], mu, C);
     s_mu[threadIdx.x] = (int32_t)mu;                            // |mu| <= 2^15
-    s_f[threadIdx.x] = (int32_t)layernorm_factor(var, iters);  // in [0, 2^31 - 1]
+    s_f[threadIdx.x] = (int32_t)layernorm_factor32(var, iters);  // in [0, 2^31 - 1]
   }
   __syncthreads();
   const int32_t f = s_f[rb];

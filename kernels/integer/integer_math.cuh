@@ -276,6 +276,18 @@ EK_HD int64_t layernorm_var(int64_t sum, int64_t sumsq, int64_t mu, int64_t c) {
   return sumsq - 2 * mu * sum + c * mu * mu;
 }
 
+// layernorm_factor with 32-bit divisions when var < 2^32 (every int8 row up to C = 66051):
+// from k0 = 2^16 > sqrt(var) the iteration stays at or above isqrt(var) = r (AM-GM, with the
+// floors: floor((k + floor(v/k))/2) = floor((k + v/k)/2) >= r), so v/k <= v/r < r + 3 and
+// k + v/k < 2^17 + 3: no 32-bit overflow.  var = 0 halves k, which stays >= 1 for iters <= 16.
+EK_HD int64_t layernorm_factor32(int64_t var, int iters) {
+  if ((uint64_t)var >> 32) return layernorm_factor(var, iters);
+  const uint32_t v = (uint32_t)var;
+  uint32_t k = 1u << 16;
+  for (int i = 0; i < iters; ++i) k = (k + v / k) >> 1;
+  return (int64_t)(kOne32 / k);
+}
+
 // ((y*f) >> 1) + bias in 32 bits, y = x - mu, muf = mu * f mod 2^32 (once per row):
 // |y| <= k (k0 = 2^16 > |y|; after an iteration k >= isqrt(var) >= |y|), so
 // |y*f| <= k*floor((2^31-1)/k) <= 2^31 - 1 and x*f - mu*f, taken modulo 2^32, is y*f exactly;
