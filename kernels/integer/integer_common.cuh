@@ -166,10 +166,11 @@ __device__ __forceinline__ V group_allreduce(V v, Op op, V* smem) {
 constexpr int kRowsBlock = 128;   // threads per block for T <= 128
 constexpr int kLoopBlock = 512;   // threads per block (= per row) of the looped path
 
-// Blocks per SM the kernels are compiled for: without it ptxas sizes the 512-thread looped
-// kernels for three blocks per SM (40 registers) and spills; two leave them 64.
+// Blocks per SM the kernels are compiled for, i.e. at most 64 registers a thread (half the
+// SM's warps resident): without it ptxas sizes the 512-thread looped kernels for three blocks
+// (40 registers) and spills, and a bound of one block lets the 128-thread ones take 110.
 template <int BLOCK>
-constexpr int kMinBlocks = BLOCK >= kLoopBlock ? 2 : 1;
+constexpr int kMinBlocks = 1024 / BLOCK;
 
 // Calls f(integral_constant T, integral_constant NV, integral_constant BLOCK).
 template <typename F>
