@@ -418,14 +418,26 @@ def _check_int(op: str, name: str, value, lo: int | None = None, hi: int | None 
     return value
 
 
-def _row_config(rows: int, length: int, block: int | None) -> tuple[int, int, bool, int]:
-    """(ROWS, BLOCK, ONE_PASS, num_warps) for a row kernel over ``rows`` rows of ``length``."""
+def _row_config(rows: int, length: int, block: int | None, itemsize: int = 1) -> tuple[int, int, bool, int]:
+    """(ROWS, BLOCK, ONE_PASS, num_warps) for a row kernel over ``rows`` rows of ``length``.
+
+    Rows whose starts are not 16-byte aligned (length * itemsize not a multiple of 16) load one
+    element per thread per column, and Triton lays a packed tile's columns over all its warps,
+    so every thread would hold a piece of every row and redo each row's scalar work (maximum,
+    sum, division) for a couple of elements. There the warps are sized to the row instead
+    (BLOCK / 256 of them: at least 8 elements of one row per thread) and rows packed up to about
+    16 elements per thread.
+    """
     if block is None:
         block = max(16, triton.next_power_of_2(length))
         block = min(block, MAX_ROW_BLOCK)
     elif block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 1, got {block}")
     one_pass = length <= block
+    if (length * itemsize) % 16:
+        num_warps = max(1, min(8, block // 256))
+        n_rows = max(1, min(512 * num_warps // block, triton.next_power_of_2(rows))) if one_pass else 1
+        return n_rows, block, one_pass, num_warps
     n_rows = 1
     if one_pass:
         n_rows = max(1, min(ROW_TILE // block, triton.next_power_of_2(rows)))
@@ -462,7 +474,7 @@ def int_softmax_rows(x: Tensor, x0: int, n: int, out_bits: int, *, block: int | 
     y = torch.empty((r, length), dtype=int_dtype_for_bits(out_bits), device=x.device)
     if y.numel() == 0:
         return y
-    rows, block, one_pass, warps = _row_config(r, length, block)
+    rows, block, one_pass, warps = _row_config(r, length, block, x.element_size())
     _int_softmax_kernel[(triton.cdiv(r, rows),)](
         x, y, r, length, -x0, nx0, n, magic, magic_shift,
         ROWS=rows, BLOCK=block, ONE_PASS=one_pass, CLAMP=x.dtype == torch.int32,
@@ -482,7 +494,7 @@ def int_gelu_rows(x: Tensor, x0: int, n: int, out_bits: int, *, block: int | Non
     y = torch.empty((r, length), dtype=torch.int32, device=x.device)
     if y.numel() == 0:
         return y
-    rows, block, one_pass, warps = _row_config(r, length, block)
+    rows, block, one_pass, warps = _row_config(r, length, block, x.element_size())
     _int_gelu_kernel[(triton.cdiv(r, rows),)](
         x, y, r, length, x0, nx0, n, magic, magic_shift,
         ROWS=rows, BLOCK=block, ONE_PASS=one_pass, E32=e32, OUT_SHIFT=32 - out_bits,
@@ -501,7 +513,7 @@ def int_layernorm_rows(x: Tensor, bias_int: Tensor, iters: int, *, block: int | 
     y = torch.empty((r, c), dtype=torch.int32, device=x.device)
     if y.numel() == 0:
         return y
-    rows, block, one_pass, warps = _row_config(r, c, block)
+    rows, block, one_pass, warps = _row_config(r, c, block, x.element_size())
     _int_layernorm_kernel[(triton.cdiv(r, rows),)](
         x, bias_int, y, r, c, iters, ROWS=rows, BLOCK=block, ONE_PASS=one_pass,
         I32=x.dtype == torch.int8 and c <= _LN_INT32_MAX_C, num_warps=warps)
