@@ -463,7 +463,10 @@ def _codes_outer(codes: Tensor, x: Tensor, w: Tensor | None, nbits: int, signed:
     bsz, heads, n, d = x.shape
     bh = bsz * heads
     words = codes.shape[-1]
-    block_k, block_d = _block_k(nbits), _block_d(d)
+    # fp32 x (the backward's G, fp32 v): three bf16 pieces per tile; 16 bits per program keep
+    # them in registers.
+    block_k = 16 if x.dtype == torch.float32 else _block_k(nbits)
+    block_d = _block_d(d)
     kb = triton.cdiv(nbits, block_k)
     steps = triton.cdiv(n, REDUCE_BLOCK_N)
     nc = min(steps, max(1, triton.cdiv(FILL_PROGRAMS, bh * kb)))
