@@ -26,7 +26,29 @@ class Order:
 
 DEFAULT = Order(("cuda", "triton", "torch"), "default: no evidence recorded; hand-written CUDA first")
 
-GPU_ORDER: dict[str, Order] = {}
+_BINARY_ATTENTION = Order(
+    ("triton", "cuda", "torch"),
+    "static report: Triton's products run on tensor cores (tensor-core instructions in its SASS), its issue floor near the memory "
+    "floor at N >= 785; the CUDA kernels are FP32-core FMA loops (about 1.8 SASS instructions per token, "
+    "column and code bit in the first pass, estimated about 2x the memory time) and the output pass loads "
+    "v element by element")
+_INTEGER_ROWS = ("static report: the CUDA kernels move rows in 16-byte chunks at every row length and take "
+                 "fewer SASS instructions per element ({cuda} against Triton's {triton})")
+
+GPU_ORDER: dict[str, Order] = {
+    "binary_attention": _BINARY_ATTENTION,
+    "hashed_attention": _BINARY_ATTENTION,  # the same kernels after the hash
+    "int_softmax": Order(("cuda", "triton", "torch"), _INTEGER_ROWS.format(
+        cuda="about 19", triton="32-38, with byte loads at odd row lengths such as 197 and 785")),
+    "int_gelu": Order(("cuda", "triton", "torch"), _INTEGER_ROWS.format(cuda="about 39", triton="about 55")),
+    "int_layernorm": Order(("cuda", "triton", "torch"), _INTEGER_ROWS.format(cuda="6-9", triton="about 21")),
+    "token_gather": Order(("cuda", "triton", "torch"),
+                          "static report: both backends 16-byte I/O, no spills, memory-bound; no evidence "
+                          "either way yet, hand-written CUDA first until a GPU measures them"),
+    "token_scatter": Order(("cuda", "triton", "torch"),
+                           "static report: both backends 16-byte I/O, no spills, memory-bound; no evidence "
+                           "either way yet, hand-written CUDA first until a GPU measures them"),
+}
 
 
 def gpu_order(op: str) -> Order:

@@ -33,3 +33,24 @@ def test_dispatcher_walks_the_op_order(monkeypatch):
     flipped = _backend_order.Order(("triton", "cuda", "torch"), "test")
     monkeypatch.setitem(_backend_order.GPU_ORDER, op, flipped)
     assert tuple(_registry.OPS[op].kernels.candidates(CUDA)) == flipped.backends
+
+
+def _static_report():
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "results" / "static.json"
+    if not path.exists():
+        pytest.skip("no committed static report (python -m effkern perf)")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("op", ["binary_attention"])
+def test_binary_attention_grounds_hold_in_the_static_report(op):
+    """Triton first because its products run on tensor cores and the CUDA kernels' do not: if a
+    kernel change makes that false, the order must be revisited."""
+    rows = [r for r in _static_report()["rows"] if r["op"] == op and r.get("read", True)]
+    triton = [r["tensor_cores"] for r in rows if r["backend"] == "triton"]
+    cuda = [r["tensor_cores"] for r in rows if r["backend"] == "cuda"]
+    assert triton and all(triton), "a Triton binary attention row without tensor cores"
+    assert cuda and not any(cuda), "the CUDA binary attention uses tensor cores now: revisit the order"
+    assert _backend_order.gpu_order(op).backends[0] == "triton"
