@@ -97,6 +97,16 @@ def check_choice(op: str, name: str, value, choices: tuple) -> None:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def to_device_async(t: Tensor, device) -> Tensor:
+    """``t`` on ``device``; a host tensor goes to a GPU through pinned memory, non-blocking, so
+    the host does not wait for the device (torch's caching host allocator keeps the pinned copy
+    alive until the transfer is done)."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # --------------------------------------------------------------------------------------------
 # Value validation (index ranges, finiteness, plan consistency): it needs the data on the host,
 # which on a GPU is a device synchronisation. Ops take ``validate=None`` by default: validated

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from effkern._common import (INT32_MAX, INT_DTYPES, MAX_INT8_LINEAR_K, check_int, check_same_device, dtype_name,
-                             int_dtype_for_bits, validation_enabled)
+                             int_dtype_for_bits, to_device_async, validation_enabled)
 from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 
 _DTYPE_BITS = {torch.int8: 8, torch.int16: 16, torch.int32: 32}
@@ -558,14 +558,6 @@ def _dyadic_host(i: float, o: float) -> tuple[int, int]:
     return math.floor(mantissa * 2.0**31 + 0.5), 31 - exponent
 
 
-def _to_device(t: Tensor, device) -> Tensor:
-    """A CPU tensor on ``device`` without a blocking copy (pinned memory, non_blocking)."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
 def _dyadic_columns(op: str, in_scale: Tensor, out_scale: Tensor, columns: int, device) -> tuple[Tensor, Tensor]:
     """Checked (m, e) as contiguous int64 vectors of length ``columns`` on ``device``, with no
     synchronisation for host scales (per-tensor: two fills; per-channel: a pinned copy). A scale
@@ -579,7 +571,7 @@ def _dyadic_columns(op: str, in_scale: Tensor, out_scale: Tensor, columns: int, 
             return (torch.full((columns,), m, dtype=torch.int64, device=device),
                     torch.full((columns,), e, dtype=torch.int64, device=device))
         m, e = dyadic_params(in_scale.detach().to(torch.float32).reshape(-1), out_scale.detach().to(torch.float32).reshape(-1))
-        return _to_device(m.expand(columns).contiguous(), device), _to_device(e.expand(columns).contiguous(), device)
+        return to_device_async(m.expand(columns).contiguous(), device), to_device_async(e.expand(columns).contiguous(), device)
     dev = in_scale.device if in_scale.device.type != "cpu" else out_scale.device
     if validation_enabled(dev):
         _host_scale(op, "in_scale", in_scale)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from effkern._common import MAX_INT8_LINEAR_K, int_dtype_for_bits
+from effkern._common import MAX_INT8_LINEAR_K, int_dtype_for_bits, to_device_async
 from effkern.triton.integer import _check_columns, _check_int, _check_rows
 from effkern.triton.requant import (E_FAST_HI, E_FAST_LO, M_FAST_HI, out_range, requant_i32_constants,
                                     requant_i32_host, requant_i32_in_range,
@@ -234,14 +234,7 @@ def _requant_constants(op: str, m: Tensor, e: Tensor, n: int, device, on_host: b
     if not per_tensor:
         m, e = m.expand(n), e.expand(n)
     consts = PER_TENSOR_PTR if per_tensor else PER_COLUMN
-    return _to_device(m.contiguous(), device), _to_device(e.contiguous(), device), 0, 0, consts, epilogue
-
-
-def _to_device(t: Tensor, device) -> Tensor:
-    """t on ``device``; from the host through pinned memory, not blocking (as the op layer does)."""
-    if t.device.type == "cpu" and torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return to_device_async(m.contiguous(), device), to_device_async(e.contiguous(), device), 0, 0, consts, epilogue
 
 
 def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,
