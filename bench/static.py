@@ -787,8 +787,9 @@ def read_case(case, modules) -> CaseRead:
         with host_patches(counter), _make_mode(counter), \
                 recording(modules, on_launch=lambda a, kw: _tag(list(a) + list(kw.values()))) as sink:
             try:
+                # residency comes from how each input was made (the Rand's device=, .cpu() for
+                # host constants such as a host scale), not from being in the set
                 s = runner.input_sets(case, "cpu", rotate=False)[0]
-                _tag(list(s.values()))
             except Exception as e:
                 out.error = out.op_error = "inputs " + _why(e)
                 return out
