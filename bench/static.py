@@ -682,8 +682,11 @@ def host_patches(counter: Counter):
 
     def to_make(orig):
         def f(self, *a, **kw):
+            # non_blocking: the host does not wait (effkern issues such copies only from pinned
+            # memory, effkern._common.to_device_async); a launch, not a sync
             if not _dev(self) and names_device(a, kw):
-                counter.sync("host-to-device .to(device)")
+                if not kw.get("non_blocking", False):
+                    counter.sync("host-to-device .to(device)")
                 out = quiet(orig, self, *a, **kw)
                 out = out[...] if out is self else out  # the device copy is a new tensor
                 return _tag(out)

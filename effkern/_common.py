@@ -104,7 +104,7 @@ def to_device_async(t: Tensor, device) -> Tensor:
     device = torch.device(device)
     if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.to(device, non_blocking=True)  # a no-op when t is already there
 
 
 # --------------------------------------------------------------------------------------------
