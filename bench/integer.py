@@ -111,8 +111,8 @@ def _dyadic(r, in_scale, out_scale: float, n: int, on_device: bool = True) -> di
 def requantize(model, b, shape):
     numel, c, out_scale = math.prod(shape), shape[-1], 0.05
 
-    def setup(r):  # per-channel in_scale, float32 on the host
-        d = _dyadic(r, 2e-5 * (1.0 + r.rand(c).cpu()), out_scale, c)
+    def setup(r):  # per-channel in_scale, float32 on the host; (m, e) on the host, as the op has them
+        d = _dyadic(r, 2e-5 * (1.0 + r.rand(c).cpu()), out_scale, c, on_device=False)
         return dict(d, ratio=(d["in_scale"] / out_scale).to(r.device, torch.bfloat16))
 
     eager = Baseline("torch bf16 x*s round clamp", lambda s: torch.round(s["xb"] * s["ratio"])

@@ -26,7 +26,10 @@ def launch_all(T, g):
         T.int_layernorm_rows(ints((2, 5000), dtype), ints((5000,), torch.int32), 10)
     T.int_gelu_rows(ints((3, 64), torch.int8), -(2**29), 23, 8)  # E32=False: the int64 path
     for dtype, bits in ((torch.int32, 8), (torch.int16, 16), (torch.int8, 32)):
-        T.requantize_rows(ints((7, 1536), dtype), ints((1536,), torch.int64, 2**30, 2**31), ints((1536,), torch.int64, 0, 70), bits)
+        m, e = ints((1536,), torch.int64, 2**30, 2**31), ints((1536,), torch.int64, 0, 70)
+        T.requantize_rows(ints((7, 1536), dtype), m, e, bits)  # the host picks the int64 epilogue
+        T.requantize_rows(ints((7, 1536), dtype), m, e, bits, host_epilogue=False)  # both, per tile
+        T.requantize_rows(ints((7, 1536), dtype), m[:1], e[:1].clamp(33, 62), bits)  # per tensor, 32-bit
 
     # bench/integer.py: softmax over N = 197 / 785 logits (int8 at scale 0.08: x0 = -13; int16
     # at 0.0005: x0 = -2000; n = 15, 8-bit out), GELU over 4C = 1536 / 3072 (x0 = floor(-1 /
@@ -39,5 +42,5 @@ def launch_all(T, g):
     for c in (384, 768):
         T.int_gelu_rows(empty((BENCH_ROWS, 4 * c), dtype=torch.int8), -12, 23, 8)
         T.int_layernorm_rows(empty((BENCH_ROWS, c), dtype=torch.int8), empty((c,), dtype=torch.int32), 10)
-    T.requantize_rows(empty((BENCH_ROWS, 1536), dtype=torch.int32), empty((1536,), dtype=torch.int64),
-                      empty((1536,), dtype=torch.int64), 8)
+    T.requantize_rows(empty((BENCH_ROWS, 1536), dtype=torch.int32), torch.full((1536,), 2**30 + 12345),
+                      torch.full((1536,), 44), 8)  # host constants in the 32-bit range, as the op has them

@@ -382,18 +382,27 @@ def test_layernorm_rejects_bad_arguments():
 ODD_SHIFTS = [-2, 0, 1, 31, 40, 62, 63, 70]
 
 
+@pytest.mark.parametrize("host_epilogue", [True, False], ids=["host-chosen", "kernel-chosen"])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
 @pytest.mark.parametrize("shape", [(0, 4), (1, 1), (3, 5), (5, 197), (33, 300)])
-def test_requantize_random(shape, dtype, gen):
+def test_requantize_random(shape, dtype, host_epilogue, gen):
+    """Per-column and per-tensor constants, in the 32-bit range (realistic shifts), outside it
+    (odd shifts: e <= 0, e >= 63, 31, and a tile mixing both) and at m = 2^31; the epilogue
+    picked on the host (constants on the CPU) or per tile in the kernel."""
     r, c = shape
     x = rand_rows(r, c, dtype, gen, spread=1000)
     m = rand_int((c,), 2**30, 2**31, gen)
+    m[::4] = 2**31
     for out_bits in (2, 8, 16, 32):
         realistic = rand_int((c,), 20, 45, gen)
         odd = torch.tensor(ODD_SHIFTS, device=DEVICE)[rand_int((c,), 0, len(ODD_SHIFTS) - 1, gen)]
         for e in (realistic, odd):
-            assert_same(tri.requantize_rows(x, m, e, out_bits), ref.ref_requantize_rows(x, m, e, out_bits),
-                        f"out_bits={out_bits}")
+            assert_same(tri.requantize_rows(x, m, e, out_bits, host_epilogue=host_epilogue),
+                        ref.ref_requantize_rows(x, m, e, out_bits), f"out_bits={out_bits}")
+        for shift in (int(realistic[0]), 63, 0):
+            m1, e1 = m[:1], torch.tensor([shift], device=DEVICE)
+            assert_same(tri.requantize_rows(x, m1, e1, out_bits, host_epilogue=host_epilogue),
+                        ref.ref_requantize_rows(x, m1, e1, out_bits), f"per tensor e={shift} out_bits={out_bits}")
 
 
 def test_requantize_exact_ties(gen):

@@ -601,7 +601,12 @@ REQUANTIZE = define_op(
 
 @REQUANTIZE.impl
 def _requantize_op(x: Tensor, in_scale: Tensor, out_scale: Tensor, out_bits: int) -> Tensor:
-    m, e = _dyadic_columns("requantize", in_scale, out_scale, x.shape[-1], x.device)
+    # As int8_linear: (1,) for per-tensor scales, left on the host for host scales (the Triton
+    # kernel then takes them as scalars and picks its 32-bit epilogue on the host).
+    per_tensor = in_scale.numel() == 1 and out_scale.numel() == 1
+    host = in_scale.device.type == "cpu" and out_scale.device.type == "cpu"
+    m, e = _dyadic_columns("requantize", in_scale, out_scale, 1 if per_tensor else x.shape[-1],
+                           "cpu" if host else x.device)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     return REQUANTIZE.kernels(x=rows, m=m, e=e, out_bits=out_bits).reshape(x.shape)
 

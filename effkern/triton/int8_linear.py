@@ -20,11 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from effkern._common import MAX_INT8_LINEAR_K, int_dtype_for_bits, to_device_async
+from effkern._common import MAX_INT8_LINEAR_K, int_dtype_for_bits
 from effkern.triton.integer import _check_columns, _check_int, _check_rows
-from effkern.triton.requant import (E_FAST_HI, E_FAST_LO, M_FAST_HI, out_range, requant_i32_constants,
-                                    requant_i32_host, requant_i32_in_range,
-                                    requantize_tile, requantize_tile_i32)
+from effkern.triton.requant import (AUTO, INT32, PER_COLUMN, PER_TENSOR_VALUES, out_range,
+                                    requant_constants, requantize_epilogue)
 
 _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
@@ -106,55 +105,10 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_pt
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0)
             out = _saturating_add_i32(out, bias[None, :])
         if REQUANT:
-            out = _requantize(out, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS, EPILOGUE, OUT_LO, OUT_HI)
+            out = requantize_epilogue(out, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS, EPILOGUE, OUT_LO, OUT_HI)
         mask = (offs_m < M)[:, None] & n_mask[None, :]
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-# CONSTS: where the requantisation constants come from.
-PER_COLUMN, PER_TENSOR_PTR, PER_TENSOR_VALUES = 0, 1, 2
-# EPILOGUE: which requantisation runs; AUTO decides per tile, in the kernel, without a sync.
-AUTO, INT32, INT64 = 0, 1, 2
-
-
-@triton.jit
-def _requantize(acc, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS: tl.constexpr,
-                EPILOGUE: tl.constexpr, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
-    """The int32 tile requantised, in 32-bit arithmetic when every (m, e) it uses is in the range
-    where that is exact (requant.py), else in int64. The host decides when it knows the
-    constants (EPILOGUE = INT32 / INT64: one path compiled); with device constants (AUTO) the
-    kernel does, by a branch uniform over the tile. Per-tensor constants are scalars (no
-    per-column registers); PER_TENSOR_VALUES passes them as arguments. With INT32 the host has
-    already turned them into requant_i32_constants (int32 m', t - 1)."""
-    if CONSTS == 2:
-        if EPILOGUE == 1:
-            out = requantize_tile_i32(acc, m_val, e_val, OUT_LO, OUT_HI)
-        else:
-            out = requantize_tile(acc, m_val.to(tl.int64), e_val.to(tl.int64), OUT_LO, OUT_HI).to(tl.int32)
-    else:
-        if CONSTS == 1:
-            m = tl.load(m_ptr)
-            e = tl.load(e_ptr)
-        else:  # masked columns read in-range values: they never send a tile to the int64 path
-            m = tl.load(m_ptr + offs_n, mask=n_mask, other=2**30)[None, :]
-            e = tl.load(e_ptr + offs_n, mask=n_mask, other=0 if EPILOGUE == 1 else 40)[None, :]
-        if EPILOGUE == 1:  # the host prepared int32 (m', t - 1): int32 loads keep the multiply 32 x 32
-            out = requantize_tile_i32(acc, m, e, OUT_LO, OUT_HI)
-        elif EPILOGUE == 2:
-            out = requantize_tile(acc, m, e, OUT_LO, OUT_HI).to(tl.int32)
-        else:
-            in_range = requant_i32_in_range(m, e)
-            if CONSTS == 0:
-                fast = tl.min(tl.min(in_range.to(tl.int32), axis=1), axis=0) == 1
-            else:
-                fast = in_range
-            if fast:
-                m32, t1 = requant_i32_constants(m, e)
-                out = requantize_tile_i32(acc, m32, t1, OUT_LO, OUT_HI)
-            else:
-                out = requantize_tile(acc, m, e, OUT_LO, OUT_HI).to(tl.int32)
-    return out
 
 
 # Host wrapper (the arguments of ref_int8_linear_rows)
@@ -205,38 +159,6 @@ def _split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
     return min(8, triton.cdiv(sms, tiles), steps)
 
 
-def _requant_constants(op: str, m: Tensor, e: Tensor, n: int, device, on_host: bool):
-    """(m, e, m_val, e_val, CONSTS, EPILOGUE) for the kernel, without a device sync.
-
-    m, e have shape (N,) per column or (1,) per tensor. Constants on the CPU (as the op layer
-    makes them) are range-checked here: per-tensor ones become scalar arguments (no copy to the
-    device at all), and one epilogue is compiled. Device constants are left to the kernel (AUTO).
-    """
-    for name, t in (("m", m), ("e", e)):
-        if not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) not in ((n,), (1,)):
-            raise ValueError(f"{op}: {name} must be an int64 tensor of shape ({n},) or (1,), got "
-                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__} "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else ''}")
-    per_tensor = m.numel() == 1 and e.numel() == 1
-    if on_host and m.device.type == "cpu" and e.device.type == "cpu":
-        top = (m == M_FAST_HI).to(torch.int64)
-        fast = bool(((m >= 0) & (m <= M_FAST_HI) & (e - top >= E_FAST_LO) & (e - top <= E_FAST_HI)).all())
-        epilogue = INT32 if fast else INT64
-        if per_tensor:
-            mv, ev = int(m), int(e)
-            if fast:  # requant_i32_constants on the host
-                mv, ev = requant_i32_host(mv, ev)
-            return None, None, mv, ev, PER_TENSOR_VALUES, epilogue
-        if fast:  # requant_i32_constants on the host, as int32 vectors
-            m, e = torch.where(top == 1, m // 2, m).to(torch.int32), (e - top - E_FAST_LO).to(torch.int32)
-    else:
-        epilogue = AUTO
-    if not per_tensor:
-        m, e = m.expand(n), e.expand(n)
-    consts = PER_TENSOR_PTR if per_tensor else PER_COLUMN
-    return to_device_async(m.contiguous(), device), to_device_async(e.contiguous(), device), 0, 0, consts, epilogue
-
-
 def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,
                      out_bits: int, split_k: int | None = None, host_epilogue: bool = True) -> Tensor:
     """saturate_int32(x @ w^T + bias), optionally requantised per output column
@@ -267,7 +189,7 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
     consts, epilogue = PER_COLUMN, AUTO
     if requant:
         _check_int(op, "out_bits", out_bits, 2, 32)
-        m, e, m_val, e_val, consts, epilogue = _requant_constants(op, m, e, n, x.device, host_epilogue)
+        m, e, m_val, e_val, consts, epilogue = requant_constants(op, m, e, n, x.device, host_epilogue)
         lo, hi = out_range(out_bits)
         out_dtype = int_dtype_for_bits(out_bits)
     else:

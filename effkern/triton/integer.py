@@ -40,7 +40,8 @@ import triton.language as tl
 from torch import Tensor
 
 from effkern._common import INT32_MAX, int_dtype_for_bits
-from effkern.triton.requant import out_range, requantize_tile
+from effkern.triton.requant import out_range, requant_constants, requantize_epilogue
+from effkern.triton.rows import rows_per_program
 
 # Row kernels: the largest row kept in registers in one pass, the chunk of the chunked path,
 # and the number of elements a program aims to own when it packs several short rows.
@@ -377,21 +378,20 @@ def _int_layernorm_kernel(x_ptr, bias_ptr, y_ptr, R, C, iters,
 
 
 @triton.jit
-def _requantize_kernel(x_ptr, m_ptr, e_ptr, y_ptr, R, C,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                       OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
-    # A 1-D grid (no 65535 limit on any axis), column tiles fastest.
+def _requantize_kernel(x_ptr, m_ptr, e_ptr, m_val, e_val, y_ptr, R, C,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CONSTS: tl.constexpr,
+                       EPILOGUE: tl.constexpr, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
+    # A 1-D grid (no 65535 limit on any axis), column tiles fastest. The epilogue is int8_linear's
+    # (requant.py): 32-bit where exact, chosen on the host when it holds the constants.
     pid = tl.program_id(0)
     col_tiles = tl.cdiv(C, BLOCK_C)
     rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    m = tl.load(m_ptr + cols, mask=col_mask, other=0)[None, :]
-    e = tl.load(e_ptr + cols, mask=col_mask, other=0)[None, :]
     mask = (rows < R)[:, None] & col_mask[None, :]
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0)
-    y = requantize_tile(x, m, e, OUT_LO, OUT_HI)
+    x = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32)
+    y = requantize_epilogue(x, m_ptr, e_ptr, m_val, e_val, cols, col_mask, CONSTS, EPILOGUE, OUT_LO, OUT_HI)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -419,30 +419,15 @@ def _check_int(op: str, name: str, value, lo: int | None = None, hi: int | None 
 
 
 def _row_config(rows: int, length: int, block: int | None, itemsize: int = 1) -> tuple[int, int, bool, int]:
-    """(ROWS, BLOCK, ONE_PASS, num_warps) for a row kernel over ``rows`` rows of ``length``.
-
-    Rows whose starts are not 16-byte aligned (length * itemsize not a multiple of 16) load one
-    element per thread per column, and Triton lays a packed tile's columns over all its warps,
-    so every thread would hold a piece of every row and redo each row's scalar work (maximum,
-    sum, division) for a couple of elements. There the warps are sized to the row instead
-    (BLOCK / 256 of them: at least 8 elements of one row per thread) and rows packed up to about
-    16 elements per thread.
-    """
+    """(ROWS, BLOCK, ONE_PASS, num_warps) for a row kernel over ``rows`` rows of ``length``
+    (the layout rule: :func:`effkern.triton.rows.rows_per_program`)."""
     if block is None:
         block = max(16, triton.next_power_of_2(length))
         block = min(block, MAX_ROW_BLOCK)
     elif block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 1, got {block}")
-    one_pass = length <= block
-    if (length * itemsize) % 16:
-        num_warps = max(1, min(8, block // 256))
-        n_rows = max(1, min(512 * num_warps // block, triton.next_power_of_2(rows))) if one_pass else 1
-        return n_rows, block, one_pass, num_warps
-    n_rows = 1
-    if one_pass:
-        n_rows = max(1, min(ROW_TILE // block, triton.next_power_of_2(rows)))
-    num_warps = max(1, min(8, (n_rows * block) // 512))
-    return n_rows, block, one_pass, num_warps
+    n_rows, num_warps = rows_per_program(rows, length, block, itemsize, ROW_TILE)
+    return n_rows, block, length <= block, num_warps
 
 
 def _shift_exp_args(op: str, x0: int, n: int, e_limit: int) -> tuple[int, bool, int, int]:
@@ -529,14 +514,19 @@ def _check_columns(op: str, name: str, t: Tensor, columns: int, dtype: torch.dty
     return (t if t.device == torch.device(device) else t.to(device)).contiguous()
 
 
-def requantize_rows(x: Tensor, m: Tensor, e: Tensor, out_bits: int) -> Tensor:
-    """clamp(round-half-even(x * m / 2^e)) per column (ref_requantize_rows)."""
+def requantize_rows(x: Tensor, m: Tensor, e: Tensor, out_bits: int, host_epilogue: bool = True) -> Tensor:
+    """clamp(round-half-even(x * m / 2^e)) per column (ref_requantize_rows).
+
+    m, e: int64 of shape (C,) per column or (1,) per tensor, I-ViT's dyadic constants
+    (0 <= m <= 2^31). On the host, the host picks the 32-bit or int64 form (per-tensor ones
+    become two scalar arguments); on the device the kernel picks it per tile, without a sync.
+    host_epilogue: False leaves the choice to the kernel for host constants too (tests use it).
+    """
     op = "requantize_rows"
     x = _check_rows(op, x, (torch.int8, torch.int16, torch.int32))
     _check_int(op, "out_bits", out_bits, 2, 32)
     r, c = x.shape
-    m = _check_columns(op, "m", m, c, torch.int64, x.device)
-    e = _check_columns(op, "e", e, c, torch.int64, x.device)
+    m, e, m_val, e_val, consts, epilogue = requant_constants(op, m, e, c, x.device, host_epilogue)
     y = torch.empty((r, c), dtype=int_dtype_for_bits(out_bits), device=x.device)
     if y.numel() == 0:
         return y
@@ -544,6 +534,7 @@ def requantize_rows(x: Tensor, m: Tensor, e: Tensor, out_bits: int) -> Tensor:
     block_r = max(1, min(4096 // block_c, triton.next_power_of_2(r)))
     lo, hi = out_range(out_bits)
     grid = (triton.cdiv(r, block_r) * triton.cdiv(c, block_c),)
-    _requantize_kernel[grid](x, m, e, y, r, c, BLOCK_R=block_r, BLOCK_C=block_c, OUT_LO=lo, OUT_HI=hi,
-                             num_warps=max(1, min(8, block_r * block_c // 512)))
+    _requantize_kernel[grid](x, y if m is None else m, y if e is None else e, m_val, e_val, y, r, c,
+                             BLOCK_R=block_r, BLOCK_C=block_c, CONSTS=consts, EPILOGUE=epilogue,
+                             OUT_LO=lo, OUT_HI=hi, num_warps=max(1, min(8, block_r * block_c // 512)))
     return y

@@ -8,8 +8,12 @@ host from the scales; |acc * m| <= 2^62 fits int64.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from effkern._common import to_device_async
 
 
 def out_range(out_bits: int) -> tuple[int, int]:
@@ -19,14 +23,14 @@ def out_range(out_bits: int) -> tuple[int, int]:
 
 @triton.jit
 def round_shift_half_even(v, e):
-    """round-half-to-even(v / 2^e) for int64 v and int64 shifts e (ref_round_shift_half_even):
-    e <= 0 gives v (e == 0) or sign(v) * 2^62 (e < 0); e >= 63 gives 0."""
+    """round-half-to-even(v / 2^e) for int64 |v| <= 2^62 and int64 shifts e
+    (ref_round_shift_half_even): e <= 0 gives v (e == 0) or sign(v) * 2^62 (e < 0); e >= 63
+    gives 0. For 1 <= e <= 62 it is floor((v + 2^(e-1) - 1 + p) / 2^e), p = bit e of v (the
+    parity of floor(v / 2^e)): a remainder above half rounds up, exactly half rounds up iff the
+    quotient is odd; the sum stays below 2^62 + 2^61 (no wrap)."""
     es = tl.minimum(tl.maximum(e, 1), 62)
-    q = v >> es
-    rem = v - (q << es)  # in [0, 2^es)
-    half = (es * 0 + 1) << (es - 1)
-    round_up = (rem > half) | ((rem == half) & ((q & 1) == 1))
-    rounded = q + round_up.to(tl.int64)
+    p = (v >> es) & 1
+    rounded = (v + (((es * 0 + 1) << (es - 1)) - 1 + p)) >> es
     saturated = ((v > 0).to(tl.int64) - (v < 0).to(tl.int64)) << 62
     out = tl.where(e <= 0, tl.where(e == 0, v, saturated), rounded)
     return tl.where(e >= 63, 0, out)
@@ -95,3 +99,85 @@ def requantize_tile_i32(acc, m1, t1, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr)
     carry = ((lo | ((hi >> t) & 1)) != 0).to(tl.int32)
     y = (hi + ((1 << t1) - 1) + carry) >> t
     return tl.minimum(tl.maximum(y, OUT_LO), OUT_HI)
+
+
+# --------------------------------------------------------------------------------------------
+# The epilogue of every int32 tile (int8_linear, requantize): which form runs, and where its
+# constants come from
+# --------------------------------------------------------------------------------------------
+
+# CONSTS: where the requantisation constants come from.
+PER_COLUMN, PER_TENSOR_PTR, PER_TENSOR_VALUES = 0, 1, 2
+# EPILOGUE: which requantisation runs; AUTO decides per tile, in the kernel, without a sync.
+AUTO, INT32, INT64 = 0, 1, 2
+
+
+@triton.jit
+def requantize_epilogue(acc, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS: tl.constexpr,
+                        EPILOGUE: tl.constexpr, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
+    """The int32 tile ``acc`` (columns ``offs_n``) requantised, in 32-bit arithmetic when every
+    (m, e) it uses is in the range where that is exact (above), else in int64; int32 out. The host decides when it knows the
+    constants (EPILOGUE = INT32 / INT64: one path compiled); with device constants (AUTO) the
+    kernel does, by a branch uniform over the tile. Per-tensor constants are scalars (no
+    per-column registers); PER_TENSOR_VALUES passes them as arguments. With INT32 the host has
+    already turned them into requant_i32_constants (int32 m', t - 1)."""
+    if CONSTS == 2:
+        if EPILOGUE == 1:
+            out = requantize_tile_i32(acc, m_val, e_val, OUT_LO, OUT_HI)
+        else:
+            out = requantize_tile(acc, m_val.to(tl.int64), e_val.to(tl.int64), OUT_LO, OUT_HI).to(tl.int32)
+    else:
+        if CONSTS == 1:
+            m = tl.load(m_ptr)
+            e = tl.load(e_ptr)
+        else:  # masked columns read in-range values: they never send a tile to the int64 path
+            m = tl.load(m_ptr + offs_n, mask=n_mask, other=2**30)[None, :]
+            e = tl.load(e_ptr + offs_n, mask=n_mask, other=0 if EPILOGUE == 1 else 40)[None, :]
+        if EPILOGUE == 1:  # the host prepared int32 (m', t - 1): int32 loads keep the multiply 32 x 32
+            out = requantize_tile_i32(acc, m, e, OUT_LO, OUT_HI)
+        elif EPILOGUE == 2:
+            out = requantize_tile(acc, m, e, OUT_LO, OUT_HI).to(tl.int32)
+        else:
+            in_range = requant_i32_in_range(m, e)
+            if CONSTS == 0:
+                fast = tl.min(tl.min(in_range.to(tl.int32), axis=1), axis=0) == 1
+            else:
+                fast = in_range
+            if fast:
+                m32, t1 = requant_i32_constants(m, e)
+                out = requantize_tile_i32(acc, m32, t1, OUT_LO, OUT_HI)
+            else:
+                out = requantize_tile(acc, m, e, OUT_LO, OUT_HI).to(tl.int32)
+    return out
+
+
+def requant_constants(op: str, m: Tensor, e: Tensor, n: int, device, on_host: bool):
+    """(m, e, m_val, e_val, CONSTS, EPILOGUE) for the kernel, without a device sync.
+
+    m, e have shape (N,) per column or (1,) per tensor. Constants on the CPU (as the op layer
+    makes them) are range-checked here: per-tensor ones become scalar arguments (no copy to the
+    device at all), and one epilogue is compiled. Device constants are left to the kernel (AUTO).
+    """
+    for name, t in (("m", m), ("e", e)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) not in ((n,), (1,)):
+            raise ValueError(f"{op}: {name} must be an int64 tensor of shape ({n},) or (1,), got "
+                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__} "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else ''}")
+    per_tensor = m.numel() == 1 and e.numel() == 1
+    if on_host and m.device.type == "cpu" and e.device.type == "cpu":
+        top = (m == M_FAST_HI).to(torch.int64)
+        fast = bool(((m >= 0) & (m <= M_FAST_HI) & (e - top >= E_FAST_LO) & (e - top <= E_FAST_HI)).all())
+        epilogue = INT32 if fast else INT64
+        if per_tensor:
+            mv, ev = int(m), int(e)
+            if fast:  # requant_i32_constants on the host
+                mv, ev = requant_i32_host(mv, ev)
+            return None, None, mv, ev, PER_TENSOR_VALUES, epilogue
+        if fast:  # requant_i32_constants on the host, as int32 vectors
+            m, e = torch.where(top == 1, m // 2, m).to(torch.int32), (e - top - E_FAST_LO).to(torch.int32)
+    else:
+        epilogue = AUTO
+    if not per_tensor:
+        m, e = m.expand(n), e.expand(n)
+    consts = PER_TENSOR_PTR if per_tensor else PER_COLUMN
+    return to_device_async(m.contiguous(), device), to_device_async(e.contiguous(), device), 0, 0, consts, epilogue

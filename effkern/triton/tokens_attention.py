@@ -59,6 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from effkern._common import NORM_EPS
+from effkern.triton.rows import rows_per_program
 
 # Row kernels of masked_softmax: the longest row kept in registers in one pass (longer rows are
 # chunked by this much), and the elements a program aims to own when it packs short rows.
@@ -340,10 +341,35 @@ def _masked_softmax_row_terms(sa, ga, sg, eps, eps_n, row_mask):
 
 
 @triton.jit
+def _masked_softmax_bwd_rows(g_ptr, x_ptr, p_ptr, dx_ptr, i, N, bh, pbase, eps, eps_n, cols,
+                             BLOCK: tl.constexpr):
+    """One-pass backward of the rows i ([ROWS, 1] query indices of head bh) held in registers;
+    writes their logit gradients and returns their policy-gradient contribution per key [BLOCK]."""
+    row_mask = i < N
+    base = (bh.to(tl.int64) * N + i) * N
+    mask = row_mask & (cols < N)
+    a = tl.load(x_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+    m = _safe_max(tl.max(a, axis=1))[:, None]
+    s = tl.exp(a - m)  # 0 where masked
+    big_a = s * _policy_gate(p_ptr, pbase, i, cols, mask)
+    first_max = tl.min(tl.where(a == m, cols, _NO_INDEX), axis=1)[:, None]  # first argmax
+    z, c, d_max = _masked_softmax_row_terms(tl.sum(big_a, axis=1)[:, None], tl.sum(g * big_a, axis=1)[:, None],
+                                            tl.sum(g, axis=1)[:, None], eps, eps_n, row_mask)
+    d_big_a = (g - c) / z
+    d_x = d_big_a * big_a + tl.where(cols == first_max, d_max, 0.0)
+    tl.store(dx_ptr + base + cols, d_x.to(dx_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(tl.where(cols == i, 0.0, d_big_a * s), axis=0)
+
+
+@triton.jit
 def _masked_softmax_bwd_kernel(g_ptr, x_ptr, p_ptr, dx_ptr, dp_ptr, N, H, NRB, eps, eps_n,
-                               BLOCK_I: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+                               BLOCK_I: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                               STEP_I: tl.constexpr = 1):
     # One program per (b, h, block of BLOCK_I query rows): its policy-gradient contribution is
-    # summed over its rows in registers and written to dp[pid, :] (no atomics).
+    # summed over its rows in registers and written to dp[pid, :] (no atomics). The one-pass
+    # path holds STEP_I rows at a time (the row layout of effkern.triton.rows), so that BLOCK_I
+    # (and with it the size of dp) is independent of the layout.
     pid = tl.program_id(0)
     bh = pid // NRB
     i = (pid % NRB) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -354,19 +380,12 @@ def _masked_softmax_bwd_kernel(g_ptr, x_ptr, p_ptr, dx_ptr, dp_ptr, N, H, NRB, e
     cols1 = tl.arange(0, BLOCK)
     cols = cols1[None, :]
     if ONE_PASS:
-        mask = row_mask & (cols < N)
-        a = tl.load(x_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-        m = _safe_max(tl.max(a, axis=1))[:, None]
-        s = tl.exp(a - m)  # 0 where masked
-        big_a = s * _policy_gate(p_ptr, pbase, diag, cols, mask)
-        first_max = tl.min(tl.where(a == m, cols, _NO_INDEX), axis=1)[:, None]  # first argmax
-        z, c, d_max = _masked_softmax_row_terms(tl.sum(big_a, axis=1)[:, None], tl.sum(g * big_a, axis=1)[:, None],
-                                                tl.sum(g, axis=1)[:, None], eps, eps_n, row_mask)
-        d_big_a = (g - c) / z
-        d_x = d_big_a * big_a + tl.where(cols == first_max, d_max, 0.0)
-        tl.store(dx_ptr + base + cols, d_x.to(dx_ptr.dtype.element_ty), mask=mask)
-        d_pol = tl.sum(tl.where(cols == diag, 0.0, d_big_a * s), axis=0)
+        i0 = (pid % NRB) * BLOCK_I
+        d_pol = _masked_softmax_bwd_rows(g_ptr, x_ptr, p_ptr, dx_ptr, (i0 + tl.arange(0, STEP_I))[:, None], N, bh,
+                                         pbase, eps, eps_n, cols, BLOCK)
+        for step in range(STEP_I, BLOCK_I, STEP_I):
+            d_pol += _masked_softmax_bwd_rows(g_ptr, x_ptr, p_ptr, dx_ptr, (i0 + step + tl.arange(0, STEP_I))[:, None],
+                                              N, bh, pbase, eps, eps_n, cols, BLOCK)
         tl.store(dp_ptr + pid.to(tl.int64) * N + cols1, d_pol, mask=cols1 < N)
     else:
         # Pass 1: online max, its first index, and the sums (S_A, G_A rescaled as the max grows).
@@ -563,10 +582,10 @@ def masked_softmax_fwd(logits: Tensor, policy: Tensor, eps: float, *, block: int
     r = b * h * n
     if r > MAX_MASKED_SOFTMAX_ROWS:
         raise ValueError(f"masked_softmax: B * H * N = {r} rows exceed {MAX_MASKED_SOFTMAX_ROWS} (int32 row numbers)")
-    rows = max(1, min(ROW_TILE // block, triton.next_power_of_2(r))) if one_pass else 1
+    rows, warps = rows_per_program(r, n, block, logits.element_size(), ROW_TILE)
     _masked_softmax_fwd_kernel[(triton.cdiv(r, rows),)](
         logits, policy, out, r, n, h * n, float(eps), float(eps) / n, 1.0 / n,
-        ROWS=rows, BLOCK=block, ONE_PASS=one_pass, num_warps=max(1, min(8, rows * block // 512)))
+        ROWS=rows, BLOCK=block, ONE_PASS=one_pass, num_warps=warps)
     return out
 
 
@@ -580,12 +599,15 @@ def masked_softmax_bwd(grad: Tensor, logits: Tensor, policy: Tensor, eps: float,
         return d_logits, torch.zeros(policy.shape, dtype=policy.dtype, device=policy.device)
     pol = policy if policy.dtype in (torch.float16, torch.bfloat16, torch.float32) else policy.float()
     block, one_pass = _row_config(n, block)
+    # BLOCK_I rows per program (their policy gradients summed in registers: dp has B * H * N / BLOCK_I
+    # rows), held STEP_I at a time in the row layout of rows_per_program.
     block_i = max(1, min(ROW_TILE // block, triton.next_power_of_2(n)))
+    step_i, warps = rows_per_program(block_i, n, block, logits.element_size(), ROW_TILE)
     nrb = triton.cdiv(n, block_i)
     partial = torch.empty((b, h * nrb, n), dtype=torch.float32, device=logits.device)
     _masked_softmax_bwd_kernel[(b * h * nrb,)](
         grad, logits, pol, d_logits, partial, n, h, nrb, float(eps), float(eps) / n,
-        BLOCK_I=block_i, BLOCK=block, ONE_PASS=one_pass, num_warps=max(1, min(8, block_i * block // 512)))
+        BLOCK_I=block_i, BLOCK=block, ONE_PASS=one_pass, STEP_I=step_i, num_warps=warps)
     return d_logits, partial.sum(1).to(policy.dtype)
 
 
