@@ -6,4 +6,13 @@ from effkern._common import validation  # noqa: E402
 from effkern._dispatch import BackendNotSupported, backend  # noqa: E402
 from effkern import ops  # noqa: E402  (registers the torch.library ops)
 
-__all__ = ["BackendNotSupported", "backend", "ops", "validation", "__version__"]
+
+def convert(model, method: str, **config):
+    """Convert a timm VisionTransformer in place to run an efficient-ViT method (ToMe, EViT, ...);
+    see :func:`effkern.models.convert.convert`."""
+    from effkern.models.convert import convert as _convert
+
+    return _convert(model, method, **config)
+
+
+__all__ = ["BackendNotSupported", "backend", "convert", "ops", "validation", "__version__"]

@@ -428,8 +428,8 @@ class ToMeBlock(nn.Module):
         self.ls2 = nn.Identity()
         self.drop_path2 = nn.Identity()
 
-    def forward(self, x, r, size=None, class_token=True):
-        x_attn, metric = self.attn(self.norm1(x), size)
+    def forward(self, x, r, size=None, class_token=True, prop_attn=True):
+        x_attn, metric = self.attn(self.norm1(x), size if prop_attn else None)
         x = x + self.drop_path1(x_attn)
         if r > 0:
             merge, _ = bipartite_soft_matching(metric, r, class_token, False)

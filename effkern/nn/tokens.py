@@ -188,7 +188,8 @@ class EViTAttention(Attention):
         return out, cls_attention(q[:, :, 0], k, scale=self.scale)[:, 1:]
 
 
-def evit_reorganize(x: Tensor, cls_attn: Tensor | None, keep_rate: float, fuse_token: bool = False) -> Tensor:
+def evit_reorganize(x: Tensor, cls_attn: Tensor | None, keep_rate: float, fuse_token: bool = False, *,
+                    num_keep: int | None = None) -> Tensor:
     """EViT's token reorganisation (``Block.forward`` between the attention and the MLP).
 
     Args:
@@ -197,6 +198,8 @@ def evit_reorganize(x: Tensor, cls_attn: Tensor | None, keep_rate: float, fuse_t
         keep_rate: EViT keeps ``left = ceil(keep_rate * (N - 1))`` patch tokens.
         fuse_token: append EViT's fused token, the sum of the dropped tokens weighted by their
             cls_attn (not renormalised), via :func:`~effkern.ops.fuse_tokens`.
+        num_keep: keep this many of the N - 1 tokens instead (EViT's per-call ``tokens``);
+            keep_rate is then ignored, and num_keep = N - 1 returns x.
 
     Returns ``[B, 1 + left (+ 1), C]``: CLS, the ``left`` best tokens in descending score order
     (:func:`~effkern.ops.topk_tokens` + :func:`~effkern.ops.token_gather`), then the fused
@@ -205,11 +208,17 @@ def evit_reorganize(x: Tensor, cls_attn: Tensor | None, keep_rate: float, fuse_t
     Differentiable in x and, through the fused token, in cls_attn.
     """
     n = x.shape[1]
-    if not _evit_prunes(n, keep_rate):
+    if num_keep is None:
+        if not _evit_prunes(n, keep_rate):
+            return x
+        num_keep = evit_left_tokens(n, keep_rate)
+    elif isinstance(num_keep, bool) or not isinstance(num_keep, int) or not 0 <= num_keep <= n - 1:
+        raise ValueError(f"evit_reorganize: num_keep must be an int in [0, {n - 1}], got {num_keep!r}")
+    elif num_keep == n - 1:
         return x
     if cls_attn is None:
         raise ValueError("evit_reorganize: cls_attn is None but keep_rate prunes tokens")
-    keep, drop = topk_tokens(cls_attn, evit_left_tokens(n, keep_rate), keep_cls=True)
+    keep, drop = topk_tokens(cls_attn, num_keep, keep_cls=True)
     out = token_gather(x, keep, validate=False)
     if fuse_token:
         weights = F.pad(cls_attn, (1, 0))  # CLS (never dropped) gets weight 0: x's positions

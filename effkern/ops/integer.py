@@ -558,20 +558,25 @@ def _dyadic_host(i: float, o: float) -> tuple[int, int]:
     return math.floor(mantissa * 2.0**31 + 0.5), 31 - exponent
 
 
-def _dyadic_columns(op: str, in_scale: Tensor, out_scale: Tensor, columns: int, device) -> tuple[Tensor, Tensor]:
+def _dyadic_columns(op: str, in_scale: Tensor, out_scale: Tensor, columns: int,
+                    device: torch.device | None) -> tuple[Tensor, Tensor]:
     """Checked (m, e) as contiguous int64 vectors of length ``columns`` on ``device``, with no
-    synchronisation for host scales (per-tensor: two fills; per-channel: a pinned copy). A scale
-    on the GPU is turned into (m, e) on the device; its finite-and-positive check reads it back
-    and runs only when validation is on (see the module docstring)."""
+    synchronisation for host scales (per-tensor: two fills; per-channel: a pinned copy); with
+    ``device=None`` host scales give host constants (the Triton kernels take those as scalars
+    or copy them themselves). A scale on the GPU is turned into (m, e) on the device; its
+    finite-and-positive check reads it back and runs only when validation is on (see the module
+    docstring)."""
     if in_scale.device.type == "cpu" and out_scale.device.type == "cpu":
         i = _host_scale(op, "in_scale", in_scale)
         o = _host_scale(op, "out_scale", out_scale)
         if len(i) == 1 and len(o) == 1:
             m, e = _dyadic_host(i[0], o[0])
-            return (torch.full((columns,), m, dtype=torch.int64, device=device),
-                    torch.full((columns,), e, dtype=torch.int64, device=device))
+            where = "cpu" if device is None else device
+            return (torch.full((columns,), m, dtype=torch.int64, device=where),
+                    torch.full((columns,), e, dtype=torch.int64, device=where))
         m, e = dyadic_params(in_scale.detach().to(torch.float32).reshape(-1), out_scale.detach().to(torch.float32).reshape(-1))
-        return to_device_async(m.expand(columns).contiguous(), device), to_device_async(e.expand(columns).contiguous(), device)
+        m, e = m.expand(columns).contiguous(), e.expand(columns).contiguous()
+        return (m, e) if device is None else (to_device_async(m, device), to_device_async(e, device))
     dev = in_scale.device if in_scale.device.type != "cpu" else out_scale.device
     if validation_enabled(dev):
         _host_scale(op, "in_scale", in_scale)
@@ -606,7 +611,7 @@ def _requantize_op(x: Tensor, in_scale: Tensor, out_scale: Tensor, out_bits: int
     per_tensor = in_scale.numel() == 1 and out_scale.numel() == 1
     host = in_scale.device.type == "cpu" and out_scale.device.type == "cpu"
     m, e = _dyadic_columns("requantize", in_scale, out_scale, 1 if per_tensor else x.shape[-1],
-                           "cpu" if host else x.device)
+                           None if host else x.device)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     return REQUANTIZE.kernels(x=rows, m=m, e=e, out_bits=out_bits).reshape(x.shape)
 
@@ -701,7 +706,7 @@ def _int8_linear_op(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tensor 
         per_tensor = in_scale.numel() == 1 and out_scale.numel() == 1
         host = in_scale.device.type == "cpu" and out_scale.device.type == "cpu"
         m, e = _dyadic_columns("int8_linear", in_scale, out_scale, 1 if per_tensor else w.shape[0],
-                               "cpu" if host else x.device)
+                               None if host else x.device)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     bias = None if bias is None else bias.contiguous()
     y = INT8_LINEAR.kernels(x=rows, w=w.contiguous(), bias=bias, m=m, e=e, out_bits=out_bits)

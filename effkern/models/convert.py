@@ -1,0 +1,393 @@
+"""``effkern.convert``: a timm ``VisionTransformer`` turned, in place, into the same model running
+an efficient-ViT method on effkern's kernels.
+
+    model = timm.create_model("deit_small_patch16_224", pretrained=True)
+    effkern.convert(model, "tome", r=16)          # or "evit", keep_rate=0.7
+    logits = model(images)                        # ToMe at r = 16
+    logits = model(images, r=8)                   # a per-call override
+
+What stays timm's: the model object, its class (a subclass of it), every module and parameter
+name (a timm checkpoint loads strictly before and after), ``patch_embed``, ``_pos_embed``, the
+norms, ``forward_features``, ``forward_head``, ``forward_intermediates`` (``output_fmt="NLC"``
+once tokens are reduced: the token count there is the one at that depth), gradient
+checkpointing, ``reset_classifier``, bf16 and autocast. What changes: each ``Block`` of
+``model.blocks`` becomes a subclass of its own class whose ``forward`` runs the method between
+the attention and the MLP, through effkern's ops (no N x N attention map: attention is SDPA,
+token scores come from ``cls_attention``, tokens move with ``token_gather`` / ``merge_tokens``).
+
+State that must travel from block to block (ToMe's token sizes) is kept per forward call in
+``model.effkern`` (:class:`Shared`, held by every block too), keyed by block index, so that gradient checkpointing, which
+re-runs a block in the backward pass, sees the same inputs again. It is reset when
+``patch_embed`` runs, i.e. at the start of every forward.
+
+Methods: ``tome`` and ``evit`` (see :data:`METHODS` and ``python -m effkern models``); the
+others of the ViT-variants issue (DynamicViT, IdleViT, EcoFormer / ShiftAddViT attention,
+I-ViT) raise a clear NotImplementedError until they land.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from effkern.nn.tokens import evit_left_tokens, evit_reorganize, tome_merge
+from effkern.ops import cls_attention
+
+__all__ = ["METHODS", "convert", "tome_schedule", "evit_keep_rate_schedule"]
+
+
+# --------------------------------------------------------------------------------------------
+# timm's attention, step by step (the method blocks need q, k and the logits' bias between them)
+# --------------------------------------------------------------------------------------------
+
+
+def _qkv_heads(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """timm ``Attention``'s q, k, v ``[B, H, N, d]`` (q_norm / k_norm applied), as its forward."""
+    b, n, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _attend_project(attn: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                    attn_mask: Tensor | None = None) -> Tensor:
+    """The rest of timm ``Attention.forward`` (fused path): SDPA at timm's default scale, heads
+    merged, ``norm``, gate, ``proj``, ``proj_drop``: the same operations in the same order, so
+    an unchanged block gives timm's output bit for bit."""
+    b, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                       dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
+    if gate is not None:
+        o = o * gate
+    return attn.proj_drop(attn.proj(o))
+
+
+def _mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def _no_mask(method: str, attn_mask, is_causal) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError(f"effkern.convert({method!r}): attn_mask / is_causal are not supported: the method "
+                         "changes the token count from block to block, so a mask for the input tokens "
+                         "would not fit the later blocks")
+
+
+# --------------------------------------------------------------------------------------------
+# What the blocks of one converted model share: the method, its settings, per-forward state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shared:
+    """``model.effkern``, also held by every converted block (no reference back to the model).
+
+    ``method`` and ``config`` (the method's settings, per layer where they vary); ``depth`` and
+    ``prefix`` (the model's block count and prefix tokens: class, distillation); per forward:
+    ``call`` (the overrides given to ``model(x, **overrides)``), ``size`` (ToMe's token sizes
+    at the input of block i; absent: all ones), ``kept`` (patch tokens left after block i)."""
+
+    method: str
+    config: dict
+    depth: int
+    prefix: int
+    call: dict = field(default_factory=dict)
+    size: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.size.clear()
+        self.kept.clear()
+
+
+def _reset_state(module: nn.Module, args) -> None:
+    module.effkern.reset()
+
+
+class _ConvertedViT:
+    """Mixin placed in front of the model's own class by :func:`convert`.
+
+    ``forward``, ``forward_features`` and ``forward_intermediates`` accept the method's per-call
+    overrides as keywords (ToMe: ``r``; EViT: ``keep_rate``, ``tokens``), which hold for that
+    call (nested calls inherit them); ``forward_intermediates`` refuses the NCHW output format
+    when tokens are reduced (there is no H x W grid left), with a clear error."""
+
+    def _with_overrides(self, fn: Callable, x: Tensor, *args, **kwargs):
+        shared = self.effkern
+        method = METHODS[shared.method]
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in method.per_call}
+        saved = shared.call
+        shared.call = {**saved, **overrides}
+        try:
+            if fn.__name__ == "forward_intermediates" and kwargs.get("output_fmt", "NCHW") == "NCHW" \
+                    and method.reduces_tokens(shared):
+                raise ValueError(f"forward_intermediates: output_fmt='NCHW' needs the full token grid, but "
+                                 f"{shared.method!r} reduces tokens here; use output_fmt='NLC' (each "
+                                 "intermediate then has the token count of its depth)")
+            return fn(x, *args, **kwargs)
+        finally:
+            shared.call = saved
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        return self._with_overrides(super().forward, x, *args, **kwargs)
+
+    def forward_features(self, x: Tensor, *args, **kwargs):
+        return self._with_overrides(super().forward_features, x, *args, **kwargs)
+
+    def forward_intermediates(self, x: Tensor, *args, **kwargs):
+        return self._with_overrides(super().forward_intermediates, x, *args, **kwargs)
+
+
+_CONVERTED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _converted_class(cls: type, mixin: type, prefix: str) -> type:
+    key = (cls, mixin)
+    if key not in _CONVERTED_CLASSES:
+        _CONVERTED_CLASSES[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    return _CONVERTED_CLASSES[key]
+
+
+# --------------------------------------------------------------------------------------------
+# ToMe (facebookresearch/ToMe, tome/patch/timm.py)
+# --------------------------------------------------------------------------------------------
+
+
+def tome_schedule(num_layers: int, r: int | Sequence[int] | tuple[int, float]) -> list[int]:
+    """ToMe's ``parse_r``: r tokens merged per layer. An int: the same r at every layer; a list:
+    r per layer (padded with zeros); a tuple ``(r, inflect)``: from ``int(r (1 - inflect))`` to
+    ``2 r - that``, linearly over the layers (inflect -1: ToMe's decreasing schedule)."""
+    if isinstance(r, list):
+        return list(r) + [0] * (num_layers - len(r))
+    inflect = 0.0
+    if isinstance(r, tuple):
+        r, inflect = r
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"ToMe: r must be an int >= 0, a list of them or (r, inflect), got {r!r}")
+    if not -1 <= inflect <= 1:
+        raise ValueError(f"ToMe: the inflection must be in [-1, 1], got {inflect!r}")
+    lo = int(r * (1.0 - inflect))
+    hi = 2 * r - lo
+    step = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
+    return [int(lo + step * i) for i in range(num_layers)]
+
+
+class ToMeBlockMixin:
+    """ToMe's ``ToMeBlock`` on a timm Block: attention (proportional when ``prop_attn``: log
+    token size as a per-key bias of SDPA), then ``tome_merge`` with this layer's r, then the MLP.
+    Differs from the published block in applying ls1 / ls2 (LayerScale, Identity unless the
+    model has it, e.g. DeiT-III)."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        _no_mask("tome", attn_mask, is_causal)
+        shared, i = self.effkern, self.effkern_layer
+        cfg = shared.config
+        size = shared.size.get(i)
+        r = tome_schedule(shared.depth, shared.call["r"])[i] if "r" in shared.call else cfg["r_per_layer"][i]
+        h = self.norm1(x)
+        q, k, v = _qkv_heads(self.attn, h)
+        bias = None
+        if cfg["prop_attn"] and size is not None:
+            bias = size[..., 0].log().to(q.dtype)[:, None, None, :]
+        x = x + self.drop_path1(self.ls1(_attend_project(self.attn, h, q, k, v, bias)))
+        x, size = tome_merge(x, size, k.mean(1), r, cfg["class_token"])
+        shared.size[i + 1] = size
+        shared.kept[i] = x.shape[1] - shared.prefix
+        return _mlp_residual(self, x)
+
+
+def _tome_configure(model: nn.Module, r: int | Sequence[int] | tuple[int, float] = 0,
+                    prop_attn: bool = True) -> dict:
+    if getattr(model, "dist_token", None) is not None:
+        raise NotImplementedError("effkern.convert('tome'): models with a distillation token are not "
+                                  "supported yet (ToMe keeps the distillation token out of the matching; "
+                                  "effkern's bipartite_matching protects the class token only)")
+    return {"r": r, "r_per_layer": tome_schedule(len(model.blocks), r), "prop_attn": bool(prop_attn),
+            "class_token": getattr(model, "cls_token", None) is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# EViT (youweiliang/evit, evit.py)
+# --------------------------------------------------------------------------------------------
+
+
+def evit_keep_rate_schedule(iters: int, epoch: int, warmup_epochs: int, total_epochs: int, iters_per_epoch: int,
+                            base_keep_rate: float = 0.5, max_keep_rate: float = 1.0) -> float:
+    """EViT's keep-rate warm-up (``helpers.adjust_keep_rate``): 1 for the first ``warmup_epochs``
+    (EViT: ``shrink_start_epoch``), then a cosine from ``max_keep_rate`` down to
+    ``base_keep_rate`` until ``total_epochs`` (EViT: start + ``shrink_epochs``), then
+    ``base_keep_rate``. ``iters``: the global iteration count."""
+    if epoch < warmup_epochs:
+        return 1.0
+    if epoch >= total_epochs:
+        return base_keep_rate
+    total = iters_per_epoch * (total_epochs - warmup_epochs)
+    done = iters - iters_per_epoch * warmup_epochs
+    return base_keep_rate + (max_keep_rate - base_keep_rate) * (math.cos(done / total * math.pi) + 1) * 0.5
+
+
+class EViTBlockMixin:
+    """EViT's ``Block`` on a timm Block: attention, then (at a pruning layer) the patch tokens
+    ranked by the CLS attention (``cls_attention``, no N x N map) and the best
+    ``ceil(keep_rate (N - P))`` kept (P prefix tokens), the others fused into one token with
+    ``fuse_token``; then the MLP. Differs from the published block in protecting every prefix
+    token (EViT ranks the distillation token like a patch token) and applying ls1 / ls2."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        _no_mask("evit", attn_mask, is_causal)
+        shared, i = self.effkern, self.effkern_layer
+        cfg, prefix, n = shared.config, shared.prefix, x.shape[1]
+        keep_rate = _per_layer(shared.call.get("keep_rate"), i, shared.depth)
+        tokens = _per_layer(shared.call.get("tokens"), i, shared.depth)
+        block_rate = cfg["keep_rate_per_layer"][i]
+        if keep_rate is None:
+            keep_rate = block_rate
+        # As EViT's Attention: a pruning layer (its own rate < 1) prunes when the call's rate is
+        # < 1; ``tokens`` sets the count at any layer.
+        left = n - prefix
+        if tokens is not None:
+            left = tokens
+        elif block_rate < 1 and keep_rate < 1:
+            left = evit_left_tokens(n - prefix + 1, keep_rate)
+        if isinstance(left, bool) or not isinstance(left, int) or not 1 <= left <= n - prefix:
+            raise ValueError(f"EViT: layer {i} would keep {left!r} of its {n - prefix} patch tokens; "
+                             "at least one must be kept")
+        h = self.norm1(x)
+        q, k, v = _qkv_heads(self.attn, h)
+        x = x + self.drop_path1(self.ls1(_attend_project(self.attn, h, q, k, v)))
+        if left < n - prefix:
+            scores = cls_attention(q[:, :, 0], k, scale=self.attn.scale)[:, 1:]
+            # evit_reorganize keeps token 0 (CLS) and ranks the others: the other prefix tokens
+            # (distillation) are kept first by a score of +inf
+            if prefix > 1:
+                scores = torch.cat([scores.new_full((scores.shape[0], prefix - 1), math.inf), scores[:, prefix - 1:]], 1)
+            x = evit_reorganize(x, scores, keep_rate, cfg["fuse_token"], num_keep=left + prefix - 1)
+        shared.kept[i] = x.shape[1] - prefix
+        return _mlp_residual(self, x)
+
+
+def _listed(value, depth: int = 1) -> list:
+    return list(value) if isinstance(value, (tuple, list)) else [value] * depth
+
+
+def _per_layer(value, i: int, depth: int):
+    if isinstance(value, (tuple, list)):
+        if len(value) != depth:
+            raise ValueError(f"EViT: a per-layer keep_rate / tokens needs {depth} values, got {len(value)}")
+        return value[i]
+    return value
+
+
+def _evit_configure(model: nn.Module, keep_rate: float = 0.7, drop_loc: Sequence[int] = (3, 6, 9),
+                    fuse_token: bool = True) -> dict:
+    depth = len(model.blocks)
+    if not 0 < keep_rate <= 1:
+        raise ValueError(f"effkern.convert('evit'): keep_rate must be in (0, 1], got {keep_rate!r}")
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError("effkern.convert('evit'): EViT ranks tokens by the class token's attention; "
+                         "this model has no class token")
+    bad = [i for i in drop_loc if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"effkern.convert('evit'): drop_loc {bad} outside the model's {depth} layers")
+    rates = [keep_rate if i in drop_loc else 1.0 for i in range(depth)]
+    return {"keep_rate": keep_rate, "drop_loc": tuple(drop_loc), "fuse_token": bool(fuse_token),
+            "keep_rate_per_layer": rates}
+
+
+# --------------------------------------------------------------------------------------------
+# The method table and convert
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    block_mixin: type
+    configure: Callable[..., dict]
+    per_call: tuple[str, ...]
+    reduces_tokens: Callable[[Shared], bool]
+    doc: str
+
+
+METHODS: dict[str, Method] = {
+    "tome": Method("tome", ToMeBlockMixin, _tome_configure, ("r",),
+                   lambda sh: any(tome_schedule(sh.depth, sh.call["r"]) if "r" in sh.call else sh.config["r_per_layer"]),
+                   "Token Merging (Bolya et al. 2023): r tokens merged per layer (int, list, or (r, inflect)); "
+                   "prop_attn=True. Training-free. Defaults: r=0."),
+    "evit": Method("evit", EViTBlockMixin, _evit_configure, ("keep_rate", "tokens"),
+                   lambda sh: any(t is not None for t in _listed(sh.call.get("tokens"))) or any(
+                       b < 1 and (c is None or c < 1)
+                       for b, c in zip(sh.config["keep_rate_per_layer"], _listed(sh.call.get("keep_rate"), sh.depth))),
+                   "EViT (Liang et al. 2022): keep_rate of the attentive patch tokens at drop_loc layers "
+                   "(0-based), the rest fused into one token. Defaults: keep_rate=0.7, drop_loc=(3, 6, 9), "
+                   "fuse_token=True."),
+}
+_PLANNED = ("dynamicvit", "idlevit", "ecoformer", "shiftadd", "ivit")
+
+
+def _check_timm_vit(model: nn.Module) -> None:
+    needed = ("blocks", "patch_embed", "_pos_embed", "num_prefix_tokens", "forward_features", "forward_head")
+    missing = [a for a in needed if not hasattr(model, a)]
+    if missing:
+        raise TypeError(f"effkern.convert: expected a timm VisionTransformer, got {type(model).__name__} "
+                        f"(missing {', '.join(missing)})")
+    for i, blk in enumerate(model.blocks):
+        parts = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+        attn_parts = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop", "num_heads", "head_dim")
+        if not all(hasattr(blk, p) for p in parts) or not all(hasattr(blk.attn, p) for p in attn_parts):
+            raise TypeError(f"effkern.convert: block {i} ({type(blk).__name__}) is not timm's pre-norm Block with "
+                            "its Attention; other block types are not supported")
+
+
+def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> nn.Module:
+    """Convert a timm ``VisionTransformer`` in place to run ``method``; returns the model.
+
+    Args:
+        model: timm's ``VisionTransformer`` (DeiT, DeiT-III, ViT-S/B/L, any image size) with
+            pre-norm ``Block``s. Already converted: converted again from scratch.
+        method: one of :data:`METHODS` (``python -m effkern models`` lists them with their
+            settings).
+        strict: the method adds no parameters (True) or may add them (False); the methods here
+            add none, so the state_dict keys are timm's either way.
+        **config: the method's settings (its published defaults otherwise).
+
+    Per-call overrides: ``model(x, r=8)`` (ToMe), ``model(x, keep_rate=0.5)`` or
+    ``model(x, keep_rate=[...per layer...], tokens=[...])`` (EViT), also accepted by
+    ``forward_features`` and ``forward_intermediates``.
+    """
+    if method in _PLANNED:
+        raise NotImplementedError(f"effkern.convert: method {method!r} is not available yet "
+                                  f"(available: {', '.join(METHODS)})")
+    if method not in METHODS:
+        raise ValueError(f"effkern.convert: unknown method {method!r} (available: {', '.join(METHODS)})")
+    m = METHODS[method]
+    _check_timm_vit(model)
+    if not isinstance(strict, bool):
+        raise TypeError(f"effkern.convert: strict must be a bool, got {strict!r}")
+    cfg = m.configure(model, **config)
+    model.__class__ = _converted_class(_unconverted_class(type(model)), _ConvertedViT, "Effkern")
+    shared = Shared(method, cfg, len(model.blocks), int(model.num_prefix_tokens))
+    model.effkern = shared
+    model.patch_embed.effkern = shared
+    if getattr(model.patch_embed, "_effkern_reset_hook", None) is not None:
+        model.patch_embed._effkern_reset_hook.remove()
+    model.patch_embed._effkern_reset_hook = model.patch_embed.register_forward_pre_hook(_reset_state)
+    for i, blk in enumerate(model.blocks):
+        blk.__class__ = _converted_class(_unconverted_class(type(blk)), m.block_mixin, m.name.capitalize())
+        blk.effkern = shared
+        blk.effkern_layer = i
+    return model
+
+
+def _unconverted_class(cls: type) -> type:
+    """The timm class under a converted one (convert twice: from scratch)."""
+    for base in cls.__mro__:
+        if base.__module__ != __name__ and base not in (_ConvertedViT, ToMeBlockMixin, EViTBlockMixin):
+            return base
+    return cls

@@ -1,0 +1,274 @@
+"""effkern.convert on real timm models: the no-op setting equals timm bit for bit, the methods
+match transcriptions of the published model code (tests/vit_transcriptions.py), and everything
+timm's model does keeps working (checkpoints, forward_features / forward_head,
+forward_intermediates, gradient checkpointing, reset_classifier, bf16, torch.compile).
+
+Needs timm (``pip install torch==2.14.1 torchvision==0.29.1 timm``: scripts/install.sh does it on
+a fresh machine); skipped without it. Small images (64 x 64: 16 patches) keep it fast on a CPU;
+the block structure is the real model's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm", reason="needs timm (and torchvision): pip install torch==2.14.1 "
+                                           "torchvision==0.29.1 timm")
+
+import effkern  # noqa: E402
+from effkern.models.convert import METHODS, evit_keep_rate_schedule, tome_schedule  # noqa: E402
+from tests import vit_transcriptions as VT  # noqa: E402
+
+IMG = 64
+# (timm name, its kwargs): DeiT/ViT without LayerScale, DeiT-III with it, distilled DeiT.
+MODELS = {
+    "vit_small": ("vit_small_patch16_224", {}),
+    "deit3_small": ("deit3_small_patch16_224", {}),
+    "deit_tiny_distilled": ("deit_tiny_distilled_patch16_224", {}),
+}
+
+
+def make(key: str, seed: int = 0, **kw) -> torch.nn.Module:
+    name, extra = MODELS[key]
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, img_size=IMG, **{**extra, **kw})
+    # timm initialises LayerScale at 1e-5 and the head at zero: random values make a difference visible
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("gamma") or n.startswith("head"):
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def images(b: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(b, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def converted(model, method, **cfg):
+    return effkern.convert(copy.deepcopy(model), method, **cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# The no-op setting, checkpoints, errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("method, cfg", [("tome", {"r": 0}), ("evit", {"keep_rate": 1.0})])
+def test_noop_equals_timm_bit_for_bit(key, method, cfg):
+    """At r = 0 / keep rate 1 a converted block runs timm's operations in timm's order."""
+    model = make(key)
+    if method == "tome" and key == "deit_tiny_distilled":
+        with pytest.raises(NotImplementedError, match="distillation token"):
+            converted(model, method, **cfg)
+        return
+    x = images()
+    conv = converted(model, method, **cfg)
+    assert torch.equal(conv(x), model(x))
+    assert torch.equal(conv.forward_features(x), model.forward_features(x))
+
+
+@pytest.mark.parametrize("method, cfg", [("tome", {"r": 4}), ("evit", {"keep_rate": 0.5})])
+def test_checkpoint_loads_strictly_both_ways(method, cfg):
+    model = make("deit3_small")
+    conv = converted(make("deit3_small", seed=5), method, **cfg)
+    assert list(conv.state_dict()) == list(model.state_dict())
+    conv.load_state_dict(model.state_dict(), strict=True)
+    fresh = make("deit3_small", seed=7)
+    fresh.load_state_dict(conv.state_dict(), strict=True)
+    assert torch.equal(fresh(images()), model(images()))
+    assert isinstance(conv, type(model)) and all(isinstance(b, type(model.blocks[0])) for b in conv.blocks)
+
+
+def test_convert_errors():
+    model = make("vit_small")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        effkern.convert(model, "nope")
+    with pytest.raises(NotImplementedError, match="not available yet"):
+        effkern.convert(model, "dynamicvit")
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        effkern.convert(torch.nn.Linear(2, 2), "tome")
+    with pytest.raises(ValueError, match="drop_loc"):
+        effkern.convert(model, "evit", drop_loc=(3, 12))
+    with pytest.raises(ValueError, match="keep_rate"):
+        effkern.convert(model, "evit", keep_rate=0.0)
+    with pytest.raises(ValueError, match="r must be"):
+        effkern.convert(model, "tome", r=-1)
+    conv = converted(model, "tome", r=2)
+    with pytest.raises(ValueError, match="attn_mask"):
+        conv.forward_features(images(), attn_mask=torch.zeros(2, 1, 17, 17))
+
+
+def test_convert_again_from_scratch():
+    """A converted model converts to another method as if it were timm's."""
+    model = make("vit_small")
+    x = images()
+    twice = effkern.convert(converted(model, "tome", r=3), "evit", keep_rate=0.5)
+    once = converted(model, "evit", keep_rate=0.5)
+    assert torch.equal(twice(x), once(x))
+    assert type(twice) is type(once) and type(twice.blocks[0]) is type(once.blocks[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Against the published model code
+# --------------------------------------------------------------------------------------------
+
+
+def assert_logits_close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("key", ["vit_small", "deit3_small"])
+@pytest.mark.parametrize("r, prop_attn", [(2, True), (3, False), ((3, -1.0), True), ([1, 4, 0, 2, 5], True)])
+def test_tome_matches_published_model(key, r, prop_attn):
+    model = make(key)
+    x = images(3)
+    conv = converted(model, "tome", r=r, prop_attn=prop_attn)
+    want, kept = VT.tome_forward(model, x, r, prop_attn)
+    assert_logits_close(conv(x), want)
+    assert [conv.effkern.kept[i] for i in range(len(conv.blocks))] == kept
+
+
+def test_tome_per_call_r():
+    model = make("vit_small")
+    x = images()
+    conv = converted(model, "tome", r=1)
+    want, _ = VT.tome_forward(model, x, (3, -0.5))
+    assert_logits_close(conv(x, r=(3, -0.5)), want)
+    assert_logits_close(conv(x), VT.tome_forward(model, x, 1)[0])  # the override held for one call
+
+
+def test_tome_schedule_is_parse_r():
+    for depth in (1, 2, 12, 24):
+        for r in (0, 5, 16, (8, -1.0), (8, 0.5), (16, 1.0), [1, 2, 3]):
+            if depth == 1 and not isinstance(r, list):
+                continue  # parse_r divides by depth - 1
+            assert tome_schedule(depth, r) == VT.parse_r(depth, r), (depth, r)
+
+
+@pytest.mark.parametrize("key", ["vit_small", "deit3_small"])
+@pytest.mark.parametrize("keep_rate, drop_loc, fuse_token", [(0.7, (3, 6, 9), True), (0.5, (1, 3, 9), False),
+                                                             (0.25, (0, 11), True)])
+def test_evit_matches_published_model(key, keep_rate, drop_loc, fuse_token):
+    model = make(key)
+    x = images(3)
+    conv = converted(model, "evit", keep_rate=keep_rate, drop_loc=drop_loc, fuse_token=fuse_token)
+    want, kept = VT.evit_forward(model, x, keep_rate, drop_loc, fuse_token)
+    assert_logits_close(conv(x), want)
+    assert [conv.effkern.kept[i] for i in range(12)] == kept  # the fused token counted, as EViT
+
+
+@pytest.mark.parametrize("call", [{"keep_rate": 0.5}, {"keep_rate": 1.0},
+                                  {"keep_rate": (1, 1, 1, 0.3, 1, 1, 0.9, 1, 1, 0.5, 1, 1)},
+                                  {"tokens": (None, 12, None, None, 5, None, None, None, None, None, None, 2)}])
+def test_evit_per_call_arguments(call):
+    """EViT's forward(x, keep_rate, tokens): a call's rate prunes only at the pruning layers;
+    tokens set the count at any layer."""
+    model = make("vit_small")
+    x = images()
+    conv = converted(model, "evit", keep_rate=0.7, fuse_token=True)
+    want, kept = VT.evit_forward(model, x, 0.7, (3, 6, 9), True, **call)
+    assert_logits_close(conv(x, **call), want)
+    assert [conv.effkern.kept[i] for i in range(12)] == kept
+
+
+def test_evit_distillation_token_is_kept():
+    """effkern keeps every prefix token (EViT would rank the distillation token like a patch)."""
+    model = make("deit_tiny_distilled")
+    conv = converted(model, "evit", keep_rate=0.25, drop_loc=(1, 5))
+    model.train(False)
+    feats = conv.forward_features(images())
+    # class + distillation + ceil(0.25 * 16) = 4 + fused, then ceil(0.25 * 5) = 2 + fused
+    assert feats.shape[1] == 2 + 2 + 1
+    logits = conv(images())
+    assert logits.shape == (2, model.num_classes)
+
+
+def test_evit_keep_rate_schedule_is_published():
+    """EViT's adjust_keep_rate: 1 during warm-up, a cosine to the base rate, then the base rate."""
+    it = 100
+    assert evit_keep_rate_schedule(5 * it, 5, 10, 40, it, 0.7) == 1.0
+    assert evit_keep_rate_schedule(10 * it, 10, 10, 40, it, 0.7) == pytest.approx(1.0)
+    assert evit_keep_rate_schedule(25 * it, 25, 10, 40, it, 0.7) == pytest.approx(0.85)
+    assert evit_keep_rate_schedule(40 * it, 40, 10, 40, it, 0.7) == 0.7
+
+
+# --------------------------------------------------------------------------------------------
+# What timm's model does keeps working
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, cfg", [("tome", {"r": 3}), ("evit", {"keep_rate": 0.5, "drop_loc": (1, 2)})])
+def test_forward_intermediates_token_counts(method, cfg):
+    """NLC intermediates carry the token count of their depth (the published model's); NCHW is
+    refused while tokens are reduced and equals timm's at the no-op setting."""
+    model = make("vit_small", depth=4)
+    conv = converted(model, method, **cfg)
+    x = images()
+    final, inter = conv.forward_intermediates(x, output_fmt="NLC")
+    assert torch.equal(conv.forward_head(final), conv(x))
+    if method == "tome":
+        _, kept = VT.tome_forward(model, x, cfg["r"])
+    else:
+        _, kept = VT.evit_forward(model, x, cfg["keep_rate"], cfg["drop_loc"], True)
+    assert [t.shape[1] for t in inter] == kept and kept[-1] < 16
+    with pytest.raises(ValueError, match="output_fmt='NLC'"):
+        conv.forward_intermediates(x)
+    noop = converted(model, method, **({"r": 0} if method == "tome" else {**cfg, "keep_rate": 1.0}))
+    for a, b in zip(noop.forward_intermediates(x)[1], model.forward_intermediates(x)[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method, cfg", [("tome", {"r": 3}), ("evit", {"keep_rate": 0.5, "drop_loc": (1, 2)})])
+def test_gradient_checkpointing_same_gradients(method, cfg):
+    """Checkpointed blocks run again in the backward pass: ToMe's sizes are kept per block."""
+    model = make("vit_small", depth=4)
+    x = images()
+    grads = []
+    for ckpt in (False, True):
+        conv = converted(model, method, **cfg).train()
+        conv.set_grad_checkpointing(ckpt)
+        conv(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in conv.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_reset_classifier_bf16_autocast():
+    conv = converted(make("vit_small", depth=4), "tome", r=3)
+    conv.reset_classifier(5)
+    x = images()
+    assert conv(x).shape == (2, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+    assert conv.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method, cfg", [("tome", {"r": 3}), ("evit", {"keep_rate": 0.5, "drop_loc": (1, 2)})])
+def test_torch_compile_inference_and_training(method, cfg):
+    """inductor, timm's layouts: inference equals eager; a training step runs and matches eager's
+    gradients."""
+    torch._dynamo.reset()
+    model = make("vit_small", depth=4)
+    x = images()
+    eager = converted(model, method, **cfg)
+    compiled_model = converted(model, method, **cfg)
+    fn = torch.compile(compiled_model, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), eager(x), rtol=1e-4, atol=1e-4)
+    eager.train()
+    compiled_model.train()
+    eager(x).square().mean().backward()
+    fn(x).square().mean().backward()
+    for (n, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_methods_are_described():
+    for name, m in METHODS.items():
+        assert m.name == name and m.doc and m.per_call
