@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs effkern and what it needs into the current Python environment, on a fresh machine.
-#  - torch: kept if present (the GPU machine has a CUDA build); else the CPU wheel torch==2.13.0
-#    (a looser requirement would pull several GB of CUDA packages).
+#  - torch: kept if present (the GPU machine has a CUDA build); else what a PyPI user gets, the
+#    CUDA build torch==2.14.1 (it runs on a CPU too) with torchvision==0.29.1 and timm, so that
+#    effkern.convert's tests run on real timm models (about 5.5 GB). EFFKERN_TORCH=cpu installs the
+#    CPU wheel torch==2.13.0 instead (fast, but torchvision and timm cannot import beside it:
+#    the timm tests then skip, saying why).
+#  - timm, beside an installed torch that has torchvision (the GPU machine's has both).
 #  - the build and test tools, only those missing (the GPU machine has no internet).
 #  - effkern itself, editable, without build isolation so the CUDA library builds against the
 #    installed torch (whenever nvcc is found; EFFKERN_SKIP_CUDA=1 skips it).
@@ -10,7 +14,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install -q "torch==2.13.0"
+  if [ "${EFFKERN_TORCH:-}" = cpu ]; then
+    "$PY" -m pip install -q "torch==2.13.0"
+  else
+    "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "timm==1.0.31"
+  fi
+fi
+if ! "$PY" -c "import timm" 2>/dev/null && "$PY" -c "import torchvision" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps "timm==1.0.31" \
+    || echo "install.sh: timm could not be installed; the tests on timm models skip" >&2
 fi
 missing=()
 for spec in triton:triton numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark \
