@@ -114,3 +114,96 @@ def evit_forward(model, x, base_keep_rate, drop_loc, fuse_token, keep_rate=None,
         t = t + tb.ls2(tb.mlp(tb.norm2(t)))
         kept.append(t.shape[1] - 1)
     return model.forward_head(model.norm(t)), kept
+
+
+def dynamicvit_forward(model, predictors, x, pruning_loc, token_ratio, training=False, seed=None):
+    """VisionTransformerDiffPruning.forward(x) on the timm model's weights and the given
+    predictors (PredictorLG's names). Inference: the logits and the patch tokens after each
+    block. Training (distill=True): (logits, final normed patch tokens, prev_decision,
+    out_pred_prob), the Gumbel noise drawn from torch's generator in the published order, after
+    ``torch.manual_seed(seed)`` (the transcription blocks are built first: their initialisation
+    draws from the generator too)."""
+    blocks = []
+    for blk in model.blocks:
+        dim, heads = blk.norm1.normalized_shape[0], blk.attn.num_heads
+        tb = _loaded(T.DynamicViTBlock(dim, heads, blk.mlp.fc1.out_features / dim, blk.attn.qkv.bias is not None), blk)
+        blocks.append(tb.train(training))
+    if seed is not None:
+        torch.manual_seed(seed)
+    b = x.shape[0]
+    t = _embed(model, x)
+    init_n = t.shape[1] - 1  # effkern: the patch count (DynamicViT hard-codes 14 * 14)
+    prev_decision = torch.ones(b, init_n, 1, dtype=t.dtype, device=t.device)
+    policy = torch.ones(b, init_n + 1, 1, dtype=t.dtype, device=t.device)
+    out_pred_prob, kept, p_count = [], [], 0
+    for i, tb in enumerate(blocks):
+
+        def run(t, policy=None):  # Block.forward with ls1 / ls2 (effkern)
+            t = t + tb.ls1(tb.attn(tb.norm1(t), policy=policy))
+            return t + tb.ls2(tb.mlp(tb.norm2(t)))
+
+        if i in pruning_loc:
+            spatial_x = t[:, 1:]
+            pred_score = predictors[p_count](spatial_x, prev_decision).reshape(b, -1, 2)
+            if training:
+                hard_keep_decision = torch.nn.functional.gumbel_softmax(pred_score, hard=True)[:, :, 0:1] * prev_decision
+                out_pred_prob.append(hard_keep_decision.reshape(b, init_n))
+                cls_policy = torch.ones(b, 1, 1, dtype=hard_keep_decision.dtype, device=hard_keep_decision.device)
+                policy = torch.cat([cls_policy, hard_keep_decision], dim=1)
+                t = run(t, policy=policy)
+                prev_decision = hard_keep_decision
+            else:
+                score = pred_score[:, :, 0]
+                num_keep_node = int(init_n * token_ratio[p_count])
+                # effkern: stable sort (DynamicViT: argsort, ties unspecified)
+                keep_policy = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_keep_node]
+                cls_policy = torch.zeros(b, 1, dtype=keep_policy.dtype, device=keep_policy.device)
+                now_policy = torch.cat([cls_policy, keep_policy + 1], dim=1)
+                t = T.batch_index_select(t, now_policy)
+                prev_decision = T.batch_index_select(prev_decision, keep_policy)
+                t = run(t)
+            p_count += 1
+        else:
+            t = run(t, policy) if training else run(t)
+        kept.append(t.shape[1] - 1)
+    t = model.norm(t)
+    features = t[:, 1:]
+    logits = model.forward_head(t)
+    if training:
+        return logits, features, prev_decision.detach(), out_pred_prob
+    return logits, kept
+
+
+def dynamicvit_loss(teacher, inputs, outputs, labels, keep_ratio, clf_weight=1.0, ratio_weight=2.0,
+                    distill_weight=0.5, mse_token=True):
+    """DistillDiffPruningLoss_dynamic.forward (dynamic=False), its teacher a timm model: (logits,
+    final normed patch tokens)."""
+    pred, token_pred, mask, out_pred_score = outputs
+    pred_loss = 0.0
+    for i, score in enumerate(out_pred_score):
+        pos_ratio = score.mean(1)
+        pred_loss = pred_loss + ((pos_ratio - keep_ratio[i]) ** 2).mean()
+    cls_loss = torch.nn.functional.cross_entropy(pred, labels)
+    with torch.no_grad():
+        feats = teacher.forward_features(inputs)
+        cls_t, token_t = teacher.forward_head(feats), feats[:, 1:]
+    cls_kl_loss = torch.nn.functional.kl_div(torch.nn.functional.log_softmax(pred, dim=-1),
+                                             torch.nn.functional.log_softmax(cls_t, dim=-1),
+                                             reduction="batchmean", log_target=True)
+    b, n, c = token_pred.size()
+    bool_mask = mask.reshape(b * n) > 0.5
+    token_pred = token_pred.reshape(b * n, c)
+    token_t = token_t.reshape(b * n, c)
+    if mask.sum() < 0.1:
+        token_kl_loss = token_pred.new(1,).fill_(0.0)
+    else:
+        token_t = token_t[bool_mask]
+        token_pred = token_pred[bool_mask]
+        if mse_token:
+            token_kl_loss = torch.pow(token_pred - token_t, 2).mean()
+        else:
+            token_kl_loss = torch.nn.functional.kl_div(torch.nn.functional.log_softmax(token_pred, dim=-1),
+                                                       torch.nn.functional.log_softmax(token_t, dim=-1),
+                                                       reduction="batchmean", log_target=True)
+    return (clf_weight * cls_loss + ratio_weight * pred_loss / len(out_pred_score)
+            + distill_weight * cls_kl_loss + distill_weight * token_kl_loss)

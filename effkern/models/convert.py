@@ -20,13 +20,14 @@ State that must travel from block to block (ToMe's token sizes) is kept per forw
 re-runs a block in the backward pass, sees the same inputs again. It is reset when
 ``patch_embed`` runs, i.e. at the start of every forward.
 
-Methods: ``tome`` and ``evit`` (see :data:`METHODS` and ``python -m effkern models``); the
-others of the ViT-variants issue (DynamicViT, IdleViT, EcoFormer / ShiftAddViT attention,
-I-ViT) raise a clear NotImplementedError until they land.
+Methods: ``tome``, ``evit`` and ``dynamicvit`` (see :data:`METHODS`); the others of the
+ViT-variants issue (IdleViT, EcoFormer / ShiftAddViT attention, I-ViT) raise a clear
+NotImplementedError until they land.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effkern.nn.tokens import evit_left_tokens, evit_reorganize, tome_merge
-from effkern.ops import cls_attention
+from effkern.nn.tokens import DynamicViTPredictor, dynamicvit_keep, evit_left_tokens, evit_reorganize, tome_merge
+from effkern.ops import cls_attention, masked_softmax, token_gather
 
-__all__ = ["METHODS", "convert", "tome_schedule", "evit_keep_rate_schedule"]
+__all__ = ["METHODS", "DynamicViTLoss", "convert", "evit_keep_rate_schedule", "tome_schedule"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,13 +56,19 @@ def _qkv_heads(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _attend_project(attn: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
                     attn_mask: Tensor | None = None) -> Tensor:
-    """The rest of timm ``Attention.forward`` (fused path): SDPA at timm's default scale, heads
-    merged, ``norm``, gate, ``proj``, ``proj_drop``: the same operations in the same order, so
-    an unchanged block gives timm's output bit for bit."""
-    b, n, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    """The rest of timm ``Attention.forward`` (fused path): SDPA at timm's default scale, then
+    :func:`_merge_project`: the same operations in the same order, so an unchanged block gives
+    timm's output bit for bit."""
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                        dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    return _merge_project(attn, x, o)
+
+
+def _merge_project(attn: nn.Module, x: Tensor, o: Tensor) -> Tensor:
+    """timm ``Attention``'s output of the heads ``o`` ``[B, H, N, d]`` (x: its input, for the
+    gate): heads merged, ``norm``, gate, ``proj``, ``proj_drop``."""
+    b, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
     if gate is not None:
         o = o * gate
@@ -91,19 +98,30 @@ class Shared:
     ``method`` and ``config`` (the method's settings, per layer where they vary); ``depth`` and
     ``prefix`` (the model's block count and prefix tokens: class, distillation); per forward:
     ``call`` (the overrides given to ``model(x, **overrides)``), ``size`` (ToMe's token sizes
-    at the input of block i; absent: all ones), ``kept`` (patch tokens left after block i)."""
+    at the input of block i; absent: all ones), ``kept`` (patch tokens left after block i),
+    ``extra`` (a method's own: DynamicViT's decisions). ``modules``: what the method added to
+    the model (DynamicViT's predictors), by the names listed in ``added_parameters``."""
 
     method: str
     config: dict
     depth: int
     prefix: int
+    modules: tuple = ()
+    added_parameters: tuple[str, ...] = ()
     call: dict = field(default_factory=dict)
     size: dict = field(default_factory=dict)
     kept: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
     def reset(self) -> None:
         self.size.clear()
         self.kept.clear()
+        self.extra.clear()
+
+    def __deepcopy__(self, memo):
+        # the settings and added modules, not one forward's state (non-leaf tensors do not copy)
+        return Shared(self.method, copy.deepcopy(self.config, memo), self.depth, self.prefix,
+                      copy.deepcopy(self.modules, memo), self.added_parameters)
 
 
 def _reset_state(module: nn.Module, args) -> None:
@@ -301,6 +319,156 @@ def _evit_configure(model: nn.Module, keep_rate: float = 0.7, drop_loc: Sequence
 
 
 # --------------------------------------------------------------------------------------------
+# DynamicViT (raoyongming/DynamicViT, models/dyvit.py and losses.py)
+# --------------------------------------------------------------------------------------------
+
+
+class DynamicViTBlockMixin:
+    """DynamicViT's ``VisionTransformerDiffPruning.forward``, spread over the blocks.
+
+    At a pruning location p the predictor ``model.score_predictor[p]`` scores the patch tokens
+    (given the previous decisions). In training (all tokens stay): hard keep decisions by
+    straight-through Gumbel-softmax, times the previous ones, become the attention policy of
+    this and the following blocks (``masked_softmax``, DynamicViT's ``softmax_with_policy``;
+    every training block attends under the policy, all ones before the first location). At
+    inference: the ``int(M0 * ratio_p)`` best patch tokens are kept (``topk_tokens`` +
+    ``token_gather``; M0 the patch count at the input) and the others are gone. Differences
+    from the published code: LayerScale applied where the model has it; ``attn_drop`` applied
+    (DynamicViT never does; identical at 0, its setting); ties to the lower position."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        _no_mask("dynamicvit", attn_mask, is_causal)
+        shared, i = self.effkern, self.effkern_layer
+        cfg, st = shared.config, shared.extra
+        b = x.shape[0]
+        if i == 0:  # the published forward's initial decision and policy (all ones)
+            st["m0"] = x.shape[1] - 1
+            st["decision_in"] = {0: x.new_ones(b, st["m0"], 1)}
+            st["policy_in"] = {0: x.new_ones(b, st["m0"] + 1, 1)}
+            st["decisions"] = {}
+        decision, policy = st["decision_in"][i], st["policy_in"][i]
+        if i in cfg["pruning_loc"]:
+            p = cfg["pruning_loc"].index(i)
+            pred = shared.modules[p](x[:, 1:], decision).reshape(b, -1, 2)
+            if self.training:
+                decision = F.gumbel_softmax(pred, hard=True)[:, :, 0:1] * decision
+                st["decisions"][p] = decision.reshape(b, st["m0"])
+                policy = torch.cat([decision.new_ones(b, 1, 1), decision], 1)
+            else:
+                x, keep = dynamicvit_keep(x, pred[:, :, 0], int(st["m0"] * cfg["token_ratio"][p]))
+                decision = token_gather(decision, keep, validate=False)
+        st["decision_in"][i + 1], st["policy_in"][i + 1] = decision, policy
+        h = self.norm1(x)
+        q, k, v = _qkv_heads(self.attn, h)
+        if self.training:
+            attn = masked_softmax((q @ k.transpose(-2, -1)) * self.attn.scale, policy)
+            out = _merge_project(self.attn, h, self.attn.attn_drop(attn) @ v)
+        else:
+            out = _attend_project(self.attn, h, q, k, v)
+        x = x + self.drop_path1(self.ls1(out))
+        shared.kept[i] = x.shape[1] - 1
+        return _mlp_residual(self, x)
+
+
+def _dynamicvit_configure(model: nn.Module, keep_ratio: float = 0.7, pruning_loc: Sequence[int] = (3, 6, 9),
+                          token_ratio: Sequence[float] | None = None) -> dict:
+    depth = len(model.blocks)
+    if model.num_prefix_tokens != 1 or getattr(model, "cls_token", None) is None:
+        raise NotImplementedError("effkern.convert('dynamicvit'): needs exactly one prefix token, the class token "
+                                  f"(this model has {model.num_prefix_tokens}); DynamicViT's published models have no other")
+    pruning_loc = tuple(int(i) for i in pruning_loc)
+    if sorted(set(pruning_loc)) != list(pruning_loc) or not all(0 <= i < depth for i in pruning_loc):
+        raise ValueError(f"effkern.convert('dynamicvit'): pruning_loc must be increasing layer indices in "
+                         f"[0, {depth}), got {pruning_loc}")
+    if token_ratio is None:
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"effkern.convert('dynamicvit'): keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        token_ratio = [keep_ratio ** (p + 1) for p in range(len(pruning_loc))]
+    token_ratio = [float(r) for r in token_ratio]
+    if len(token_ratio) != len(pruning_loc) or not all(0 <= r <= 1 for r in token_ratio):
+        raise ValueError(f"effkern.convert('dynamicvit'): token_ratio needs one value in [0, 1] per pruning "
+                         f"location, got {token_ratio}")
+    return {"keep_ratio": keep_ratio, "pruning_loc": pruning_loc, "token_ratio": token_ratio}
+
+
+def _dynamicvit_modules(model: nn.Module, cfg: dict) -> nn.ModuleList:
+    """The predictors, ``model.score_predictor`` (DynamicViT's name: its checkpoints load), each
+    initialised as DynamicViT's ``_init_weights`` does (truncated normal 0.02 for Linear weights,
+    zero biases, unit LayerNorm)."""
+    dim = model.blocks[0].norm1.normalized_shape[0]
+    ref = next(model.parameters())
+    predictors = nn.ModuleList([DynamicViTPredictor(dim) for _ in cfg["pruning_loc"]])
+    for m in predictors.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    model.score_predictor = predictors.to(device=ref.device, dtype=ref.dtype)
+    return model.score_predictor
+
+
+class DynamicViTLoss(nn.Module):
+    """DynamicViT's training loss for DeiT (``losses.DistillDiffPruningLoss_dynamic`` with the
+    settings of its ``main.py`` for DeiT):
+
+        clf_weight * CE(logits, labels)
+        + ratio_weight * mean_p mean_batch((mean_tokens(decision_p) - token_ratio_p)^2)
+        + distill_weight * KL(teacher logits || logits)
+        + distill_weight * MSE(kept tokens, the teacher's tokens)
+
+    ``teacher``: the dense timm model (eval, no grad), giving its logits and its final normed
+    patch tokens. ``forward(images, logits, labels, model)`` reads the converted model's last
+    training forward (``model.effkern.extra``: the decisions and the final normed tokens)."""
+
+    def __init__(self, teacher: nn.Module, token_ratio: Sequence[float], *, clf_weight: float = 1.0,
+                 ratio_weight: float = 2.0, distill_weight: float = 0.5, mse_token: bool = True,
+                 base_criterion: nn.Module | None = None):
+        super().__init__()
+        self.teacher = teacher
+        self.token_ratio = list(token_ratio)
+        self.clf_weight, self.ratio_weight, self.distill_weight = clf_weight, ratio_weight, distill_weight
+        self.mse_token = mse_token
+        self.base_criterion = base_criterion if base_criterion is not None else nn.CrossEntropyLoss()
+
+    def forward(self, images: Tensor, logits: Tensor, labels: Tensor, model: nn.Module) -> Tensor:
+        st = model.effkern.extra
+        if "tokens" not in st:
+            raise RuntimeError("DynamicViTLoss: run the converted model in training mode first")
+        decisions = [st["decisions"][p] for p in sorted(st["decisions"])]
+        ratio_loss = sum(((d.mean(1) - r) ** 2).mean() for d, r in zip(decisions, self.token_ratio))
+        with torch.no_grad():
+            feats = self.teacher.forward_features(images)
+            cls_t, token_t = self.teacher.forward_head(feats), feats[:, self.teacher.num_prefix_tokens:]
+        cls_kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(cls_t, dim=-1), reduction="batchmean",
+                          log_target=True)
+        token_pred, mask = st["tokens"], st["decision_in"][model.effkern.depth]
+        b, n, c = token_pred.shape
+        keep = mask.reshape(b * n) > 0.5
+        if mask.sum() < 0.1:
+            token_loss = token_pred.new_zeros(1)
+        else:
+            tp, tt = token_pred.reshape(b * n, c)[keep], token_t.reshape(b * n, c)[keep]
+            if self.mse_token:
+                token_loss = (tp - tt).pow(2).mean()
+            else:
+                token_loss = F.kl_div(F.log_softmax(tp, dim=-1), F.log_softmax(tt, dim=-1), reduction="batchmean",
+                                      log_target=True)
+        return (self.clf_weight * self.base_criterion(logits, labels)
+                + self.ratio_weight * ratio_loss / len(self.token_ratio)
+                + self.distill_weight * cls_kl + self.distill_weight * token_loss)
+
+
+def _capture_tokens(module: nn.Module, args, out: Tensor) -> None:
+    """model.norm's forward hook: DynamicViT's training outputs need the final normed patch
+    tokens (its ``features``)."""
+    shared = module.effkern
+    if shared.method == "dynamicvit" and module.training:
+        shared.extra["tokens"] = out[:, shared.prefix:]
+
+
+# --------------------------------------------------------------------------------------------
 # The method table and convert
 # --------------------------------------------------------------------------------------------
 
@@ -313,6 +481,7 @@ class Method:
     per_call: tuple[str, ...]
     reduces_tokens: Callable[[Shared], bool]
     doc: str
+    add_modules: Callable[[nn.Module, dict], nn.Module] | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -327,8 +496,14 @@ METHODS: dict[str, Method] = {
                    "EViT (Liang et al. 2022): keep_rate of the attentive patch tokens at drop_loc layers "
                    "(0-based), the rest fused into one token. Defaults: keep_rate=0.7, drop_loc=(3, 6, 9), "
                    "fuse_token=True."),
+    "dynamicvit": Method("dynamicvit", DynamicViTBlockMixin, _dynamicvit_configure, (),
+                         lambda sh: any(r < 1 for r in sh.config["token_ratio"]),
+                         "DynamicViT (Rao et al. 2021): predictors at pruning_loc (0-based, (3, 6, 9)) keep "
+                         "keep_ratio^1, ^2, ^3 of the patch tokens (keep_ratio 0.7); Gumbel-softmax decisions and "
+                         "DynamicViTLoss in training. Adds parameters: convert(..., strict=False).",
+                         _dynamicvit_modules),
 }
-_PLANNED = ("dynamicvit", "idlevit", "ecoformer", "shiftadd", "ivit")
+_PLANNED = ("idlevit", "ecoformer", "shiftadd", "ivit")
 
 
 def _check_timm_vit(model: nn.Module) -> None:
@@ -353,8 +528,10 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
             pre-norm ``Block``s. Already converted: converted again from scratch.
         method: one of :data:`METHODS` (``python -m effkern models`` lists them with their
             settings).
-        strict: the method adds no parameters (True) or may add them (False); the methods here
-            add none, so the state_dict keys are timm's either way.
+        strict: True (default): the converted model's state_dict keys stay timm's, and a method
+            that adds parameters (DynamicViT's predictors) raises ValueError naming them; False:
+            they are added, initialised as the method does, and listed in
+            ``model.effkern.added_parameters``.
         **config: the method's settings (its published defaults otherwise).
 
     Per-call overrides: ``model(x, r=8)`` (ToMe), ``model(x, keep_rate=0.5)`` or
@@ -371,13 +548,26 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
     if not isinstance(strict, bool):
         raise TypeError(f"effkern.convert: strict must be a bool, got {strict!r}")
     cfg = m.configure(model, **config)
+    _undo(model)
+    modules, added = (), ()
+    if m.add_modules is not None:
+        mods = m.add_modules(model, cfg)
+        name = next(n for n, c in model.named_children() if c is mods)
+        added = tuple(f"{name}.{n}" for n, _ in mods.named_parameters())
+        if strict:
+            delattr(model, name)
+            raise ValueError(f"effkern.convert({method!r}) adds parameters ({len(added)}: {added[0]}, ...), so the "
+                             "model's state_dict is no longer timm's; pass strict=False to accept that (they are "
+                             "listed in model.effkern.added_parameters)")
+        modules = tuple(mods)
     model.__class__ = _converted_class(_unconverted_class(type(model)), _ConvertedViT, "Effkern")
-    shared = Shared(method, cfg, len(model.blocks), int(model.num_prefix_tokens))
+    shared = Shared(method, cfg, len(model.blocks), int(model.num_prefix_tokens), modules, added)
     model.effkern = shared
-    model.patch_embed.effkern = shared
-    if getattr(model.patch_embed, "_effkern_reset_hook", None) is not None:
-        model.patch_embed._effkern_reset_hook.remove()
-    model.patch_embed._effkern_reset_hook = model.patch_embed.register_forward_pre_hook(_reset_state)
+    model._effkern_added = name if added else None
+    for module, hook, kind in ((model.patch_embed, _reset_state, "pre"), (model.norm, _capture_tokens, "post")):
+        module.effkern = shared
+        register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+        module._effkern_hook = register(hook)
     for i, blk in enumerate(model.blocks):
         blk.__class__ = _converted_class(_unconverted_class(type(blk)), m.block_mixin, m.name.capitalize())
         blk.effkern = shared
@@ -385,9 +575,20 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
     return model
 
 
+def _undo(model: nn.Module) -> None:
+    """Remove what an earlier convert added (hooks, modules): convert again from scratch."""
+    for module in (model.patch_embed, model.norm):
+        if getattr(module, "_effkern_hook", None) is not None:
+            module._effkern_hook.remove()
+            module._effkern_hook = None
+    if getattr(model, "_effkern_added", None):
+        delattr(model, model._effkern_added)
+        model._effkern_added = None
+
+
 def _unconverted_class(cls: type) -> type:
     """The timm class under a converted one (convert twice: from scratch)."""
     for base in cls.__mro__:
-        if base.__module__ != __name__ and base not in (_ConvertedViT, ToMeBlockMixin, EViTBlockMixin):
+        if base.__module__ != __name__ and base not in (_ConvertedViT, ToMeBlockMixin, EViTBlockMixin, DynamicViTBlockMixin):
             return base
     return cls
