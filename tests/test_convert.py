@@ -223,7 +223,8 @@ def test_forward_intermediates_token_counts(method, cfg):
 
 
 TRAINING_CASES = [("tome", {"r": 3}), ("evit", {"keep_rate": 0.5, "drop_loc": (1, 2)}),
-                  ("dynamicvit", {"strict": False, "pruning_loc": (1, 2)})]
+                  ("dynamicvit", {"strict": False, "pruning_loc": (1, 2)}),
+                  ("idlevit", {"keep_rate": 0.5, "idle_layers": (1, 3)})]
 
 
 @pytest.mark.parametrize("method, cfg", TRAINING_CASES)
@@ -382,3 +383,78 @@ def test_dynamicvit_errors():
         converted(make("vit_small"), "dynamicvit", strict=False, pruning_loc=(6, 3))
     with pytest.raises(ValueError, match="token_ratio"):
         converted(make("vit_small"), "dynamicvit", strict=False, token_ratio=(0.5,))
+
+
+# --------------------------------------------------------------------------------------------
+# IdleViT
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["vit_small", "deit3_small"])
+@pytest.mark.parametrize("cfg", [{}, {"keep_rate": 0.5, "idle_layers": (2, 3, 9)}, {"idle_layers": (0, 11), "keep_ratios": (0.3, 0.9)}])
+def test_idlevit_inference_matches_published_model(key, cfg):
+    model = make(key)
+    conv = converted(model, "idlevit", **cfg)
+    x = images(3)
+    c = conv.effkern.config
+    assert_logits_close(conv(x), VT.idlevit_forward(model, x, c["idle_layers"], c["keep_ratios"]))
+
+
+def test_idlevit_defaults_are_published():
+    """main.py: idle layers 4..11, keep ratios rho, rho, rho, rho^2, ..., rho = 0.7 (8 of 9 used)."""
+    c = converted(make("vit_small"), "idlevit").effkern.config
+    assert c["idle_layers"] == tuple(range(4, 12))
+    published = [0.7 ** (i + 1) for i in range(3) for _ in range(3)]
+    assert c["keep_ratios"] == pytest.approx(published[:8])
+
+
+def test_idlevit_noop_equals_timm():
+    model = make("vit_small")
+    x = images()
+    conv = converted(model, "idlevit", keep_rate=1.0)
+    assert_logits_close(conv(x), model(x))  # all tokens gathered (CLS first, then by score)
+
+
+def test_idlevit_training_and_cut_loss_match_published():
+    from effkern.models.convert import IdleViTLoss
+
+    model = make("vit_small")
+    conv = converted(model, "idlevit", keep_rate=0.5, idle_layers=(3, 6, 9))
+    x, labels = images(3), torch.tensor([0, 4, 9])
+    c = conv.effkern.config
+    conv.train()
+    model.train()
+    logits = conv(x)
+    loss = IdleViTLoss()(x, logits, labels, conv)
+    want_logits, attns, masks = VT.idlevit_forward(model, x, c["idle_layers"], c["keep_ratios"], training=True)
+    want = torch.nn.functional.cross_entropy(want_logits, labels) + 20.0 * VT.idlevit_cut_loss(attns, masks, 3)
+    assert_logits_close(logits, want_logits)
+    for i, m in zip(c["idle_layers"], masks):
+        assert torch.equal(conv.effkern.extra["masks"][i], m)
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
+    loss.backward()
+    want.backward()
+    for name in ("head.weight", "norm.weight", "patch_embed.proj.weight"):
+        g = model.get_parameter(name).grad
+        torch.testing.assert_close(conv.get_parameter(name).grad, g, rtol=1e-3, atol=1e-4 * float(g.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_idlevit_loss_distillation_terms():
+    """With a teacher: + 5 KL(teacher || student) + 500 MSE of the normalised CLS features."""
+    from effkern.models.convert import IdleViTLoss
+
+    model, teacher = make("vit_small"), make("vit_small", seed=4)
+    conv = converted(model, "idlevit").train()
+    x, labels = images(), torch.tensor([2, 3])
+    logits = conv(x)
+    base = IdleViTLoss(cutloss_type="none")(x, logits, labels, conv)
+    full = IdleViTLoss(teacher, cutloss_type="none")(x, logits, labels, conv)
+    feats_t = teacher.forward_features(x)
+    feats_s = conv.effkern.extra["normed"]
+    F = torch.nn.functional
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher.forward_head(feats_t), -1), reduction="batchmean",
+                  log_target=True)
+    mse = F.mse_loss(F.normalize(conv.forward_head(feats_s, pre_logits=True)),
+                     F.normalize(teacher.forward_head(feats_t, pre_logits=True)))
+    torch.testing.assert_close(full - base, 5.0 * kl + 500.0 * mse, rtol=1e-4, atol=1e-6)

@@ -207,3 +207,85 @@ def dynamicvit_loss(teacher, inputs, outputs, labels, keep_ratio, clf_weight=1.0
                                                        reduction="batchmean", log_target=True)
     return (clf_weight * cls_loss + ratio_weight * pred_loss / len(out_pred_score)
             + distill_weight * cls_kl_loss + distill_weight * token_kl_loss)
+
+
+def _idle_test_block(tb, x, num_keep_node):
+    """IdleViT's Block.forward(test=True) (ls1 / ls2 applied: effkern)."""
+    b, _, c = x.shape
+    top_tokens, top = tb.attn.forward_test(tb.norm1(x), num_keep_node)
+    top_tokens = T.batch_index_select(x, top) + tb.ls1(top_tokens)
+    top_tokens = top_tokens + tb.ls2(tb.mlp(tb.norm2(top_tokens)))
+    dim1 = torch.arange(b, dtype=top.dtype, device=top.device).reshape(-1, 1).expand(b, num_keep_node + 1)
+    x = x.clone()  # effkern: out of place
+    x[dim1.reshape(-1), top.reshape(-1)] = top_tokens.reshape(b * (num_keep_node + 1), c)
+    return x
+
+
+def _idle_train_block(tb, x, num_keep_node):
+    """IdleViT's Block.forward(x, num_keep_node) in training: Attention.forward with
+    softmax_with_top_attn, the residuals masked to the kept tokens -> (x, attn_mask, attn_rt)."""
+    b, n, c = x.shape
+    heads = tb.attn.num_heads
+    qkv = tb.attn.qkv(tb.norm1(x)).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1)) * tb.attn.scale
+    attn_rt = attn
+    # softmax_with_top_attn; effkern: stable descending sort (IdleViT: argsort, ties unspecified)
+    top = torch.sort(attn.mean(1)[:, 0, 1:], dim=1, descending=True, stable=True).indices[:, :num_keep_node]
+    top = torch.cat([torch.zeros(b, 1, dtype=top.dtype, device=top.device), top + 1], dim=1)
+    dim1 = torch.arange(b, dtype=top.dtype).reshape(-1, 1).expand(b, num_keep_node + 1).reshape(-1)
+    dim2 = top.reshape(-1)
+    bias = torch.ones((b, n), dtype=attn.dtype, device=attn.device)
+    bias[dim1, dim2] = 0.0
+    bias = (bias * (-100000.0)).reshape(b, 1, 1, n).expand(-1, heads, n, -1)
+    out = ((attn + bias).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+    out = tb.attn.proj_drop(tb.attn.proj(out))
+    attn_mask = torch.zeros((b, n), dtype=attn.dtype, device=attn.device)
+    attn_mask[dim1, dim2] = 1.0
+    attn_mask = attn_mask.reshape(b, n, 1)
+    x = x + tb.ls1(out) * attn_mask
+    x = x + tb.ls2(tb.mlp(tb.norm2(x))) * attn_mask
+    return x, attn_mask, attn_rt
+
+
+def idlevit_forward(model, x, idle_layers, keep_ratios, training=False):
+    """IdleVisionTransformer.forward(x) on the timm model's weights (the non-idle blocks are
+    timm's own: the published Block without idling is the same computation). Inference: the
+    logits. Training: (logits, out_attns, out_attn_masks)."""
+    t = _embed(model, x)
+    init_n = t.shape[1] - 1
+    p_count, out_attns, out_masks = 0, [], []
+    for i, blk in enumerate(model.blocks):
+        if i in idle_layers:
+            dim, heads = blk.norm1.normalized_shape[0], blk.attn.num_heads
+            tb = _loaded(T.IdleViTBlock(dim, heads, blk.mlp.fc1.out_features / dim, blk.attn.qkv.bias is not None), blk)
+            num_keep_node = int(init_n * keep_ratios[p_count])
+            p_count += 1
+            if training:
+                t, mask, attn = _idle_train_block(tb, t, num_keep_node)
+                out_attns.append(attn)
+                out_masks.append(mask)
+            else:
+                t = _idle_test_block(tb, t, num_keep_node)
+        else:
+            t = blk(t)
+    logits = model.forward_head(model.norm(t))
+    return (logits, out_attns, out_masks) if training else logits
+
+
+def idlevit_cut_loss(out_attns, out_attn_masks, num_idle_layers):
+    """IdleViTTotalLoss's token cut loss, cutloss_type "both" (effkern: every idle layer; the
+    published loop deletes entries of the lists it enumerates, skipping every other layer)."""
+    cut_loss = 0.0
+    for i, mask in enumerate(out_attn_masks):
+        b, n, _ = mask.shape
+        w = out_attns[i].mean(1).softmax(dim=-1)
+        diffcut = torch.abs(mask.reshape(b, n, 1) - mask.reshape(b, 1, n))
+        diffcut[:, :, 0] = 0.0
+        samecut = mask.reshape(b, n, 1) * mask.reshape(b, 1, n)
+        inter_dist = (diffcut.reshape(b, n, n) * w).sum(-1)
+        inter_loss = torch.nn.functional.mse_loss(inter_dist, torch.zeros(b, n, dtype=inter_dist.dtype))
+        intra_dist = (samecut * w).sum(-1)
+        intra_loss = torch.nn.functional.mse_loss(intra_dist, mask.reshape(b, n))
+        cut_loss = cut_loss + inter_loss + intra_loss
+    return cut_loss / num_idle_layers

@@ -20,8 +20,8 @@ State that must travel from block to block (ToMe's token sizes) is kept per forw
 re-runs a block in the backward pass, sees the same inputs again. It is reset when
 ``patch_embed`` runs, i.e. at the start of every forward.
 
-Methods: ``tome``, ``evit`` and ``dynamicvit`` (see :data:`METHODS`); the others of the
-ViT-variants issue (IdleViT, EcoFormer / ShiftAddViT attention, I-ViT) raise a clear
+Methods: ``tome``, ``evit``, ``dynamicvit`` and ``idlevit`` (see :data:`METHODS`); the others
+of the ViT-variants issue (EcoFormer / ShiftAddViT attention, I-ViT) raise a clear
 NotImplementedError until they land.
 """
 
@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effkern.nn.tokens import DynamicViTPredictor, dynamicvit_keep, evit_left_tokens, evit_reorganize, tome_merge
-from effkern.ops import cls_attention, masked_softmax, token_gather
+from effkern.nn.tokens import (DynamicViTPredictor, dynamicvit_keep, evit_left_tokens, evit_reorganize,
+                               idle_select_compute_scatter, idlevit_scores, tome_merge)
+from effkern.ops import cls_attention, masked_softmax, token_gather, topk_tokens
 
-__all__ = ["METHODS", "DynamicViTLoss", "convert", "evit_keep_rate_schedule", "tome_schedule"]
+__all__ = ["METHODS", "DynamicViTLoss", "IdleViTLoss", "convert", "evit_keep_rate_schedule", "tome_schedule"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +435,7 @@ class DynamicViTLoss(nn.Module):
 
     def forward(self, images: Tensor, logits: Tensor, labels: Tensor, model: nn.Module) -> Tensor:
         st = model.effkern.extra
-        if "tokens" not in st:
+        if "normed" not in st:
             raise RuntimeError("DynamicViTLoss: run the converted model in training mode first")
         decisions = [st["decisions"][p] for p in sorted(st["decisions"])]
         ratio_loss = sum(((d.mean(1) - r) ** 2).mean() for d, r in zip(decisions, self.token_ratio))
@@ -443,7 +444,7 @@ class DynamicViTLoss(nn.Module):
             cls_t, token_t = self.teacher.forward_head(feats), feats[:, self.teacher.num_prefix_tokens:]
         cls_kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(cls_t, dim=-1), reduction="batchmean",
                           log_target=True)
-        token_pred, mask = st["tokens"], st["decision_in"][model.effkern.depth]
+        token_pred, mask = st["normed"][:, model.effkern.prefix:], st["decision_in"][model.effkern.depth]
         b, n, c = token_pred.shape
         keep = mask.reshape(b * n) > 0.5
         if mask.sum() < 0.1:
@@ -461,11 +462,138 @@ class DynamicViTLoss(nn.Module):
 
 
 def _capture_tokens(module: nn.Module, args, out: Tensor) -> None:
-    """model.norm's forward hook: DynamicViT's training outputs need the final normed patch
-    tokens (its ``features``)."""
-    shared = module.effkern
-    if shared.method == "dynamicvit" and module.training:
-        shared.extra["tokens"] = out[:, shared.prefix:]
+    """model.norm's forward hook: the training losses (DynamicViT's, IdleViT's) need the final
+    normed tokens."""
+    if module.training:
+        module.effkern.extra["normed"] = out
+
+
+# --------------------------------------------------------------------------------------------
+# IdleViT (Ackesnal/IdleViT, vit.py and losses.py)
+# --------------------------------------------------------------------------------------------
+
+
+class IdleViTBlockMixin:
+    """IdleViT's ``Block`` at an idle layer (others: timm's own forward).
+
+    The class token and the ``int(M0 * ratio)`` patch tokens whose CLS attention logits (head
+    mean) are highest are computed; the others idle: they skip the layer unchanged. Inference
+    (``test=True`` in IdleViT): the selected tokens are gathered, run through timm's block and
+    scattered back (``idle_select_compute_scatter``). Training: every token is computed, the
+    idle keys get a bias of -1e5 in the attention and the idle tokens' residuals are masked out,
+    as IdleViT's ``softmax_with_top_attn``; the head-mean logits and the keep mask are kept for
+    :class:`IdleViTLoss`'s token cut loss. Differences from the published code: LayerScale and
+    attention dropout applied where the model has them; ties to the lower position."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        shared, i = self.effkern, self.effkern_layer
+        cfg = shared.config
+        if i not in cfg["idle_layers"]:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        _no_mask("idlevit", attn_mask, is_causal)
+        ratio = cfg["keep_ratios"][cfg["idle_layers"].index(i)]
+        num_keep = int((x.shape[1] - 1) * ratio)
+        shared.kept[i] = num_keep
+        if not self.training:
+            plain = super().forward
+            return idle_select_compute_scatter(x, idlevit_scores(self, x), num_keep, lambda t: plain(t))
+        b, n, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = _qkv_heads(self.attn, h)
+        scores = cls_attention(q[:, :, 0], k, scale=self.attn.scale, softmax=False)[:, 1:]
+        keep, _ = topk_tokens(scores.detach(), num_keep, keep_cls=True)
+        mask = torch.zeros(b, n, dtype=x.dtype, device=x.device).scatter(1, keep, 1.0)[:, :, None]
+        bias = ((1.0 - mask) * -100000.0).reshape(b, 1, 1, n).to(q.dtype)
+        x = x + self.drop_path1(self.ls1(_attend_project(self.attn, h, q, k, v, bias))) * mask
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) * mask
+        # for the token cut loss: the head-mean of the scaled logits, one [B, N, N] product
+        d = q.shape[-1]
+        qh = q.transpose(1, 2).reshape(b, n, -1)
+        kh = k.transpose(1, 2).reshape(b, n, -1)
+        shared.extra.setdefault("logits", {})[i] = (qh @ kh.transpose(1, 2)) * (self.attn.scale / (qh.shape[-1] // d))
+        shared.extra.setdefault("masks", {})[i] = mask
+        return x
+
+
+def _idlevit_configure(model: nn.Module, keep_rate: float = 0.7, idle_layers: Sequence[int] | None = None,
+                       keep_ratios: Sequence[float] | None = None) -> dict:
+    depth = len(model.blocks)
+    if model.num_prefix_tokens != 1 or getattr(model, "cls_token", None) is None:
+        raise NotImplementedError("effkern.convert('idlevit'): needs exactly one prefix token, the class token "
+                                  f"(this model has {model.num_prefix_tokens})")
+    idle_layers = tuple(range(4, depth)) if idle_layers is None else tuple(int(i) for i in idle_layers)
+    if sorted(set(idle_layers)) != list(idle_layers) or not all(0 <= i < depth for i in idle_layers):
+        raise ValueError(f"effkern.convert('idlevit'): idle_layers must be increasing layer indices in [0, {depth}), "
+                         f"got {idle_layers}")
+    if keep_ratios is None:
+        if not 0 < keep_rate <= 1:
+            raise ValueError(f"effkern.convert('idlevit'): keep_rate must be in (0, 1], got {keep_rate!r}")
+        # IdleViT's main.py: keep_rate^1, ^2, ^3, each for a third of the idle layers
+        per = math.ceil(len(idle_layers) / 3)
+        keep_ratios = [keep_rate ** (j // per + 1) for j in range(len(idle_layers))]
+    keep_ratios = [float(r) for r in keep_ratios]
+    if len(keep_ratios) != len(idle_layers) or not all(0 <= r <= 1 for r in keep_ratios):
+        raise ValueError(f"effkern.convert('idlevit'): keep_ratios needs one value in [0, 1] per idle layer, "
+                         f"got {keep_ratios}")
+    return {"keep_rate": keep_rate, "idle_layers": idle_layers, "keep_ratios": keep_ratios}
+
+
+class IdleViTLoss(nn.Module):
+    """IdleViT's training loss (``losses.IdleViTTotalLoss``, defaults of its ``main.py``):
+
+        CE(logits, labels) + cut_weight * sum_l cut_l / L
+        + distill_weight * KL(teacher logits || logits)
+        + 100 distill_weight * MSE(normalize(CLS feature), normalize(teacher's)),
+
+    the token cut loss of idle layer l (``cutloss_type`` "both"): with W the row softmax of the
+    head-mean logits and m the keep mask, MSE(sum_j |m_i - m_j| W_ij [j > 0], 0) +
+    MSE(sum_j m_i m_j W_ij, m_i). The distillation terms only with ``teacher`` (IdleViT's
+    ``--distill``; off by default). ``forward(images, logits, labels, model)`` reads the
+    converted model's last training forward. One departure: IdleViT's loop deletes list
+    entries while enumerating them, so only every other idle layer enters its cut loss; here
+    every idle layer does (the sum is still divided by the number of idle layers)."""
+
+    def __init__(self, teacher: nn.Module | None = None, *, cut_weight: float = 20.0, distill_weight: float = 5.0,
+                 cutloss_type: str = "both", base_criterion: nn.Module | None = None):
+        super().__init__()
+        if cutloss_type not in ("both", "intra", "inter", "none"):
+            raise ValueError(f"IdleViTLoss: cutloss_type must be both, intra, inter or none, got {cutloss_type!r}")
+        self.teacher = teacher
+        self.cut_weight, self.distill_weight, self.cutloss_type = cut_weight, distill_weight, cutloss_type
+        self.base_criterion = base_criterion if base_criterion is not None else nn.CrossEntropyLoss()
+
+    def cut_loss(self, logits: Tensor, mask: Tensor) -> Tensor:
+        b, n, _ = mask.shape
+        w = logits.softmax(dim=-1)
+        m = mask.reshape(b, n)
+        loss = logits.new_zeros(())
+        if self.cutloss_type in ("both", "inter"):
+            diff = (m[:, :, None] - m[:, None, :]).abs()
+            diff[:, :, 0] = 0.0
+            loss = loss + F.mse_loss((diff * w).sum(-1), torch.zeros_like(m))
+        if self.cutloss_type in ("both", "intra"):
+            loss = loss + F.mse_loss(((m[:, :, None] * m[:, None, :]) * w).sum(-1), m)
+        return loss
+
+    def forward(self, images: Tensor, logits: Tensor, labels: Tensor, model: nn.Module) -> Tensor:
+        shared = model.effkern
+        st = shared.extra
+        if "normed" not in st:
+            raise RuntimeError("IdleViTLoss: run the converted model in training mode first")
+        layers = shared.config["idle_layers"]
+        loss = self.base_criterion(logits, labels)
+        if self.cutloss_type != "none":
+            cut = sum(self.cut_loss(st["logits"][i], st["masks"][i]) for i in layers)
+            loss = loss + self.cut_weight * cut / len(layers)
+        if self.teacher is not None:
+            with torch.no_grad():
+                feats = self.teacher.forward_features(images)
+                cls_t, token_t = self.teacher.forward_head(feats), self.teacher.forward_head(feats, pre_logits=True)
+            token_s = model.forward_head(st["normed"], pre_logits=True)
+            loss = loss + self.distill_weight * F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(cls_t, dim=-1),
+                                                         reduction="batchmean", log_target=True)
+            loss = loss + 100 * self.distill_weight * F.mse_loss(F.normalize(token_s), F.normalize(token_t))
+        return loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,8 +630,12 @@ METHODS: dict[str, Method] = {
                          "keep_ratio^1, ^2, ^3 of the patch tokens (keep_ratio 0.7); Gumbel-softmax decisions and "
                          "DynamicViTLoss in training. Adds parameters: convert(..., strict=False).",
                          _dynamicvit_modules),
+    "idlevit": Method("idlevit", IdleViTBlockMixin, _idlevit_configure, (), lambda sh: False,
+                      "IdleViT (Xu et al. 2023): at idle_layers (0-based, 4..depth-1) only the class token and the "
+                      "keep_ratios (keep_rate^1, ^2, ^3 per third; keep_rate 0.7) best patch tokens by CLS attention "
+                      "are computed, the others idle unchanged; IdleViTLoss's token cut loss in training."),
 }
-_PLANNED = ("idlevit", "ecoformer", "shiftadd", "ivit")
+_PLANNED = ("ecoformer", "shiftadd", "ivit")
 
 
 def _check_timm_vit(model: nn.Module) -> None:
@@ -589,6 +721,6 @@ def _undo(model: nn.Module) -> None:
 def _unconverted_class(cls: type) -> type:
     """The timm class under a converted one (convert twice: from scratch)."""
     for base in cls.__mro__:
-        if base.__module__ != __name__ and base not in (_ConvertedViT, ToMeBlockMixin, EViTBlockMixin, DynamicViTBlockMixin):
+        if base.__module__ != __name__ and base not in (_ConvertedViT, ToMeBlockMixin, EViTBlockMixin, DynamicViTBlockMixin, IdleViTBlockMixin):
             return base
     return cls

@@ -54,6 +54,7 @@ __all__ = [
     "evit_left_tokens",
     "evit_reorganize",
     "idle_select_compute_scatter",
+    "idlevit_scores",
     "tome_merge",
 ]
 
@@ -277,6 +278,28 @@ def idle_select_compute_scatter(x: Tensor, scores: Tensor, num_keep: int,
     return token_scatter(x, y, keep, reduce="replace", validate=False)
 
 
+@torch.no_grad()
+def idlevit_scores(block: nn.Module, x: Tensor) -> Tensor:
+    """IdleViT's token scores ``[B, M]`` for a timm-style block (norm1, attn.qkv, ...): the
+    head-mean of the CLS query's attention logits to the patch keys, from ``block.norm1`` and
+    ``block.attn.qkv`` (only q_CLS and the keys are projected):
+    :func:`~effkern.ops.cls_attention` with ``softmax=False``. IdleViT ranks the unscaled
+    logits; scaled ones (by ``attn.scale`` > 0) rank the same. Not differentiable (ranking
+    only)."""
+    attn = block.attn
+    h = block.norm1(x)
+    b, n, c = h.shape
+    heads = attn.num_heads
+    w, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, 0], w[:c], None if bias is None else bias[:c]).reshape(b, heads, c // heads)
+    k = F.linear(h, w[c: 2 * c], None if bias is None else bias[c: 2 * c])
+    k = k.reshape(b, n, heads, c // heads).transpose(1, 2)
+    q = getattr(attn, "q_norm", nn.Identity())(q)
+    k = getattr(attn, "k_norm", nn.Identity())(k)
+    scale = getattr(attn, "scale", (c // heads) ** -0.5)
+    return cls_attention(q, k, scale=scale, softmax=False)[:, 1:]
+
+
 class IdleViTBlock(nn.Module):
     """IdleViT's idle block around an existing timm-style block (norm1, attn.qkv, ...).
 
@@ -323,26 +346,9 @@ class IdleViTBlock(nn.Module):
         """IdleViT's ``int(M * keep_ratio)`` for ``num_tokens`` = 1 + M tokens."""
         return int((num_tokens - 1) * self.keep_rate)
 
-    @torch.no_grad()
     def scores(self, x: Tensor) -> Tensor:
-        """IdleViT's token scores ``[B, M]``: the head-mean of the CLS query's attention logits
-        to the patch keys, from ``block.norm1`` and ``block.attn.qkv`` (only q_CLS and the keys
-        are projected): :func:`~effkern.ops.cls_attention` with ``softmax=False``. IdleViT
-        ranks the unscaled logits; scaled ones (by ``attn.scale`` > 0) rank the same. Not
-        differentiable (ranking only)."""
-        blk = self.block
-        attn = blk.attn
-        h = blk.norm1(x)
-        b, n, c = h.shape
-        heads = attn.num_heads
-        w, bias = attn.qkv.weight, attn.qkv.bias
-        q = F.linear(h[:, 0], w[:c], None if bias is None else bias[:c]).reshape(b, heads, c // heads)
-        k = F.linear(h, w[c: 2 * c], None if bias is None else bias[c: 2 * c])
-        k = k.reshape(b, n, heads, c // heads).transpose(1, 2)
-        q = getattr(attn, "q_norm", nn.Identity())(q)
-        k = getattr(attn, "k_norm", nn.Identity())(k)
-        scale = getattr(attn, "scale", (c // heads) ** -0.5)
-        return cls_attention(q, k, scale=scale, softmax=False)[:, 1:]
+        """IdleViT's token scores of the wrapped block: :func:`idlevit_scores`."""
+        return idlevit_scores(self.block, x)
 
     def forward(self, x: Tensor, scores: Tensor | None = None) -> Tensor:
         if scores is None:
