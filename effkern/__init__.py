@@ -9,8 +9,8 @@ from effkern import ops  # noqa: E402  (registers the torch.library ops)
 
 def convert(model, method: str, **config):
     """Convert a timm VisionTransformer in place to run an efficient-ViT method (ToMe, EViT, ...);
-    see :func:`effkern.models.convert.convert`."""
-    from effkern.models.convert import convert as _convert
+    see :func:`effkern.models.variants.convert`."""
+    from effkern.models.variants import convert as _convert
 
     return _convert(model, method, **config)
 

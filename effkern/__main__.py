@@ -9,6 +9,8 @@
     python -m effkern perf [...]           the static performance report (bench/static.py): registers,
                                            spills, occupancy, I/O widths, tensor cores, a roofline
                                            estimate per benchmark row, read without a GPU
+    python -m effkern models               the ViT variants effkern.convert makes, with their settings,
+                                           and their timm model names (with timm installed)
 """
 
 from __future__ import annotations
@@ -129,6 +131,34 @@ def _perf(argv: list[str]) -> int:
     return static.cli(argv)
 
 
+def models_text() -> str:
+    """``python -m effkern models``: every method of effkern.convert with its settings and
+    per-call overrides, and the timm names registered for it."""
+    import inspect
+
+    from effkern.models import variants as conv
+
+    try:
+        from effkern.models import timm_names
+
+        names = timm_names.register()
+    except (ImportError, RuntimeError) as e:  # no timm, or a timm that cannot import beside this torch
+        names, why = [], f"timm model names: none (timm not importable: {e})"
+    else:
+        why = "timm model names (timm.create_model(name, pretrained=..., **settings)):"
+    lines = ["effkern.convert(model, method, **settings): timm VisionTransformer -> the same model running the method", ""]
+    for name, m in conv.METHODS.items():
+        params = inspect.signature(m.configure).parameters.values()
+        settings = ", ".join(f"{p.name}={p.default!r}" for p in params if p.name != "model")
+        lines.append(f"{name}: {m.doc}")
+        lines.append(f"  settings: {settings}")
+        lines.append(f"  per call: {', '.join(m.per_call) or '-'}"
+                     + ("; adds parameters (strict=False)" if m.add_modules is not None else ""))
+    lines += ["", why]
+    lines += [f"  {n}" for n in names]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The subcommands parse their own options (and their own --help).
@@ -140,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         return _perf(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m effkern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["info", "ops", "bench", "perf"])
+    parser.add_argument("command", choices=["info", "ops", "bench", "perf", "models"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         print(info_text())
+        return 0
+    if args.command == "models":
+        print(models_text())
         return 0
     if args.command == "ops":
         return _ops(rest)

@@ -19,7 +19,7 @@ timm = pytest.importorskip("timm", reason="needs timm (and torchvision): pip ins
                                            "torchvision==0.29.1 timm")
 
 import effkern  # noqa: E402
-from effkern.models.convert import METHODS, evit_keep_rate_schedule, tome_schedule  # noqa: E402
+from effkern.models.variants import METHODS, evit_keep_rate_schedule, tome_schedule  # noqa: E402
 from tests import vit_transcriptions as VT  # noqa: E402
 
 IMG = 64
@@ -345,7 +345,7 @@ def test_dynamicvit_training_and_loss_match_published():
     """Training: Gumbel decisions (the same noise: same generator state, the published order of
     draws), every block under the policy; DynamicViTLoss = DistillDiffPruningLoss_dynamic with the
     DeiT settings, and the same gradients."""
-    from effkern.models.convert import DynamicViTLoss
+    from effkern.models.variants import DynamicViTLoss
 
     model, conv, preds = dynamicvit()
     teacher = make("vit_small", seed=3)
@@ -416,7 +416,7 @@ def test_idlevit_noop_equals_timm():
 
 
 def test_idlevit_training_and_cut_loss_match_published():
-    from effkern.models.convert import IdleViTLoss
+    from effkern.models.variants import IdleViTLoss
 
     model = make("vit_small")
     conv = converted(model, "idlevit", keep_rate=0.5, idle_layers=(3, 6, 9))
@@ -442,7 +442,7 @@ def test_idlevit_training_and_cut_loss_match_published():
 
 def test_idlevit_loss_distillation_terms():
     """With a teacher: + 5 KL(teacher || student) + 500 MSE of the normalised CLS features."""
-    from effkern.models.convert import IdleViTLoss
+    from effkern.models.variants import IdleViTLoss
 
     model, teacher = make("vit_small"), make("vit_small", seed=4)
     conv = converted(model, "idlevit").train()
@@ -458,3 +458,32 @@ def test_idlevit_loss_distillation_terms():
     mse = F.mse_loss(F.normalize(conv.forward_head(feats_s, pre_logits=True)),
                      F.normalize(teacher.forward_head(feats_t, pre_logits=True)))
     torch.testing.assert_close(full - base, 5.0 * kl + 500.0 * mse, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# timm model names
+# --------------------------------------------------------------------------------------------
+
+
+def test_timm_names_create_the_converted_models():
+    import effkern.models  # noqa: F401  (registers the names)
+    from effkern.models import timm_names
+
+    for method in METHODS:
+        found = timm.list_models(f"*_{method}")
+        assert set(found) >= {f"{arch}_{method}" for arch in timm_names.ARCHS}, method
+    torch.manual_seed(0)
+    made = timm.create_model("deit_small_patch16_224_tome", img_size=IMG, num_classes=7, r=2).eval()
+    torch.manual_seed(0)
+    want = effkern.convert(timm.create_model("deit_small_patch16_224", img_size=IMG, num_classes=7), "tome", r=2).eval()
+    assert made.effkern.config == want.effkern.config
+    assert torch.equal(made(images()), want(images()))
+    dyn = timm.create_model("vit_small_patch16_224_dynamicvit", img_size=IMG, keep_ratio=0.5)
+    assert dyn.effkern.added_parameters and dyn.effkern.config["token_ratio"] == [0.5, 0.25, 0.125]
+
+
+def test_models_command_lists_names():
+    from effkern.__main__ import models_text
+
+    text = models_text()
+    assert "deit_small_patch16_224_evit" in text and "keep_rate=0.7" in text

@@ -1,5 +1,5 @@
-"""``effkern.convert``: a timm ``VisionTransformer`` turned, in place, into the same model running
-an efficient-ViT method on effkern's kernels.
+"""The ViT variants of ``effkern.convert``: a timm ``VisionTransformer`` turned, in place, into the
+same model running an efficient-ViT method on effkern's kernels.
 
     model = timm.create_model("deit_small_patch16_224", pretrained=True)
     effkern.convert(model, "tome", r=16)          # or "evit", keep_rate=0.7

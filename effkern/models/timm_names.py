@@ -1,0 +1,65 @@
+"""effkern's ViT variants as timm model names: ``timm.create_model("<arch>_<method>", ...)``.
+
+    import effkern.models  # registers the names (when timm is installed)
+    model = timm.create_model("deit_small_patch16_224_tome", pretrained=True, r=16)
+
+Naming: ``<timm arch>_<method>``, e.g. ``deit_small_patch16_224_evit``. Not
+``<arch>.<method>``: timm reads the part after a dot as a pretrained-weights tag
+(``vit_base_patch16_224.augreg_in21k``), so such a name would ask timm for weights named after
+the method. The factory builds timm's own model for the arch (``pretrained`` and every timm
+keyword pass through, so the arch's default pretrained weights load as usual), then
+:func:`effkern.convert` with the method's keywords (the method's settings as in
+``effkern.models.variants.METHODS``; ``strict=False`` where the method adds parameters).
+``timm.list_models("*_tome")`` finds them; ``python -m effkern models`` lists them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+from effkern.models.variants import METHODS, convert
+
+# The timm archs whose blocks convert() supports (pre-norm Block; DeiT-III has LayerScale).
+ARCHS = (
+    "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+    "deit3_small_patch16_224", "deit3_base_patch16_224",
+    "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
+)
+
+
+def names() -> list[str]:
+    """Every registered name, ``<arch>_<method>``."""
+    return [f"{arch}_{method}" for arch in ARCHS for method in METHODS]
+
+
+def _method_keywords(method: str) -> set[str]:
+    params = inspect.signature(METHODS[method].configure).parameters
+    return {p for p in params if p != "model"}
+
+
+def _factory(arch: str, method: str):
+    def create(pretrained: bool = False, **kwargs):
+        import timm
+
+        cfg = {k: kwargs.pop(k) for k in list(kwargs) if k in _method_keywords(method)}
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+        return convert(model, method, strict=METHODS[method].add_modules is None, **cfg)
+
+    create.__name__ = create.__qualname__ = f"{arch}_{method}"
+    create.__module__ = __name__
+    create.__doc__ = f"timm's {arch} converted by effkern.convert(model, {method!r}, ...): {METHODS[method].doc}"
+    return create
+
+
+@functools.lru_cache(maxsize=None)
+def register() -> list[str]:
+    """Register every name with timm (once); returns them. ImportError without timm."""
+    from timm.models import register_model
+
+    for arch in ARCHS:
+        for method in METHODS:
+            fn = _factory(arch, method)
+            globals()[fn.__name__] = fn  # timm records the entry point's module attribute
+            register_model(fn)
+    return names()
