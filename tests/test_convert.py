@@ -224,7 +224,8 @@ def test_forward_intermediates_token_counts(method, cfg):
 
 TRAINING_CASES = [("tome", {"r": 3}), ("evit", {"keep_rate": 0.5, "drop_loc": (1, 2)}),
                   ("dynamicvit", {"strict": False, "pruning_loc": (1, 2)}),
-                  ("idlevit", {"keep_rate": 0.5, "idle_layers": (1, 3)})]
+                  ("idlevit", {"keep_rate": 0.5, "idle_layers": (1, 3)}),
+                  ("ecoformer", {"nbits": 8, "num_anchors": 8})]
 
 
 @pytest.mark.parametrize("method, cfg", TRAINING_CASES)
@@ -487,3 +488,55 @@ def test_models_command_lists_names():
 
     text = models_text()
     assert "deit_small_patch16_224_evit" in text and "keep_rate=0.7" in text
+
+
+# --------------------------------------------------------------------------------------------
+# EcoFormer / ShiftAddViT attention
+# --------------------------------------------------------------------------------------------
+
+
+def test_binary_hash_fit_layer_by_layer_and_save_load():
+    """fit_hash fits each attention to its inputs with the earlier layers already hashed (the
+    same as doing it by hand); hash_state_dict + state_dict restore the model exactly."""
+    from effkern.models import variants as V
+    from effkern.nn import BinaryHashAttention
+
+    model = make("vit_small", depth=4)
+    x = images(4)
+    conv = converted(model, "ecoformer", nbits=8, num_anchors=12)
+    assert list(conv.state_dict()) == list(model.state_dict())  # timm's keys: strict both ways
+    V.fit_hash(conv, x, progress=False, iterations=5, generator=torch.Generator().manual_seed(3))
+    # by hand
+    manual = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        t = manual.norm_pre(manual.patch_drop(manual._pos_embed(manual.patch_embed(x))))
+        for blk in manual.blocks:
+            blk.attn = BinaryHashAttention.from_attention(blk.attn, nbits=8, num_anchors=12).eval()
+            blk.attn.fit_hash(blk.norm1(t), iterations=5, generator=gen)
+            t = blk(t)
+    for i in range(4):
+        for k, v in manual.blocks[i].attn.hash_state_dict().items():
+            assert torch.equal(conv.blocks[i].attn.get_buffer(k), v), (i, k)
+    conv.eval()
+    fresh = converted(make("vit_small", depth=4, seed=9), "ecoformer", nbits=8, num_anchors=12).eval()
+    fresh.load_state_dict(conv.state_dict(), strict=True)
+    V.load_hash_state_dict(fresh, V.hash_state_dict(conv))
+    assert torch.equal(fresh(x), conv(x))
+    with pytest.raises(KeyError, match="missing"):
+        V.load_hash_state_dict(fresh, {})
+    with pytest.raises(ValueError, match="binary-hash attention"):
+        effkern.convert(conv, "tome")
+
+
+def test_shiftadd_adds_the_dwconv_only_when_allowed():
+    model = make("vit_small", depth=4)
+    with pytest.raises(ValueError, match="strict=False"):
+        converted(model, "shiftadd")
+    assert type(model.blocks[0].attn).__name__ == "Attention"  # untouched by the refused convert
+    conv = converted(model, "shiftadd", strict=False, layers=(1, 3))
+    assert conv.effkern.added_parameters == ("blocks.1.attn.dwconv.weight", "blocks.3.attn.dwconv.weight")
+    assert set(conv.state_dict()) - set(model.state_dict()) == set(conv.effkern.added_parameters)
+    assert [type(b.attn).__name__ for b in conv.blocks] == ["Attention", "BinaryHashAttention"] * 2
+    conv.load_state_dict(model.state_dict(), strict=False)
+    assert conv(images()).shape == (2, 1000)

@@ -20,15 +20,16 @@ State that must travel from block to block (ToMe's token sizes) is kept per forw
 re-runs a block in the backward pass, sees the same inputs again. It is reset when
 ``patch_embed`` runs, i.e. at the start of every forward.
 
-Methods: ``tome``, ``evit``, ``dynamicvit`` and ``idlevit`` (see :data:`METHODS`); the others
-of the ViT-variants issue (EcoFormer / ShiftAddViT attention, I-ViT) raise a clear
-NotImplementedError until they land.
+Methods: ``tome``, ``evit``, ``dynamicvit``, ``idlevit``, ``ecoformer`` and ``shiftadd`` (see
+:data:`METHODS`); ``ivit`` of the ViT-variants issue raises a clear NotImplementedError until it
+lands.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,11 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effkern.nn.binary_hash import BinaryHashAttention
 from effkern.nn.tokens import (DynamicViTPredictor, dynamicvit_keep, evit_left_tokens, evit_reorganize,
                                idle_select_compute_scatter, idlevit_scores, tome_merge)
 from effkern.ops import cls_attention, masked_softmax, token_gather, topk_tokens
 
-__all__ = ["METHODS", "DynamicViTLoss", "IdleViTLoss", "convert", "evit_keep_rate_schedule", "tome_schedule"]
+__all__ = ["METHODS", "DynamicViTLoss", "IdleViTLoss", "binary_hash_attentions", "convert", "evit_keep_rate_schedule",
+           "fit_hash", "hash_state_dict", "load_hash_state_dict", "tome_schedule"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,6 +600,117 @@ class IdleViTLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# EcoFormer / ShiftAddViT: binary-hash attention (effkern.nn.BinaryHashAttention)
+# --------------------------------------------------------------------------------------------
+
+
+def _hash_configure(form: str):
+    def configure(model: nn.Module, nbits: int = 16, num_anchors: int = 25, hash: str = "ksh",
+                  dwconv: bool | None = None, layers: Sequence[int] | None = None) -> dict:
+        depth = len(model.blocks)
+        layers = tuple(range(depth)) if layers is None else tuple(int(i) for i in layers)
+        if not all(0 <= i < depth for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"effkern.convert({form!r}): layers must be distinct indices in [0, {depth}), got {layers}")
+        return {"form": form, "nbits": nbits, "num_anchors": num_anchors, "hash": hash,
+                "dwconv": (form == "shiftadd") if dwconv is None else bool(dwconv), "layers": layers}
+    return configure
+
+
+def _hash_attentions(model: nn.Module, cfg: dict, dry_run: bool = False) -> tuple[str, ...]:
+    """Each listed block's attention replaced by BinaryHashAttention.from_attention (timm's
+    weights). Returns the names of the parameters this adds, the dwconv weights (ShiftAddViT);
+    ``dry_run``: only that, the model untouched."""
+    added = tuple(f"blocks.{i}.attn.dwconv.weight" for i in cfg["layers"]) if cfg["dwconv"] else ()
+    if dry_run:
+        return added
+    for i in cfg["layers"]:
+        blk = model.blocks[i]
+        blk.attn = BinaryHashAttention.from_attention(blk.attn, form=cfg["form"], nbits=cfg["nbits"],
+                                                      num_anchors=cfg["num_anchors"], hash=cfg["hash"],
+                                                      dwconv=cfg["dwconv"])
+    return added
+
+
+def binary_hash_attentions(model: nn.Module) -> dict[str, BinaryHashAttention]:
+    """The binary-hash attentions of a converted model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BinaryHashAttention)}
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def fit_hash(model: nn.Module, images: Tensor, *, progress: bool = True, generator: torch.Generator | None = None,
+             **fit_options) -> nn.Module:
+    """Fit the KSH hash of every binary-hash attention of ``model`` (``effkern.convert(model,
+    "ecoformer" / "shiftadd")``) to calibration ``images``, layer by layer: each attention is
+    fitted to its inputs with the earlier layers already hashed, as the model will run
+    (:meth:`~effkern.nn.BinaryHashAttention.fit_hash`; ``fit_options``: topk, iterations, lr,
+    momentum, max_tokens). A progress bar over the layers (tqdm when installed) unless
+    ``progress=False``. Returns the model (in the training mode it had)."""
+    attns = binary_hash_attentions(model)
+    if not attns:
+        raise ValueError("fit_hash: the model has no binary-hash attention (effkern.convert(model, 'ecoformer'))")
+    was_training = model.training
+    model.eval()
+    try:
+        for name, attn in _progress(list(attns.items()), "fitting the binary hash", progress):
+            captured = {}
+
+            def grab(module, args, kwargs, captured=captured):
+                captured["x"] = args[0]
+                raise _Captured
+
+            handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                model(images)
+            except _Captured:
+                pass
+            finally:
+                handle.remove()
+            attn.fit_hash(captured["x"], generator=generator, **fit_options)
+    finally:
+        model.train(was_training)
+    return model
+
+
+def hash_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The fitted hashes of a converted model, ``{"<attention>.<buffer>": tensor}``: they are
+    data-fitted buffers outside ``state_dict()`` (so that timm checkpoints load strictly); save
+    them beside it: ``torch.save({"model": model.state_dict(), "hash": hash_state_dict(model)})``."""
+    return {f"{name}.{k}": v for name, attn in binary_hash_attentions(model).items()
+            for k, v in attn.hash_state_dict().items()}
+
+
+def load_hash_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Restore :func:`hash_state_dict`'s output (every attention's keys, exactly)."""
+    attns = binary_hash_attentions(model)
+    expected = set(hash_state_dict(model))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise KeyError(f"load_hash_state_dict: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                       f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for name, attn in attns.items():
+        prefix = name + "."
+        attn.load_hash_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def _progress(items: list, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        def report(items=items):
+            for n, item in enumerate(items):
+                print(f"{desc}: {n + 1}/{len(items)}", file=sys.stderr, flush=True)
+                yield item
+        return report()
+    return tqdm(items, desc=desc)
+
+
+# --------------------------------------------------------------------------------------------
 # The method table and convert
 # --------------------------------------------------------------------------------------------
 
@@ -610,6 +724,8 @@ class Method:
     reduces_tokens: Callable[[Shared], bool]
     doc: str
     add_modules: Callable[[nn.Module, dict], nn.Module] | None = None
+    # modules swapped in place (attention); returns the parameter names it adds (dry_run: only that)
+    replace_modules: Callable[..., tuple[str, ...]] | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -630,12 +746,21 @@ METHODS: dict[str, Method] = {
                          "keep_ratio^1, ^2, ^3 of the patch tokens (keep_ratio 0.7); Gumbel-softmax decisions and "
                          "DynamicViTLoss in training. Adds parameters: convert(..., strict=False).",
                          _dynamicvit_modules),
+    "ecoformer": Method("ecoformer", None, _hash_configure("ecoformer"), (), lambda sh: False,
+                        "EcoFormer (Liu et al. 2022): binary-hash linear attention at `layers` (all), {-1, +1} codes of "
+                        "nbits=16 bits from a KSH hash of num_anchors=25 anchors; fit_hash(model, images) fits it.",
+                        None, _hash_attentions),
+    "shiftadd": Method("shiftadd", None, _hash_configure("shiftadd"), (), lambda sh: False,
+                       "ShiftAddViT (You et al. 2023) attention: binary-hash linear attention with {0, 1} codes "
+                       "(additions) plus a depthwise convolution of V (dwconv, which adds parameters: strict=False); "
+                       "fit_hash(model, images) fits the hash.",
+                       None, _hash_attentions),
     "idlevit": Method("idlevit", IdleViTBlockMixin, _idlevit_configure, (), lambda sh: False,
                       "IdleViT (Xu et al. 2023): at idle_layers (0-based, 4..depth-1) only the class token and the "
                       "keep_ratios (keep_rate^1, ^2, ^3 per third; keep_rate 0.7) best patch tokens by CLS attention "
                       "are computed, the others idle unchanged; IdleViTLoss's token cut loss in training."),
 }
-_PLANNED = ("ecoformer", "shiftadd", "ivit")
+_PLANNED = ("ivit",)
 
 
 def _check_timm_vit(model: nn.Module) -> None:
@@ -676,12 +801,15 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
     if method not in METHODS:
         raise ValueError(f"effkern.convert: unknown method {method!r} (available: {', '.join(METHODS)})")
     m = METHODS[method]
+    if binary_hash_attentions(model):
+        raise ValueError("effkern.convert: this model's attention was replaced by binary-hash attention "
+                         "(ecoformer / shiftadd); convert timm's model instead")
     _check_timm_vit(model)
     if not isinstance(strict, bool):
         raise TypeError(f"effkern.convert: strict must be a bool, got {strict!r}")
     cfg = m.configure(model, **config)
     _undo(model)
-    modules, added = (), ()
+    modules, added, added_module = (), (), None
     if m.add_modules is not None:
         mods = m.add_modules(model, cfg)
         name = next(n for n, c in model.named_children() if c is mods)
@@ -691,17 +819,25 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
             raise ValueError(f"effkern.convert({method!r}) adds parameters ({len(added)}: {added[0]}, ...), so the "
                              "model's state_dict is no longer timm's; pass strict=False to accept that (they are "
                              "listed in model.effkern.added_parameters)")
-        modules = tuple(mods)
+        modules, added_module = tuple(mods), name
+    if m.replace_modules is not None:
+        added = m.replace_modules(model, cfg, dry_run=True)
+        if strict and added:
+            raise ValueError(f"effkern.convert({method!r}) with these settings adds parameters ({len(added)}: "
+                             f"{added[0]}, ...), so the model's state_dict is no longer timm's; pass strict=False "
+                             "to accept that (they are listed in model.effkern.added_parameters)")
+        m.replace_modules(model, cfg)
     model.__class__ = _converted_class(_unconverted_class(type(model)), _ConvertedViT, "Effkern")
     shared = Shared(method, cfg, len(model.blocks), int(model.num_prefix_tokens), modules, added)
     model.effkern = shared
-    model._effkern_added = name if added else None
+    model._effkern_added = added_module
     for module, hook, kind in ((model.patch_embed, _reset_state, "pre"), (model.norm, _capture_tokens, "post")):
         module.effkern = shared
         register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
         module._effkern_hook = register(hook)
     for i, blk in enumerate(model.blocks):
-        blk.__class__ = _converted_class(_unconverted_class(type(blk)), m.block_mixin, m.name.capitalize())
+        base = _unconverted_class(type(blk))
+        blk.__class__ = base if m.block_mixin is None else _converted_class(base, m.block_mixin, m.name.capitalize())
         blk.effkern = shared
         blk.effkern_layer = i
     return model
