@@ -132,6 +132,17 @@ def test_tome_matches_published_model(key, r, prop_attn):
     assert [conv.effkern.kept[i] for i in range(len(conv.blocks))] == kept
 
 
+def test_tome_trace_source_matches_published():
+    model = make("vit_small")
+    x = images(3)
+    conv = converted(model, "tome", r=(3, -1.0), trace_source=True)
+    want, kept, source = VT.tome_forward(model, x, (3, -1.0), trace_source=True)
+    assert_logits_close(conv(x), want)
+    got = conv.effkern.extra["source"]
+    assert torch.equal(got, source.to(got.dtype))
+    assert torch.equal(got.sum(1), torch.ones(3, 17))  # every input token in exactly one output token
+
+
 def test_tome_per_call_r():
     model = make("vit_small")
     x = images()

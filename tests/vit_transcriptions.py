@@ -59,11 +59,19 @@ def _embed(model, x):
     return model.norm_pre(x)
 
 
-def tome_forward(model, x, r, prop_attn=True):
+def merge_source(merge, x, source=None):
+    """ToMe's merge_source: the adjacency of the initial tokens and the merged groups."""
+    if source is None:
+        n, t, _ = x.shape
+        source = torch.eye(t, device=x.device)[None, ...].expand(n, t, t)
+    return merge(source, mode="amax")
+
+
+def tome_forward(model, x, r, prop_attn=True, trace_source=False):
     """ToMeVisionTransformer.forward(x) with model.r = r: the logits, and the tokens after each
-    block."""
+    block (and with trace_source, ToMe's final _tome_info["source"])."""
     rs = parse_r(len(model.blocks), r)
-    size = None
+    size = source = None
     t = _embed(model, x)
     kept = []
     for blk, r_i in zip(model.blocks, rs):
@@ -74,9 +82,13 @@ def tome_forward(model, x, r, prop_attn=True):
         t = t + tb.ls1(x_attn)
         if r_i > 0:
             merge, _ = T.bipartite_soft_matching(metric, r_i, model.cls_token is not None, False)
+            if trace_source:
+                source = merge_source(merge, t, source)
             t, size = T.merge_wavg(merge, t, size)
         t = t + tb.ls2(tb.mlp(tb.norm2(t)))
         kept.append(t.shape[1] - model.num_prefix_tokens)
+    if trace_source:
+        return model.forward_head(model.norm(t)), kept, source
     return model.forward_head(model.norm(t)), kept
 
 

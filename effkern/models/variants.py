@@ -203,6 +203,9 @@ def tome_schedule(num_layers: int, r: int | Sequence[int] | tuple[int, float]) -
 class ToMeBlockMixin:
     """ToMe's ``ToMeBlock`` on a timm Block: attention (proportional when ``prop_attn``: log
     token size as a per-key bias of SDPA), then ``tome_merge`` with this layer's r, then the MLP.
+    With ``trace_source`` the sources are tracked as ToMe's ``_tome_info["source"]``: after a
+    forward, ``model.effkern.extra["source"]`` ``[B, N_out, N_in]`` (0 / 1) says which input
+    tokens each output token holds.
     Differs from the published block in applying ls1 / ls2 (LayerScale, Identity unless the
     model has it, e.g. DeiT-III)."""
 
@@ -218,20 +221,26 @@ class ToMeBlockMixin:
         if cfg["prop_attn"] and size is not None:
             bias = size[..., 0].log().to(q.dtype)[:, None, None, :]
         x = x + self.drop_path1(self.ls1(_attend_project(self.attn, h, q, k, v, bias)))
-        x, size = tome_merge(x, size, k.mean(1), r, cfg["class_token"])
+        if cfg["trace_source"]:
+            x, size, source = tome_merge(x, size, k.mean(1), r, cfg["class_token"],
+                                         source=shared.extra.get("source_in", {}).get(i), trace_source=True)
+            shared.extra.setdefault("source_in", {})[i + 1] = source
+            shared.extra["source"] = source
+        else:
+            x, size = tome_merge(x, size, k.mean(1), r, cfg["class_token"])
         shared.size[i + 1] = size
         shared.kept[i] = x.shape[1] - shared.prefix
         return _mlp_residual(self, x)
 
 
 def _tome_configure(model: nn.Module, r: int | Sequence[int] | tuple[int, float] = 0,
-                    prop_attn: bool = True) -> dict:
+                    prop_attn: bool = True, trace_source: bool = False) -> dict:
     if getattr(model, "dist_token", None) is not None:
         raise NotImplementedError("effkern.convert('tome'): models with a distillation token are not "
                                   "supported yet (ToMe keeps the distillation token out of the matching; "
                                   "effkern's bipartite_matching protects the class token only)")
     return {"r": r, "r_per_layer": tome_schedule(len(model.blocks), r), "prop_attn": bool(prop_attn),
-            "class_token": getattr(model, "cls_token", None) is not None}
+            "trace_source": bool(trace_source), "class_token": getattr(model, "cls_token", None) is not None}
 
 
 # --------------------------------------------------------------------------------------------

@@ -381,7 +381,8 @@ class ToMeAttention(Attention):
 
 
 def tome_merge(x: Tensor, size: Tensor | None, metric: Tensor, r: int,
-               class_token: bool = True) -> tuple[Tensor, Tensor | None]:
+               class_token: bool = True, *, source: Tensor | None = None,
+               trace_source: bool = False) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """ToMe's merge: ``bipartite_soft_matching(metric, r, class_token)`` then ``merge_wavg``.
 
     Args:
@@ -389,6 +390,10 @@ def tome_merge(x: Tensor, size: Tensor | None, metric: Tensor, r: int,
         metric: ``[B, N, *]`` matching features (:class:`ToMeAttention`'s k.mean(1)).
         r: tokens to remove, >= 0; capped at ``(N - class_token) // 2`` as ToMe.
         class_token: protect token 0 (it stays first).
+
+        source, trace_source: ToMe's source tracking (``merge_source``): with trace_source the
+            result has a third member, ``source' [B, N - r, N0]``, which input token each merged
+            token holds (0 / 1; ``source`` None: the identity of the N tokens), merged by max.
 
     Returns ``(x' [B, N - r, C], size' [B, N - r, 1])`` via
     :func:`~effkern.ops.bipartite_matching` + :func:`~effkern.ops.merge_tokens` (size-weighted
@@ -400,15 +405,25 @@ def tome_merge(x: Tensor, size: Tensor | None, metric: Tensor, r: int,
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"tome_merge: r must be an integer >= 0, got {r!r}")
+    if trace_source and source is None:
+        b, n = x.shape[:2]
+        source = torch.eye(n, dtype=x.dtype, device=x.device).expand(b, n, n)
     if r == 0:
-        return x, size
+        return (x, size, source) if trace_source else (x, size)
     # validate=False: no device sync per layer (nor a graph break under torch.compile). The
     # metric and sizes come from the model and the plan from the line above; invalid values
     # give a wrong merge, never an out-of-bounds access or a merged class token.
     plan = bipartite_matching(metric, r, class_token=class_token, validate=False)
     if plan.num_merged == 0:
-        return x, (x.new_ones(x.shape[0], x.shape[1], 1) if size is None else size)
-    return merge_tokens(plan, x, size, validate=False)
+        out = x, (x.new_ones(x.shape[0], x.shape[1], 1) if size is None else size)
+    else:
+        out = merge_tokens(plan, x, size, validate=False)
+    if not trace_source:
+        return out
+    # each merged row holds the union of its input rows' sources (ToMe: merge(source, "amax"))
+    index = plan.dest[:, :, None].expand(-1, -1, source.shape[2])
+    merged = source.new_zeros(source.shape[0], out[0].shape[1], source.shape[2])
+    return (*out, merged.scatter_reduce(1, index, source, "amax"))
 
 
 class ToMeBlock(Block):
