@@ -45,7 +45,9 @@ def launch_all(T, g: torch.Generator) -> None:
             T.masked_softmax_bwd(torch.empty_like(x), x, policy, 1e-6)
 
         # tome_match: metric widths of one chunk (C = 16, 17) or several (C = 64, 300, 1024);
-        # row blocks of 16 (N = 5), 32 x 16 (N = 33) and 32 x 64 (N = 197); class_token both ways.
+        # row blocks of 16 (N = 5), 32 x 16 (N = 33) and 32 x 64 (N = 197); class_token both ways;
+        # and with the distillation token.
         for b, n, c in ((2, 197, 64), (1, 5, 17), (1, 5, 16), (1, 33, 300), (1, 197, 1024)):
             for class_token in (True, False):
                 T.tome_match(randn(b, n, c, dtype=dtype), class_token)
+        T.tome_match(randn(2, 198, 64, dtype=dtype), True, True)  # a distillation token (DeiT)

@@ -61,10 +61,6 @@ def converted(model, method, **cfg):
 def test_noop_equals_timm_bit_for_bit(key, method, cfg):
     """At r = 0 / keep rate 1 a converted block runs timm's operations in timm's order."""
     model = make(key)
-    if method == "tome" and key == "deit_tiny_distilled":
-        with pytest.raises(NotImplementedError, match="distillation token"):
-            converted(model, method, **cfg)
-        return
     x = images()
     conv = converted(model, method, **cfg)
     assert torch.equal(conv(x), model(x))
@@ -121,7 +117,7 @@ def assert_logits_close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("key", ["vit_small", "deit3_small"])
+@pytest.mark.parametrize("key", ["vit_small", "deit3_small", "deit_tiny_distilled"])
 @pytest.mark.parametrize("r, prop_attn", [(2, True), (3, False), ((3, -1.0), True), ([1, 4, 0, 2, 5], True)])
 def test_tome_matches_published_model(key, r, prop_attn):
     model = make(key)

@@ -81,7 +81,8 @@ def tome_forward(model, x, r, prop_attn=True, trace_source=False):
         x_attn, metric = tb.attn(tb.norm1(t), size if prop_attn else None)
         t = t + tb.ls1(x_attn)
         if r_i > 0:
-            merge, _ = T.bipartite_soft_matching(metric, r_i, model.cls_token is not None, False)
+            merge, _ = T.bipartite_soft_matching(metric, r_i, model.cls_token is not None,
+                                                 getattr(model, "dist_token", None) is not None)
             if trace_source:
                 source = merge_source(merge, t, source)
             t, size = T.merge_wavg(merge, t, size)

@@ -222,12 +222,12 @@ class ToMeBlockMixin:
             bias = size[..., 0].log().to(q.dtype)[:, None, None, :]
         x = x + self.drop_path1(self.ls1(_attend_project(self.attn, h, q, k, v, bias)))
         if cfg["trace_source"]:
-            x, size, source = tome_merge(x, size, k.mean(1), r, cfg["class_token"],
+            x, size, source = tome_merge(x, size, k.mean(1), r, cfg["class_token"], distill_token=cfg["distill_token"],
                                          source=shared.extra.get("source_in", {}).get(i), trace_source=True)
             shared.extra.setdefault("source_in", {})[i + 1] = source
             shared.extra["source"] = source
         else:
-            x, size = tome_merge(x, size, k.mean(1), r, cfg["class_token"])
+            x, size = tome_merge(x, size, k.mean(1), r, cfg["class_token"], distill_token=cfg["distill_token"])
         shared.size[i + 1] = size
         shared.kept[i] = x.shape[1] - shared.prefix
         return _mlp_residual(self, x)
@@ -235,12 +235,13 @@ class ToMeBlockMixin:
 
 def _tome_configure(model: nn.Module, r: int | Sequence[int] | tuple[int, float] = 0,
                     prop_attn: bool = True, trace_source: bool = False) -> dict:
-    if getattr(model, "dist_token", None) is not None:
-        raise NotImplementedError("effkern.convert('tome'): models with a distillation token are not "
-                                  "supported yet (ToMe keeps the distillation token out of the matching; "
-                                  "effkern's bipartite_matching protects the class token only)")
+    class_token = getattr(model, "cls_token", None) is not None
+    distill_token = getattr(model, "dist_token", None) is not None
+    if model.num_prefix_tokens != int(class_token) + int(distill_token):
+        raise NotImplementedError(f"effkern.convert('tome'): {model.num_prefix_tokens} prefix tokens (register "
+                                  "tokens?); ToMe protects a class and a distillation token only")
     return {"r": r, "r_per_layer": tome_schedule(len(model.blocks), r), "prop_attn": bool(prop_attn),
-            "trace_source": bool(trace_source), "class_token": getattr(model, "cls_token", None) is not None}
+            "trace_source": bool(trace_source), "class_token": class_token, "distill_token": distill_token}
 
 
 # --------------------------------------------------------------------------------------------

@@ -381,7 +381,7 @@ class ToMeAttention(Attention):
 
 
 def tome_merge(x: Tensor, size: Tensor | None, metric: Tensor, r: int,
-               class_token: bool = True, *, source: Tensor | None = None,
+               class_token: bool = True, *, distill_token: bool = False, source: Tensor | None = None,
                trace_source: bool = False) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """ToMe's merge: ``bipartite_soft_matching(metric, r, class_token)`` then ``merge_wavg``.
 
@@ -390,6 +390,7 @@ def tome_merge(x: Tensor, size: Tensor | None, metric: Tensor, r: int,
         metric: ``[B, N, *]`` matching features (:class:`ToMeAttention`'s k.mean(1)).
         r: tokens to remove, >= 0; capped at ``(N - class_token) // 2`` as ToMe.
         class_token: protect token 0 (it stays first).
+        distill_token: protect token 1 too, a distillation token (it stays second), as ToMe.
 
         source, trace_source: ToMe's source tracking (``merge_source``): with trace_source the
             result has a third member, ``source' [B, N - r, N0]``, which input token each merged
@@ -413,7 +414,7 @@ def tome_merge(x: Tensor, size: Tensor | None, metric: Tensor, r: int,
     # validate=False: no device sync per layer (nor a graph break under torch.compile). The
     # metric and sizes come from the model and the plan from the line above; invalid values
     # give a wrong merge, never an out-of-bounds access or a merged class token.
-    plan = bipartite_matching(metric, r, class_token=class_token, validate=False)
+    plan = bipartite_matching(metric, r, class_token=class_token, distill_token=distill_token, validate=False)
     if plan.num_merged == 0:
         out = x, (x.new_ones(x.shape[0], x.shape[1], 1) if size is None else size)
     else:

@@ -228,15 +228,18 @@ def unit_rows(m: Tensor) -> Tensor:
     return u / torch.maximum(u.norm(dim=-1, keepdim=True), NORM_EPS * r)
 
 
-def tome_match(metric: Tensor, class_token: bool) -> tuple[Tensor, Tensor]:
+def tome_match(metric: Tensor, class_token: bool, distill_token: bool = False) -> tuple[Tensor, Tensor]:
     """ToMe's scores: rows of metric [B, N, C] L2-normalised (:func:`unit_rows`, in float32,
     float64 for float64); a = even rows, b = odd rows; returns (node_max [B, ceil(N/2)],
     node_idx int64) = max and first argmax over b of a . b, with the CLS row of a at -inf when
-    class_token. Needs N >= 2; a finite metric gives finite scores (huge values included)."""
+    class_token and the distillation token's column (b-row 0, token 1) at -inf when
+    distill_token. Needs N >= 2; a finite metric gives finite scores (huge values included)."""
     m = unit_rows(metric.to(acc_dtype(metric.dtype)))
     scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
     if class_token:
         scores[:, 0, :] = -math.inf
+    if distill_token:
+        scores[:, :, 0] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
     return node_max, node_idx
 
@@ -866,19 +869,26 @@ class MergePlan(NamedTuple):
         return self.dest.shape[1] - (self.starts.shape[1] - 1)
 
 
-def _effective_r(n: int, r: int, class_token: bool) -> int:
+def _effective_r(n: int, r: int, class_token: bool, distill_token: bool = False) -> int:
     """ToMe caps r so that at most half of the unprotected tokens are merged."""
-    return max(0, min(r, (n - int(class_token)) // 2))
+    return max(0, min(r, (n - int(class_token) - int(distill_token)) // 2))
 
 
-def _check_matching(metric: Tensor, r: int, class_token: bool, validate: bool | None = None) -> None:
+def _check_matching(metric: Tensor, r: int, class_token: bool, validate: bool | None = None,
+                    distill_token: bool = False) -> None:
     check_tensor("bipartite_matching", "metric", metric, dims=(3,), dtypes=TORCH_FLOAT_DTYPES)
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"bipartite_matching: r must be an integer >= 0, got {r!r}")
+    if distill_token and not class_token:
+        raise ValueError("bipartite_matching: distill_token needs class_token (the distillation token is token 1, "
+                         "after the class token)")
 
 
-def _merge_plan(node_max: Tensor, node_idx: Tensor, n: int, r: int, class_token: bool) -> tuple[Tensor, ...]:
-    """The plan's six tensors from the matching scores (r >= 1 already capped)."""
+def _merge_plan(node_max: Tensor, node_idx: Tensor, n: int, r: int, class_token: bool,
+                distill_token: bool = False) -> tuple[Tensor, ...]:
+    """The plan's six tensors from the matching scores (r >= 1 already capped). With
+    distill_token the merged order is ToMe's: class token, distillation token, the other kept
+    a-rows, the other b-rows."""
     b = node_max.shape[0]
     dev = node_max.device
     ta, tb = (n + 1) // 2, n // 2
@@ -895,10 +905,14 @@ def _merge_plan(node_max: Tensor, node_idx: Tensor, n: int, r: int, class_token:
     dst_idx = node_idx.gather(1, src_idx)
     if class_token:  # keep the class token first
         unm_idx = unm_idx.sort(dim=1).values
+    a_row, b_row = ar[:, :u], u + ar[:, :tb]  # merged row of the j-th kept a-row and of b-row m
+    if distill_token:  # ToMe's cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]])
+        a_row = a_row + (a_row >= 1).to(a_row.dtype)
+        b_row = torch.where(b_row == u, 1, b_row)
     dest = torch.empty(b, n, dtype=torch.int64, device=dev)
-    dest.scatter_(1, 2 * unm_idx, ar[:, :u])
-    dest[:, 1::2] = u + ar[:, :tb]
-    dest.scatter_(1, 2 * src_idx, u + dst_idx)
+    dest.scatter_(1, 2 * unm_idx, a_row)
+    dest[:, 1::2] = b_row
+    dest.scatter_(1, 2 * src_idx, b_row.gather(1, dst_idx))
     sources, starts = scatter_plan(dest, u + tb)
     # fresh tensors: the slices of `edge` share its storage, and custom op outputs must not alias
     return _fresh(unm_idx), _fresh(src_idx), dst_idx, dest, sources, starts
@@ -926,23 +940,23 @@ MATCH = define_op(
 
 
 @MATCH.impl
-def _bipartite_matching_op(metric: Tensor, r: int, class_token: bool,
-                           validate: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bipartite_matching_op(metric: Tensor, r: int, class_token: bool, validate: bool | None = None,
+                           distill_token: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, n, _ = metric.shape
-    r = _effective_r(n, r, class_token)
+    r = _effective_r(n, r, class_token, distill_token)
     if r == 0:
         return _identity_plan(b, n, metric.device)
     if resolve_validate(validate, metric) and not bool(torch.isfinite(metric).all()):
         raise ValueError("bipartite_matching: metric must be finite (it has NaN or infinite values); "
                          "huge finite values are fine, the rows are normalised")
-    node_max, node_idx = MATCH.kernels(metric=metric.contiguous(), class_token=class_token)
-    return _merge_plan(node_max, node_idx, n, r, class_token)
+    node_max, node_idx = MATCH.kernels(metric=metric.contiguous(), class_token=class_token, distill_token=distill_token)
+    return _merge_plan(node_max, node_idx, n, r, class_token, distill_token)
 
 
 @MATCH.fake
-def _(metric, r, class_token, validate=None):
+def _(metric, r, class_token, validate=None, distill_token=False):
     b, n, _ = metric.shape
-    r = _effective_r(n, r, class_token)
+    r = _effective_r(n, r, class_token, distill_token)
     ta = (n + 1) // 2
 
     def new(*shape):
@@ -951,14 +965,16 @@ def _(metric, r, class_token, validate=None):
     return new(b, ta - r), new(b, r), new(b, r), new(b, n), new(b, n), new(b, n - r + 1)
 
 
-def bipartite_matching(metric: Tensor, r: int, *, class_token: bool = True,
+def bipartite_matching(metric: Tensor, r: int, *, class_token: bool = True, distill_token: bool = False,
                        validate: bool | None = None) -> MergePlan:
     """ToMe's bipartite soft matching: which r tokens to merge into which.
 
     Args:
         metric: ``[B, N, C]`` similarity features (ToMe: the head-mean of the keys).
-        r: tokens to remove, an integer >= 0; capped at ``(N - class_token) // 2``.
+        r: tokens to remove, an integer >= 0; capped at ``(N - class_token - distill_token) // 2``.
         class_token: protect token 0 (it is never merged, and it stays first).
+        distill_token: protect token 1 too, a distillation token (DeiT; needs class_token): no
+            token merges into it, and it stays second, as ToMe's ``distill_token``.
         validate: when there is something to merge, check that metric is finite (one device
             sync on a GPU); ValueError otherwise. None (default): as :func:`token_gather`. With False, a non-finite metric gives an unspecified
             (but well-formed) plan, the class token still unmerged.
@@ -973,7 +989,7 @@ def bipartite_matching(metric: Tensor, r: int, *, class_token: bool = True,
     fresh (none aliases metric or another).
     """
     _refuse_bool("bipartite_matching", "r", r)
-    return MergePlan(*torch.ops.effkern.bipartite_matching(metric, r, class_token, validate))
+    return MergePlan(*torch.ops.effkern.bipartite_matching(metric, r, class_token, validate, distill_token))
 
 
 def _check_merge(x: Tensor, size: Tensor | None, dest: Tensor, sources: Tensor, starts: Tensor,
@@ -1440,27 +1456,31 @@ MASKED_SOFTMAX.cases(samples=_masked_softmax_samples, random=_masked_softmax_ran
 # bipartite_matching, merge_tokens ----------------------------------------------------------
 
 
-def _reference_plan(metric: Tensor, r: int, class_token: bool) -> MergePlan:
+def _reference_plan(metric: Tensor, r: int, class_token: bool, distill_token: bool = False) -> MergePlan:
     """The plan from the torch reference, whatever backend is forced around the caller."""
     b, n, _ = metric.shape
-    r = _effective_r(n, r, class_token)
+    r = _effective_r(n, r, class_token, distill_token)
     if r == 0:
         return MergePlan(*_identity_plan(b, n, metric.device))
-    return MergePlan(*_merge_plan(*tome_match(metric, class_token), n, r, class_token))
+    return MergePlan(*_merge_plan(*tome_match(metric, class_token, distill_token), n, r, class_token, distill_token))
 
 
-def _clear_matching(metric: Tensor, r: int, class_token: bool, gap: float = 1e-4) -> bool:
+def _clear_matching(metric: Tensor, r: int, class_token: bool, gap: float = 1e-4, distill_token: bool = False) -> bool:
     """Is the plan of this metric decided by margins > gap (so that backends summing in another
     order agree on it)? The order of the merged a-rows, the cut to the kept ones (and, without
     class_token, the order of the kept ones) and each merged row's best b-row."""
     b, n, _ = metric.shape
-    r = _effective_r(n, r, class_token)
+    r = _effective_r(n, r, class_token, distill_token)
     if r == 0:
         return True
     m = unit_rows(metric.detach().to("cpu", torch.float64))
     scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
     if class_token:
         scores[:, 0, :] = -math.inf
+    if distill_token:
+        if scores.shape[2] < 2:
+            return False  # every a-row's scores are -inf: no clear best
+        scores = scores[:, :, 1:]
     node_max = scores.max(-1).values
     ranked = node_max.sort(-1, descending=True).values
     checked = ranked[:, : r + 1] if class_token else ranked
@@ -1474,12 +1494,13 @@ def _clear_matching(metric: Tensor, r: int, class_token: bool, gap: float = 1e-4
     return bool(((top2[..., 0] - top2[..., 1]).gather(1, merged) > gap).all())
 
 
-def _clear_metric(gen, b, n, c, r, class_token, dtype, device, layout="contiguous", scale=1.0) -> Tensor:
+def _clear_metric(gen, b, n, c, r, class_token, dtype, device, layout="contiguous", scale=1.0,
+                  distill_token=False) -> Tensor:
     """A random metric whose plan :func:`_clear_matching` calls clear (redrawn until it is)."""
     for _ in range(200):
         metric = _tokens(gen, b, n, c, torch.float32, "cpu", layout) * scale
         metric = metric.to(dtype)
-        if _clear_matching(metric, r, class_token):
+        if _clear_matching(metric, r, class_token, distill_token=distill_token):
             return metric.to(device)
     raise RuntimeError(f"no clear metric drawn for {(b, n, c)}, r = {r}")
 
@@ -1496,15 +1517,21 @@ def _matching_samples(gen, device):
         Sample((_randn(gen, (1, 9, 4), torch.float32, device), 0, True, True), "r = 0 at batch size 1"),
         Sample((_randn(gen, (1, 2, 4), torch.float32, device), 3, True, True), "N too small to merge"),
         Sample((_randn(gen, (1, 1, 4), torch.float32, device), 1, False, True), "one token"),
+        Sample((_clear_metric(gen, 2, 198, 16, 16, True, torch.float32, device, distill_token=True), 16, True, True,
+                True), "distillation token (DeiT), 198 tokens, r = 16"),
+        Sample((_clear_metric(gen, 2, 11, 8, 100, True, torch.float16, device, "permuted", distill_token=True), 100,
+                True, True, True), "distillation token, r above the cap"),
     ]
 
 
 def _matching_random(gen, device):
     b, n, c = _size(gen, 1, 3), _size(gen, 1, 64), _size(gen, 4, 32)
     r, class_token = _size(gen, 0, n), _pick(gen, (True, False))
+    distill_token = class_token and n >= 4 and _pick(gen, (False, True))
     dtype = _pick(gen, FLOAT_DTYPES)
     layout = _pick(gen, ("contiguous", "permuted", "sliced"))
-    return Sample((_clear_metric(gen, b, n, c, r, class_token, dtype, device, layout), r, class_token, True))
+    metric = _clear_metric(gen, b, n, c, r, class_token, dtype, device, layout, distill_token=distill_token)
+    return Sample((metric, r, class_token, True, distill_token))
 
 
 def _matching_invalid(gen, device):
@@ -1514,6 +1541,7 @@ def _matching_invalid(gen, device):
     inf[0, 0, 0] = -math.inf
     return [
         Invalid((metric, -1, True, True), ValueError, "r must be an integer >= 0"),
+        Invalid((metric, 2, False, True, True), ValueError, "distill_token needs class_token"),
         Invalid((nan, 2, True, True), ValueError, "bipartite_matching: metric must be finite"),
         Invalid((inf, 2, False, True), ValueError, "metric must be finite"),
         Invalid((metric[0], 2, True, True), ValueError, "metric must be 3-D"),

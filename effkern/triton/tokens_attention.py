@@ -461,8 +461,8 @@ def _tome_row_scale_kernel(x_ptr, scale_ptr, inv_ptr, R, C, BLOCK_R: tl.constexp
 
 @triton.jit
 def _tome_match_kernel(x_ptr, scale_ptr, inv_ptr, max_ptr, idx_ptr, N, C, TA, TB, NAB,
-                       CLASS_TOKEN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+                       CLASS_TOKEN: tl.constexpr, DISTILL_TOKEN: tl.constexpr, BLOCK_A: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     batch = (pid // NAB).to(tl.int64)
     xb = x_ptr + batch * N * C
@@ -494,6 +494,8 @@ def _tome_match_kernel(x_ptr, scale_ptr, inv_ptr, max_ptr, idx_ptr, N, C, TA, TB
         # normalising first, to a few ulp, for BLOCK_A + BLOCK_B divisions instead of a tile's).
         scores = dots * a_inv[:, None] * b_inv[None, :]
         scores = tl.where((jb < TB)[None, :], scores, float("-inf"))
+        if DISTILL_TOKEN:  # nothing merges into the distillation token (b-row 0)
+            scores = tl.where((jb == 0)[None, :], float("-inf"), scores)
         blk_max = tl.max(scores, axis=1)
         blk_idx = tl.min(tl.where(scores == blk_max[:, None], jb[None, :], _NO_INDEX), axis=1)
         better = blk_max > best  # strictly greater: an earlier block keeps its tie
@@ -611,10 +613,11 @@ def masked_softmax_bwd(grad: Tensor, logits: Tensor, policy: Tensor, eps: float,
     return d_logits, partial.sum(1).to(policy.dtype)
 
 
-def tome_match(metric: Tensor, class_token: bool) -> tuple[Tensor, Tensor]:
+def tome_match(metric: Tensor, class_token: bool, distill_token: bool = False) -> tuple[Tensor, Tensor]:
     """ToMe's scores of L2-normalised even rows (a) against odd rows (b) of metric [B, N, C]:
     (node_max [B, ceil(N/2)] float32, node_idx int64) = max and first argmax over b, the CLS
-    a-row at -inf when class_token. Needs N >= 2."""
+    a-row at -inf when class_token, the distillation token's b column (0) at -inf when
+    distill_token. Needs N >= 2."""
     b, n, c = metric.shape
     ta, tb = (n + 1) // 2, n // 2
     node_max = torch.empty((b, ta), dtype=torch.float32, device=metric.device)
@@ -634,6 +637,7 @@ def tome_match(metric: Tensor, class_token: bool) -> tuple[Tensor, Tensor]:
         metric, norms[0], norms[1], rows, c, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     _tome_match_kernel[(b * nab,)](
         metric, norms[0], norms[1], node_max, node_idx, n, c, ta, tb, nab,
-        CLASS_TOKEN=bool(class_token), BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c,
+        CLASS_TOKEN=bool(class_token), DISTILL_TOKEN=bool(distill_token), BLOCK_A=block_a, BLOCK_B=block_b,
+        BLOCK_C=block_c,
         num_warps=8 if block_a * block_b >= 2048 else 4)
     return node_max, node_idx
