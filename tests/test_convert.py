@@ -83,8 +83,6 @@ def test_convert_errors():
     model = make("vit_small")
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         effkern.convert(model, "nope")
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        effkern.convert(model, "dynamicvit")
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         effkern.convert(torch.nn.Linear(2, 2), "tome")
     with pytest.raises(ValueError, match="drop_loc"):
@@ -479,7 +477,7 @@ def test_timm_names_create_the_converted_models():
 
     for method in METHODS:
         found = timm.list_models(f"*_{method}")
-        assert set(found) >= {f"{arch}_{method}" for arch in timm_names.ARCHS}, method
+        assert set(found) >= {f"{arch}_{method}" for arch in METHODS[method].archs or timm_names.ARCHS}, method
     torch.manual_seed(0)
     made = timm.create_model("deit_small_patch16_224_tome", img_size=IMG, num_classes=7, r=2).eval()
     torch.manual_seed(0)
@@ -547,3 +545,80 @@ def test_shiftadd_adds_the_dwconv_only_when_allowed():
     assert [type(b.attn).__name__ for b in conv.blocks] == ["Attention", "BinaryHashAttention"] * 2
     conv.load_state_dict(model.state_dict(), strict=False)
     assert conv(images()).shape == (2, 1000)
+
+
+# --------------------------------------------------------------------------------------------
+# I-ViT
+# --------------------------------------------------------------------------------------------
+
+
+def test_ivit_from_timm_agrees_with_the_float_model():
+    """convert(model, "ivit") is a new integer-only IViT with timm's weights; calibrated, it
+    agrees with the float model as tests/test_models_ivit.py's criterion (W8A8: a few %)."""
+    from effkern.models import IViT
+    from effkern.models import variants as V
+
+    model = make("vit_small", depth=2, num_classes=10)
+    with torch.no_grad():
+        model.cls_token.normal_(0, 0.5)  # a trained CLS token is as large as the patch tokens
+    iv = effkern.convert(model, "ivit")
+    assert isinstance(iv, IViT) and type(model).__name__ == "VisionTransformer"  # the timm model untouched
+    by_hand = IViT(img_size=IMG, patch_size=16, num_classes=10, embed_dim=384, depth=2, num_heads=6)
+    by_hand.load_float_state_dict(model.state_dict())
+    for (n, a), (_, b) in zip(iv.state_dict().items(), by_hand.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = images(6)
+    V.calibrate(iv, [x[:3], x[3:]], progress=False)
+    with torch.no_grad():
+        want, got = model(x), iv(x)
+    assert (got - want).norm() / want.norm() < 0.1
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+
+
+def test_ivit_calibration_reports_a_degenerate_range():
+    from effkern.models import variants as V
+
+    model = make("vit_small", depth=2, num_classes=10)
+    with torch.no_grad():
+        for p in (model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.pos_embed, model.cls_token):
+            p.zero_()
+    with pytest.raises(ValueError, match="degenerate activation range .* qact_embed"):
+        V.calibrate(effkern.convert(model, "ivit"), [images()], progress=False)
+    with pytest.raises(NotImplementedError, match="LayerScale"):
+        effkern.convert(make("deit3_small"), "ivit")
+    with pytest.raises(ValueError, match="no calibration batches"):
+        V.calibrate(effkern.convert(make("vit_small", depth=2), "ivit"), [], progress=False)
+
+
+def test_ivit_timm_names_are_the_deit_presets():
+    import effkern.models  # noqa: F401
+    from effkern.models import IViT
+
+    assert sorted(timm.list_models("*_ivit")) == ["deit_base_patch16_224_ivit", "deit_small_patch16_224_ivit",
+                                                  "deit_tiny_patch16_224_ivit"]
+    assert isinstance(timm.create_model("deit_tiny_patch16_224_ivit", img_size=IMG), IViT)
+
+
+def test_ivit_torch_compile_inference_and_training():
+    """inductor: inference equals eager bit for bit (integer arithmetic); a training step (QAT:
+    the quantisers' ranges move, straight-through gradients) matches eager's gradients."""
+    from effkern.models import variants as V
+
+    torch._dynamo.reset()
+    model = make("vit_small", depth=2, num_classes=10)
+    with torch.no_grad():
+        model.cls_token.normal_(0, 0.5)
+    x, labels = images(4), torch.tensor([1, 2, 3, 4])
+    iv = V.calibrate(effkern.convert(model, "ivit"), [x], progress=False)
+    eager, comp = copy.deepcopy(iv), copy.deepcopy(iv)
+    fn = torch.compile(comp, backend="inductor")
+    with torch.no_grad():
+        assert torch.equal(fn(x), eager(x))
+    eager.train()
+    comp.train()
+    torch.nn.functional.cross_entropy(eager(x), labels).backward()
+    torch.nn.functional.cross_entropy(fn(x), labels).backward()
+    for (n, a), (_, b) in zip(eager.named_parameters(), comp.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * float(a.grad.abs().max()),
+                                       msg=lambda m, n=n: f"{n}: {m}")

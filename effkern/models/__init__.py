@@ -4,8 +4,8 @@ Importing this package registers effkern's variants as timm model names when tim
 (:mod:`effkern.models.timm_names`: ``timm.create_model("deit_small_patch16_224_tome")``).
 """
 
-from effkern.models.variants import METHODS, DynamicViTLoss, IdleViTLoss, convert
 from effkern.models.ivit import IViT
+from effkern.models.variants import METHODS, DynamicViTLoss, IdleViTLoss, convert
 
 try:
     import timm  # noqa: F401

@@ -8,7 +8,8 @@ Naming: ``<timm arch>_<method>``, e.g. ``deit_small_patch16_224_evit``. Not
 (``vit_base_patch16_224.augreg_in21k``), so such a name would ask timm for weights named after
 the method. The factory builds timm's own model for the arch (``pretrained`` and every timm
 keyword pass through, so the arch's default pretrained weights load as usual), then
-:func:`effkern.convert` with the method's keywords (the method's settings as in
+:func:`effkern.convert` with the method's keywords (``ivit``: presets for DeiT-T/S/B only, the
+archs I-ViT reports; the result is an integer-only :class:`~effkern.models.IViT`) (the method's settings as in
 ``effkern.models.variants.METHODS``; ``strict=False`` where the method adds parameters).
 ``timm.list_models("*_tome")`` finds them; ``python -m effkern models`` lists them.
 """
@@ -28,9 +29,13 @@ ARCHS = (
 )
 
 
+def _archs(method: str) -> tuple[str, ...]:
+    return METHODS[method].archs or ARCHS
+
+
 def names() -> list[str]:
     """Every registered name, ``<arch>_<method>``."""
-    return [f"{arch}_{method}" for arch in ARCHS for method in METHODS]
+    return [f"{arch}_{method}" for method in METHODS for arch in _archs(method)]
 
 
 def _method_keywords(method: str) -> set[str]:
@@ -57,8 +62,8 @@ def register() -> list[str]:
     """Register every name with timm (once); returns them. ImportError without timm."""
     from timm.models import register_model
 
-    for arch in ARCHS:
-        for method in METHODS:
+    for method in METHODS:
+        for arch in _archs(method):
             fn = _factory(arch, method)
             globals()[fn.__name__] = fn  # timm records the entry point's module attribute
             register_model(fn)

@@ -21,8 +21,8 @@ re-runs a block in the backward pass, sees the same inputs again. It is reset wh
 ``patch_embed`` runs, i.e. at the start of every forward.
 
 Methods: ``tome``, ``evit``, ``dynamicvit``, ``idlevit``, ``ecoformer`` and ``shiftadd`` (see
-:data:`METHODS`); ``ivit`` of the ViT-variants issue raises a clear NotImplementedError until it
-lands.
+:data:`METHODS`) convert in place; ``ivit`` returns a new, integer-only model
+(:class:`~effkern.models.IViT`) with the timm model's weights, since every layer changes.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effkern.models.ivit import IViT
 from effkern.nn.binary_hash import BinaryHashAttention
 from effkern.nn.tokens import (DynamicViTPredictor, dynamicvit_keep, evit_left_tokens, evit_reorganize,
                                idle_select_compute_scatter, idlevit_scores, tome_merge)
 from effkern.ops import cls_attention, masked_softmax, token_gather, topk_tokens
 
 __all__ = ["METHODS", "DynamicViTLoss", "IdleViTLoss", "binary_hash_attentions", "convert", "evit_keep_rate_schedule",
-           "fit_hash", "hash_state_dict", "load_hash_state_dict", "tome_schedule"]
+           "calibrate", "fit_hash", "hash_state_dict", "load_hash_state_dict", "tome_schedule"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,6 +723,84 @@ def _progress(items: list, desc: str, enabled: bool):
 
 
 # --------------------------------------------------------------------------------------------
+# I-ViT: integer-only (effkern.models.IViT), a new model with the timm model's weights
+# --------------------------------------------------------------------------------------------
+
+
+def _ivit_configure(model: nn.Module) -> dict:
+    blk = model.blocks[0]
+    problems = []
+    if model.num_prefix_tokens != 1 or getattr(model, "cls_token", None) is None:
+        problems.append(f"{model.num_prefix_tokens} prefix tokens (I-ViT has the class token only)")
+    if not isinstance(blk.ls1, nn.Identity):
+        problems.append("LayerScale (DeiT-III)")
+    if getattr(model, "global_pool", "token") != "token":
+        problems.append(f"global_pool={model.global_pool!r} (I-ViT classifies the class token)")
+    if not isinstance(blk.attn.q_norm, nn.Identity) or not isinstance(blk.mlp.norm, nn.Identity):
+        problems.append("q/k or MLP norms")
+    if problems:
+        raise NotImplementedError(f"effkern.convert('ivit'): this model has {', '.join(problems)}; I-ViT covers "
+                                  "DeiT / ViT without them")
+    embed = model.patch_embed
+    return {"img_size": tuple(embed.img_size), "patch_size": tuple(embed.patch_size),
+            "in_chans": embed.proj.in_channels, "num_classes": model.num_classes,
+            "embed_dim": blk.norm1.normalized_shape[0], "depth": len(model.blocks), "num_heads": blk.attn.num_heads,
+            "mlp_ratio": blk.mlp.fc1.out_features / blk.norm1.normalized_shape[0],
+            "qkv_bias": blk.attn.qkv.bias is not None}
+
+
+def _ivit_build(model: nn.Module, cfg: dict) -> nn.Module:
+    """A new :class:`~effkern.models.IViT` of the same shape with the timm model's weights (the
+    quantisers still need their ranges: :func:`calibrate`)."""
+    if cfg["img_size"][0] != cfg["img_size"][1] or cfg["patch_size"][0] != cfg["patch_size"][1]:
+        raise NotImplementedError("effkern.convert('ivit'): square images and patches only")
+    new = IViT(img_size=cfg["img_size"][0], patch_size=cfg["patch_size"][0], in_chans=cfg["in_chans"],
+               num_classes=cfg["num_classes"], embed_dim=cfg["embed_dim"], depth=cfg["depth"],
+               num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], qkv_bias=cfg["qkv_bias"])
+    ref = next(model.parameters())
+    new.to(device=ref.device)
+    new.load_float_state_dict({k: v for k, v in model.state_dict().items()})
+    return new.train(model.training)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches, *, progress: bool = True) -> nn.Module:
+    """Set every quantiser's range of an I-ViT model (``effkern.convert(model, "ivit")``) from
+    calibration batches of images (train-mode passes, then eval), with a progress bar. A
+    quantiser whose range is degenerate (min = max: a constant input) has the scale floor
+    1e-8: a ``UserWarning`` names such quantisers, and when a later layer cannot work with it
+    (Shiftmax's overflow check) the ValueError names them."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate: no calibration batches")
+
+    def degenerate() -> list[str]:
+        return [name for name, m in model.named_modules()
+                if hasattr(m, "act_scaling_factor") and bool(m.act_scaling_factor.ne(0).all())
+                and bool((m.x_min == m.x_max).all())]
+
+    model.train()
+    try:
+        for images in _progress(batches, "calibrating I-ViT", progress):
+            model(images)
+    except ValueError as e:  # a degenerate scale downstream (e.g. Shiftmax's overflow check)
+        bad = degenerate()
+        if not bad:
+            raise
+        raise ValueError(f"calibrate: degenerate activation range (min = max, scale at its 1e-8 floor) at "
+                         f"{', '.join(bad[:5])}, which made a later layer fail: calibrate on more varied "
+                         "images") from e
+    finally:
+        model.eval()
+    bad = degenerate()
+    if bad:
+        warnings.warn(f"calibrate: {len(bad)} quantiser(s) saw a degenerate range (min = max), their scale is the "
+                      f"1e-8 floor: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; calibrate on more varied "
+                      "images", UserWarning, stacklevel=2)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # The method table and convert
 # --------------------------------------------------------------------------------------------
 
@@ -736,6 +816,10 @@ class Method:
     add_modules: Callable[[nn.Module, dict], nn.Module] | None = None
     # modules swapped in place (attention); returns the parameter names it adds (dry_run: only that)
     replace_modules: Callable[..., tuple[str, ...]] | None = None
+    # a new model instead of the converted one (I-ViT: every layer changes)
+    build: Callable[[nn.Module, dict], nn.Module] | None = None
+    # the timm archs given a timm name (None: all of timm_names.ARCHS)
+    archs: tuple[str, ...] | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -765,12 +849,18 @@ METHODS: dict[str, Method] = {
                        "(additions) plus a depthwise convolution of V (dwconv, which adds parameters: strict=False); "
                        "fit_hash(model, images) fits the hash.",
                        None, _hash_attentions),
+    "ivit": Method("ivit", None, _ivit_configure, (), lambda sh: False,
+                   "I-ViT (Li and Gu 2023): integer-only inference (Shiftmax, ShiftGELU, I-LayerNorm, dyadic "
+                   "requantisation, int8 GEMMs). Returns a NEW model (effkern.models.IViT) with the timm weights; "
+                   "calibrate(model, batches) sets its ranges, or fine-tune it (QAT) in train mode.",
+                   build=_ivit_build,
+                   archs=("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")),
     "idlevit": Method("idlevit", IdleViTBlockMixin, _idlevit_configure, (), lambda sh: False,
                       "IdleViT (Xu et al. 2023): at idle_layers (0-based, 4..depth-1) only the class token and the "
                       "keep_ratios (keep_rate^1, ^2, ^3 per third; keep_rate 0.7) best patch tokens by CLS attention "
                       "are computed, the others idle unchanged; IdleViTLoss's token cut loss in training."),
 }
-_PLANNED = ("ivit",)
+_PLANNED: tuple[str, ...] = ()
 
 
 def _check_timm_vit(model: nn.Module) -> None:
@@ -818,6 +908,8 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
     if not isinstance(strict, bool):
         raise TypeError(f"effkern.convert: strict must be a bool, got {strict!r}")
     cfg = m.configure(model, **config)
+    if m.build is not None:
+        return m.build(model, cfg)
     _undo(model)
     modules, added, added_module = (), (), None
     if m.add_modules is not None:

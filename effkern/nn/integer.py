@@ -45,7 +45,9 @@ def to_integer(x: Tensor, scale: Tensor, bits: int, what: str) -> Tensor:
     (the caller's quantiser and this module disagree on the bit width)."""
     i = torch.round(x.detach() / scale)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    if i.numel() and (i.min() < lo or i.max() > hi):
+    # float bounds: under torch.compile (CPU, torch 2.14) a float tensor compared with the int
+    # -2^31 or 2^31 - 1 came out True for -127 and 115; the float compare is the same test
+    if i.numel() and (i.min() < float(lo) or i.max() > float(hi)):
         raise ValueError(
             f"{what}: x / scale spans [{int(i.min())}, {int(i.max())}], outside the {bits}-bit range "
             f"[{lo}, {hi}]; quantise the input to {bits} bits first (QuantAct) or raise input_bits"
