@@ -454,7 +454,7 @@ def _tome_row_scale_kernel(x_ptr, scale_ptr, inv_ptr, R, C, BLOCK_R: tl.constexp
         v = tl.load(x_ptr + base + c0 + cc, mask=row_ok & (c0 + cc < C), other=0.0).to(tl.float32)
         v = v * scale[:, None]
         sq += tl.sum(v * v, axis=1)
-    inv = 1.0 / tl.maximum(tl.sqrt(sq), _NORM_EPS * scale)
+    inv = 1.0 / tl.maximum(tl.sqrt(sq), scale * _NORM_EPS)  # tensor first: constexpr * tensor fails in triton 3.8's interpreter
     tl.store(scale_ptr + rows, scale, mask=rows < R)
     tl.store(inv_ptr + rows, inv, mask=rows < R)
 
