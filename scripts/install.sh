@@ -25,7 +25,7 @@ if ! "$PY" -c "import timm" 2>/dev/null && "$PY" -c "import torchvision" 2>/dev/
     || echo "install.sh: timm could not be installed; the tests on timm models skip" >&2
 fi
 missing=()
-for spec in triton:triton numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark \
+for spec in triton:triton numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark xdist:pytest-xdist \
             ninja:ninja cmake:cmake pybind11:pybind11 setuptools:setuptools \
             hypothesis:hypothesis; do
   module=${spec%%:*}; package=${spec#*:}

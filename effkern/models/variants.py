@@ -40,9 +40,9 @@ from torch import Tensor, nn
 
 from effkern.models.ivit import IViT
 from effkern.nn.binary_hash import BinaryHashAttention
-from effkern.nn.tokens import (DynamicViTPredictor, dynamicvit_keep, evit_left_tokens, evit_reorganize,
-                               idle_select_compute_scatter, idlevit_scores, tome_merge)
-from effkern.ops import cls_attention, masked_softmax, token_gather, topk_tokens
+from effkern.nn.tokens import (DynamicViTPredictor, dynamicvit_attention, dynamicvit_keep, dynamicvit_keep_decisions,
+                               evit_left_tokens, evit_reorganize, evit_scores, idle_select_compute_scatter,
+                               idlevit_keep_mask, idlevit_scores, tome_merge)
 
 __all__ = ["METHODS", "DynamicViTLoss", "IdleViTLoss", "binary_hash_attentions", "convert", "evit_keep_rate_schedule",
            "calibrate", "fit_hash", "hash_state_dict", "load_hash_state_dict", "tome_schedule"]
@@ -296,7 +296,7 @@ class EViTBlockMixin:
         q, k, v = _qkv_heads(self.attn, h)
         x = x + self.drop_path1(self.ls1(_attend_project(self.attn, h, q, k, v)))
         if left < n - prefix:
-            scores = cls_attention(q[:, :, 0], k, scale=self.attn.scale)[:, 1:]
+            scores = evit_scores(q, k, self.attn.scale)
             # evit_reorganize keeps token 0 (CLS) and ranks the others: the other prefix tokens
             # (distillation) are kept first by a score of +inf
             if prefix > 1:
@@ -372,13 +372,12 @@ class DynamicViTBlockMixin:
                 policy = torch.cat([decision.new_ones(b, 1, 1), decision], 1)
             else:
                 x, keep = dynamicvit_keep(x, pred[:, :, 0], int(st["m0"] * cfg["token_ratio"][p]))
-                decision = token_gather(decision, keep, validate=False)
+                decision = dynamicvit_keep_decisions(decision, keep)
         st["decision_in"][i + 1], st["policy_in"][i + 1] = decision, policy
         h = self.norm1(x)
         q, k, v = _qkv_heads(self.attn, h)
         if self.training:
-            attn = masked_softmax((q @ k.transpose(-2, -1)) * self.attn.scale, policy)
-            out = _merge_project(self.attn, h, self.attn.attn_drop(attn) @ v)
+            out = _merge_project(self.attn, h, dynamicvit_attention(q, k, v, policy, self.attn.scale, self.attn.attn_drop))
         else:
             out = _attend_project(self.attn, h, q, k, v)
         x = x + self.drop_path1(self.ls1(out))
@@ -515,9 +514,7 @@ class IdleViTBlockMixin:
         b, n, _ = x.shape
         h = self.norm1(x)
         q, k, v = _qkv_heads(self.attn, h)
-        scores = cls_attention(q[:, :, 0], k, scale=self.attn.scale, softmax=False)[:, 1:]
-        keep, _ = topk_tokens(scores.detach(), num_keep, keep_cls=True)
-        mask = torch.zeros(b, n, dtype=x.dtype, device=x.device).scatter(1, keep, 1.0)[:, :, None]
+        mask = idlevit_keep_mask(q, k, self.attn.scale, num_keep).to(x.dtype)
         bias = ((1.0 - mask) * -100000.0).reshape(b, 1, 1, n).to(q.dtype)
         x = x + self.drop_path1(self.ls1(_attend_project(self.attn, h, q, k, v, bias))) * mask
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) * mask

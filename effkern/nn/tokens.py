@@ -50,10 +50,14 @@ __all__ = [
     "IdleViTBlock",
     "ToMeAttention",
     "ToMeBlock",
+    "dynamicvit_attention",
     "dynamicvit_keep",
+    "dynamicvit_keep_decisions",
     "evit_left_tokens",
     "evit_reorganize",
+    "evit_scores",
     "idle_select_compute_scatter",
+    "idlevit_keep_mask",
     "idlevit_scores",
     "tome_merge",
 ]
@@ -111,8 +115,14 @@ class DynamicViTAttention(Attention):
         if policy is None:
             return super().forward(x)
         q, k, v = self.qkv_heads(x)
-        attn = masked_softmax((q @ k.transpose(-2, -1)) * self.scale, policy)
-        return self.project(self.attn_drop(attn) @ v)
+        return self.project(dynamicvit_attention(q, k, v, policy, self.scale, self.attn_drop))
+
+
+def dynamicvit_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float,
+                         attn_drop: nn.Module) -> Tensor:
+    """DynamicViT's training attention of heads q, k, v ``[B, H, N, d]`` under a keep policy
+    ``[B, N, 1]``: ``attn_drop(masked_softmax(q k^T * scale, policy)) @ v`` (``[B, H, N, d]``)."""
+    return attn_drop(masked_softmax((q @ k.transpose(-2, -1)) * scale, policy)) @ v
 
 
 class DynamicViTBlock(Block):
@@ -126,6 +136,13 @@ class DynamicViTBlock(Block):
     def forward(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), policy)))
         return self.mlp_residual(x)
+
+
+def dynamicvit_keep_decisions(decision: Tensor, keep_idx: Tensor) -> Tensor:
+    """The previous keep decisions ``[B, M, 1]`` of the kept patch tokens (DynamicViT's
+    ``prev_decision = batch_index_select(prev_decision, keep_policy)``), ``keep_idx`` from
+    :func:`dynamicvit_keep`."""
+    return token_gather(decision, keep_idx, validate=False)
 
 
 def dynamicvit_keep(x: Tensor, keep_scores: Tensor, num_keep: int) -> tuple[Tensor, Tensor]:
@@ -186,7 +203,14 @@ class EViTAttention(Attention):
         out = self.project(self.attend(q, k, v))
         if not _evit_prunes(x.shape[1], keep_rate):
             return out, None
-        return out, cls_attention(q[:, :, 0], k, scale=self.scale)[:, 1:]
+        return out, evit_scores(q, k, self.scale)
+
+
+def evit_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """EViT's token scores ``[B, N - 1]`` from heads q, k ``[B, H, N, d]``: the class query's
+    softmax attention to the other keys, averaged over heads (``attn[:, :, 0, 1:].mean(1)``),
+    from :func:`effkern.ops.cls_attention` (no N x N map)."""
+    return cls_attention(q[:, :, 0], k, scale=scale)[:, 1:]
 
 
 def evit_reorganize(x: Tensor, cls_attn: Tensor | None, keep_rate: float, fuse_token: bool = False, *,
@@ -298,6 +322,17 @@ def idlevit_scores(block: nn.Module, x: Tensor) -> Tensor:
     k = getattr(attn, "k_norm", nn.Identity())(k)
     scale = getattr(attn, "scale", (c // heads) ** -0.5)
     return cls_attention(q, k, scale=scale, softmax=False)[:, 1:]
+
+
+def idlevit_keep_mask(q: Tensor, k: Tensor, scale: float, num_keep: int) -> Tensor:
+    """IdleViT's training-time selection from heads q, k ``[B, H, N, d]``: 1.0 for the class
+    token and the ``num_keep`` patch tokens with the highest head-mean CLS attention logits
+    (``softmax_with_top_attn``'s ranking), 0.0 for the idle ones, as ``[B, N, 1]`` in q's dtype.
+    Not differentiable (a ranking)."""
+    b, _, n, _ = q.shape
+    scores = cls_attention(q[:, :, 0].detach(), k.detach(), scale=scale, softmax=False)[:, 1:]
+    keep, _ = topk_tokens(scores, num_keep, keep_cls=True)
+    return torch.zeros(b, n, dtype=q.dtype, device=q.device).scatter(1, keep, 1.0)[:, :, None]
 
 
 class IdleViTBlock(nn.Module):
