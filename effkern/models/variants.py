@@ -10,15 +10,18 @@ What stays timm's: the model object, its class (a subclass of it), every module 
 name (a timm checkpoint loads strictly before and after), ``patch_embed``, ``_pos_embed``, the
 norms, ``forward_features``, ``forward_head``, ``forward_intermediates`` (``output_fmt="NLC"``
 once tokens are reduced: the token count there is the one at that depth), gradient
-checkpointing, ``reset_classifier``, bf16 and autocast. What changes: each ``Block`` of
-``model.blocks`` becomes a subclass of its own class whose ``forward`` runs the method between
-the attention and the MLP, through effkern's ops (no N x N attention map: attention is SDPA,
-token scores come from ``cls_attention``, tokens move with ``token_gather`` / ``merge_tokens``).
+checkpointing, ``reset_classifier``, bf16 and autocast. What changes: for the token methods
+(ToMe, EViT, DynamicViT, IdleViT) each ``Block`` of ``model.blocks`` becomes a subclass of its
+own class whose ``forward`` runs the method between the attention and the MLP, through
+effkern's ops (no N x N attention map at inference: attention is SDPA, token scores come from
+``cls_attention``, tokens move with ``token_gather`` / ``merge_tokens``); for EcoFormer /
+ShiftAddViT each block's attention becomes a ``BinaryHashAttention`` with its weights.
 
-State that must travel from block to block (ToMe's token sizes) is kept per forward call in
-``model.effkern`` (:class:`Shared`, held by every block too), keyed by block index, so that gradient checkpointing, which
-re-runs a block in the backward pass, sees the same inputs again. It is reset when
-``patch_embed`` runs, i.e. at the start of every forward.
+State that must travel from block to block (ToMe's token sizes, DynamicViT's decisions) is
+kept per forward call in ``model.effkern`` (:class:`Shared`, held by every block too), keyed
+by block index, so that gradient checkpointing, which re-runs a block in the backward pass,
+sees the same inputs again. It is reset when ``patch_embed`` runs, i.e. at the start of every
+forward.
 
 Methods: ``tome``, ``evit``, ``dynamicvit``, ``idlevit``, ``ecoformer`` and ``shiftadd`` (see
 :data:`METHODS`) convert in place; ``ivit`` returns a new, integer-only model
