@@ -324,8 +324,7 @@ def _per_layer(value, i: int, depth: int):
 def _evit_configure(model: nn.Module, keep_rate: float = 0.7, drop_loc: Sequence[int] = (3, 6, 9),
                     fuse_token: bool = True) -> dict:
     depth = len(model.blocks)
-    if not 0 < keep_rate <= 1:
-        raise ValueError(f"effkern.convert('evit'): keep_rate must be in (0, 1], got {keep_rate!r}")
+    _check_rate("evit", "keep_rate", keep_rate)
     if getattr(model, "cls_token", None) is None:
         raise ValueError("effkern.convert('evit'): EViT ranks tokens by the class token's attention; "
                          "this model has no class token")
@@ -388,19 +387,29 @@ class DynamicViTBlockMixin:
         return _mlp_residual(self, x)
 
 
+def _layer_indices(method: str, name: str, values: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Increasing block indices in [0, depth), checked."""
+    values = tuple(int(i) for i in values)
+    if sorted(set(values)) != list(values) or not all(0 <= i < depth for i in values):
+        raise ValueError(f"effkern.convert({method!r}): {name} must be increasing layer indices in [0, {depth}), "
+                         f"got {values}")
+    return values
+
+
+def _check_rate(method: str, name: str, value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"effkern.convert({method!r}): {name} must be in (0, 1], got {value!r}")
+
+
 def _dynamicvit_configure(model: nn.Module, keep_ratio: float = 0.7, pruning_loc: Sequence[int] = (3, 6, 9),
                           token_ratio: Sequence[float] | None = None) -> dict:
     depth = len(model.blocks)
     if model.num_prefix_tokens != 1 or getattr(model, "cls_token", None) is None:
         raise NotImplementedError("effkern.convert('dynamicvit'): needs exactly one prefix token, the class token "
                                   f"(this model has {model.num_prefix_tokens}); DynamicViT's published models have no other")
-    pruning_loc = tuple(int(i) for i in pruning_loc)
-    if sorted(set(pruning_loc)) != list(pruning_loc) or not all(0 <= i < depth for i in pruning_loc):
-        raise ValueError(f"effkern.convert('dynamicvit'): pruning_loc must be increasing layer indices in "
-                         f"[0, {depth}), got {pruning_loc}")
+    pruning_loc = _layer_indices("dynamicvit", "pruning_loc", pruning_loc, depth)
     if token_ratio is None:
-        if not 0 < keep_ratio <= 1:
-            raise ValueError(f"effkern.convert('dynamicvit'): keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        _check_rate("dynamicvit", "keep_ratio", keep_ratio)
         token_ratio = [keep_ratio ** (p + 1) for p in range(len(pruning_loc))]
     token_ratio = [float(r) for r in token_ratio]
     if len(token_ratio) != len(pruning_loc) or not all(0 <= r <= 1 for r in token_ratio):
@@ -536,13 +545,10 @@ def _idlevit_configure(model: nn.Module, keep_rate: float = 0.7, idle_layers: Se
     if model.num_prefix_tokens != 1 or getattr(model, "cls_token", None) is None:
         raise NotImplementedError("effkern.convert('idlevit'): needs exactly one prefix token, the class token "
                                   f"(this model has {model.num_prefix_tokens})")
-    idle_layers = tuple(range(4, depth)) if idle_layers is None else tuple(int(i) for i in idle_layers)
-    if sorted(set(idle_layers)) != list(idle_layers) or not all(0 <= i < depth for i in idle_layers):
-        raise ValueError(f"effkern.convert('idlevit'): idle_layers must be increasing layer indices in [0, {depth}), "
-                         f"got {idle_layers}")
+    idle_layers = _layer_indices("idlevit", "idle_layers", range(4, depth) if idle_layers is None else idle_layers,
+                                 depth)
     if keep_ratios is None:
-        if not 0 < keep_rate <= 1:
-            raise ValueError(f"effkern.convert('idlevit'): keep_rate must be in (0, 1], got {keep_rate!r}")
+        _check_rate("idlevit", "keep_rate", keep_rate)
         # IdleViT's main.py: keep_rate^1, ^2, ^3, each for a third of the idle layers
         per = math.ceil(len(idle_layers) / 3)
         keep_ratios = [keep_rate ** (j // per + 1) for j in range(len(idle_layers))]
