@@ -237,13 +237,15 @@ class EViTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.keep_rate = keep_rate
         self.fuse_token = fuse_token
+        # effkern: timm's LayerScale slots (Identity here; a DeiT-III block's in vit_transcriptions)
+        self.ls1, self.ls2 = nn.Identity(), nn.Identity()
 
     def forward(self, x, keep_rate=None, tokens=None):
         if keep_rate is None:
             keep_rate = self.keep_rate
         _, n, c = x.shape
         tmp, index, idx, cls_attn, _ = self.attn(self.norm1(x), keep_rate, tokens)
-        x = x + self.drop_path(tmp)
+        x = x + self.drop_path(self.ls1(tmp))
         if index is not None:
             non_cls = x[:, 1:]
             x_others = torch.gather(non_cls, dim=1, index=index)
@@ -255,7 +257,7 @@ class EViTBlock(nn.Module):
                 x = torch.cat([x[:, 0:1], x_others, extra_token], dim=1)
             else:
                 x = torch.cat([x[:, 0:1], x_others], dim=1)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, x.shape[1] - 1, None
 
 

@@ -108,23 +108,8 @@ def evit_forward(model, x, base_keep_rate, drop_loc, fuse_token, keep_rate=None,
         rate = base_keep_rate if i in drop_loc else 1.0
         tb = _loaded(T.EViTBlock(dim, heads, blk.mlp.fc1.out_features / dim, blk.attn.qkv.bias is not None,
                                  keep_rate=rate, fuse_token=fuse_token), blk)
-        # EViT's Block.forward, with ls1 / ls2 (effkern)
-        kr = rate if keep_rate[i] is None else keep_rate[i]
-        tmp, index, idx, cls_attn, _ = tb.attn(tb.norm1(t), kr, tokens[i])
-        t = t + tb.ls1(tmp)
-        if index is not None:
-            n, c = t.shape[1], t.shape[2]
-            non_cls = t[:, 1:]
-            x_others = torch.gather(non_cls, dim=1, index=index)
-            if fuse_token:
-                compl = T.complement_idx(idx, n - 1)
-                non_topk = torch.gather(non_cls, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, c))
-                non_topk_attn = torch.gather(cls_attn, dim=1, index=compl)
-                extra = torch.sum(non_topk * non_topk_attn.unsqueeze(-1), dim=1, keepdim=True)
-                t = torch.cat([t[:, 0:1], x_others, extra], dim=1)
-            else:
-                t = torch.cat([t[:, 0:1], x_others], dim=1)
-        t = t + tb.ls2(tb.mlp(tb.norm2(t)))
+        # EViT's Block.forward (ls1 / ls2: the timm block's, effkern); a None rate: the block's
+        t, _, _ = tb(t, keep_rate[i], tokens[i])
         kept.append(t.shape[1] - 1)
     return model.forward_head(model.norm(t)), kept
 

@@ -145,15 +145,14 @@ class _ConvertedViT:
     call (nested calls inherit them); ``forward_intermediates`` refuses the NCHW output format
     when tokens are reduced (there is no H x W grid left), with a clear error."""
 
-    def _with_overrides(self, fn: Callable, x: Tensor, *args, **kwargs):
+    def _with_overrides(self, fn: Callable, x: Tensor, *args, needs_grid: bool = False, **kwargs):
         shared = self.effkern
         method = METHODS[shared.method]
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in method.per_call}
         saved = shared.call
         shared.call = {**saved, **overrides}
         try:
-            if fn.__name__ == "forward_intermediates" and kwargs.get("output_fmt", "NCHW") == "NCHW" \
-                    and method.reduces_tokens(shared):
+            if needs_grid and kwargs.get("output_fmt", "NCHW") == "NCHW" and method.reduces_tokens(shared):
                 raise ValueError(f"forward_intermediates: output_fmt='NCHW' needs the full token grid, but "
                                  f"{shared.method!r} reduces tokens here; use output_fmt='NLC' (each "
                                  "intermediate then has the token count of its depth)")
@@ -168,7 +167,7 @@ class _ConvertedViT:
         return self._with_overrides(super().forward_features, x, *args, **kwargs)
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
-        return self._with_overrides(super().forward_intermediates, x, *args, **kwargs)
+        return self._with_overrides(super().forward_intermediates, x, *args, needs_grid=True, **kwargs)
 
 
 _CONVERTED_CLASSES: dict[tuple[type, type], type] = {}

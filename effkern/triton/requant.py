@@ -116,9 +116,9 @@ AUTO, INT32, INT64 = 0, 1, 2
 def requantize_epilogue(acc, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS: tl.constexpr,
                         EPILOGUE: tl.constexpr, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr):
     """The int32 tile ``acc`` (columns ``offs_n``) requantised, in 32-bit arithmetic when every
-    (m, e) it uses is in the range where that is exact (above), else in int64; int32 out. The host decides when it knows the
-    constants (EPILOGUE = INT32 / INT64: one path compiled); with device constants (AUTO) the
-    kernel does, by a branch uniform over the tile. Per-tensor constants are scalars (no
+    (m, e) it uses is in the range where that is exact (above), else in int64; int32 out. The
+    host decides when it knows the constants (EPILOGUE = INT32 / INT64: one path compiled);
+    with device constants (AUTO) the kernel does, by a branch uniform over the tile. Per-tensor constants are scalars (no
     per-column registers); PER_TENSOR_VALUES passes them as arguments. With INT32 the host has
     already turned them into requant_i32_constants (int32 m', t - 1)."""
     if CONSTS == 2:
