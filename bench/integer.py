@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import effkern  # noqa: E402
+from effkern import _requant as rq  # noqa: E402
 from effkern.ops import integer as intops  # noqa: E402
 
 from bench.runner import Baseline, Case, Target, compiled, exact, main  # noqa: E402
@@ -103,7 +104,7 @@ def layernorm(model, b, shape):
 
 
 def _dyadic(r, in_scale, out_scale: float, n: int, on_device: bool = True) -> dict:
-    m, e = intops.dyadic_params(in_scale, torch.tensor([out_scale]))
+    m, e = rq.dyadic_params(in_scale, torch.tensor([out_scale]))
     where = r.device if on_device else "cpu"
     return {"in_scale": in_scale, "m": m.expand(n).contiguous().to(where), "e": e.expand(n).contiguous().to(where)}
 

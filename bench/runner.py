@@ -937,7 +937,8 @@ def cli(argv: Sequence[str], prog: str = "python -m effkern bench") -> int:
                     "bench/results/FAMILY.csv as each case is measured (markdown and plot regenerated at the "
                     "end). Several families (a comma list, or all) run in one process: every family's --quick "
                     "cases first. Without a GPU: a correctness self-check, nothing timed.",
-        epilog=f"`{prog} FAMILY --help` lists the family's ops and its --quick set.")
+        epilog=f"`{prog} FAMILY --help` lists the family's ops and its --quick set. `{prog} models`: the ViT "
+               "variants end to end (bench/models.py, its own options).")
     p.add_argument("family", choices=names + ["all"], metavar="FAMILY",
                    help=f"one of {', '.join(names)}, a comma-separated list of them, or all")
     add_arguments(p)

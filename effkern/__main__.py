@@ -6,6 +6,8 @@
                                            scripts: scripts/gpu_check.sh reads its lists here
     python -m effkern bench FAMILY [...]   benchmark a kernel family (bench/FAMILY.py: integer, tokens,
                                            binary_hash; without a GPU: the correctness self-check)
+    python -m effkern bench models [...]   the ViT variants end to end against timm's model and the
+                                           published code (bench/models.py; without a GPU: a self-check)
     python -m effkern perf [...]           the static performance report (bench/static.py): registers,
                                            spills, occupancy, I/O widths, tensor cores, a roofline
                                            estimate per benchmark row, read without a GPU
@@ -112,6 +114,10 @@ def _bench(argv: list[str]) -> int:
               f"(looked in {root})", file=sys.stderr)
         return 2
     sys.path.insert(0, str(root))
+    if argv[:1] == ["models"]:  # whole ViT variants, not a kernel family: its own command line
+        from bench import models
+
+        return models.main(argv[1:])
     from bench import runner
 
     return runner.cli(argv)

@@ -23,6 +23,9 @@
 #   bench      python -m bench.runner <families> --timing quick: every family's --quick cases (the
 #              target shapes) first, then the rest until the time is spent                   bench.log, bench.csv
 #   pytest-bench  only with GPU_CHECK_PYTEST_BENCH=1: pytest bench/ --benchmark-json      pytest_bench_F.log/.json
+#   models     only with GPU_CHECK_MODELS=1 (and timm): python -m effkern bench models --quick, the ViT
+#              variants end to end (the benchmark step leaves it no time unless GPU_CHECK_BENCH
+#              is narrowed)                                                         models.log, models.csv
 # and a short summary last (the device tool returns the last 12,000 characters of the output and
 # at most 8 files: the files above are 7). Back here, add the rows to bench/results/<family>.csv and
 # regenerate the reports with:  python bench/report.py --append-from OUTDIR/bench.csv
@@ -34,7 +37,7 @@
 # (default 8; 0 = never pack), TORCH_CUDA_ARCH_LIST, GPU_CHECK_BENCH (benchmark families, in order,
 # comma- or space-separated; default every family of `python -m effkern ops --families`),
 # GPU_CHECK_BENCH_ARGS (extra arguments for the benchmark, e.g. --no-compile or --ops ...),
-# GPU_CHECK_PYTEST_BENCH=1.
+# GPU_CHECK_PYTEST_BENCH=1, GPU_CHECK_MODELS=1.
 set -euo pipefail
 
 if [[ $# -lt 1 || -z "${1:-}" ]]; then
@@ -218,6 +221,12 @@ EOF
                 --benchmark-columns=min,median,max,rounds --benchmark-sort=name
         done
         unset EFFKERN_BENCH_QUICK EFFKERN_BENCH_DEADLINE
+    fi
+
+    # ---- the ViT variants end to end (opt-in: minutes of compiles; needs timm) ---------------
+    if [[ "${GPU_CHECK_MODELS:-0}" == 1 ]]; then
+        run_step models 100000 "$SUMMARY_S" 120 "$OUTDIR/models.log" -- \
+            "$PY" -m effkern bench models --quick --csv "$OUTDIR/models.csv"
     fi
 
     summary

@@ -97,6 +97,10 @@ def test_cpu_tensors_are_refused():
 # --------------------------------------------------------------------------------------------
 
 
+# the host build below runs once: one xdist worker takes the whole file (the CI's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("binary_hash_cuda")
+
+
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
     lib = build_host_check(tmp_path_factory, "binary_hash")

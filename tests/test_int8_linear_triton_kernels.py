@@ -20,7 +20,7 @@ skip_module_unless_triton_runs()
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from effkern.ops import integer as ref  # noqa: E402
+from effkern import _requant as ref  # noqa: E402
 from effkern.triton import int8_linear as T  # noqa: E402
 from effkern.triton.requant import (E_FAST_HI, E_FAST_LO, requant_i32_constants, requant_i32_host,  # noqa: E402
                                     requant_i32_in_range, requantize_tile_i32)
@@ -38,7 +38,7 @@ def ints(shape, lo, hi, gen, dtype=torch.int64):
 
 def check(x, w, bias, m, e, out_bits, **kw):
     got = T.int8_linear_rows(x, w, bias, m, e, out_bits, **kw)
-    want = ref.ref_int8_linear_rows(x, w, bias, m, e, out_bits)
+    want = ref.ref_int_gemm_rows(x, w, bias, m, e, out_bits)
     assert got.dtype == want.dtype and got.shape == want.shape
     if not torch.equal(got, want):
         bad = (got.to(torch.int64) != want.to(torch.int64)).nonzero()

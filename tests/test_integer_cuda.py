@@ -82,6 +82,10 @@ def test_cpu_tensors_are_refused():
 # --------------------------------------------------------------------------------------------
 
 
+# the host build below runs once: one xdist worker takes the whole file (the CI's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("integer_cuda")
+
+
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
     lib = build_host_check(tmp_path_factory, "integer")

@@ -9,6 +9,7 @@ import torch
 
 import effkern
 from effkern.ops import int8_linear, int_gelu, int_layernorm, int_softmax, requantize
+from effkern import _requant as rq
 from effkern.ops import integer as ki
 from tests import ivit_transcription as ivit
 from tests.conftest import DEVICE, require_backend
@@ -90,10 +91,10 @@ def test_round_shift_against_exact_python(gen):
     v = torch.randint(-(2**62), 2**62, (4000,), generator=gen)
     v[:8] = torch.tensor([0, 1, -1, 3, -3, 5 << 40, -(5 << 40), 2**62])  # ties at several shifts
     for e in [1, 2, 3, 17, 31, 41, 61, 62, 63, 64, 80]:
-        got = ki.ref_round_shift_half_even(v, torch.tensor(e))
+        got = rq.ref_round_shift_half_even(v, torch.tensor(e))
         exp = torch.tensor([_python_round_shift(int(a), e) for a in v])
         assert torch.equal(got, exp), e
-    assert torch.equal(ki.ref_round_shift_half_even(v, torch.tensor(0)), v)
+    assert torch.equal(rq.ref_round_shift_half_even(v, torch.tensor(0)), v)
 
 
 def test_requantize_int32_against_exact_python(gen):
@@ -101,7 +102,7 @@ def test_requantize_int32_against_exact_python(gen):
     x = randint(gen, (3, 40), torch.int32)
     in_scale, out_scale = torch.rand(40, generator=gen) + 0.1, torch.rand(1, generator=gen) * 1e3 + 1
     y = requantize(x, in_scale, out_scale, out_bits=32)
-    m, e = ki.dyadic_params(in_scale, out_scale)
+    m, e = rq.dyadic_params(in_scale, out_scale)
     for (r, c), val in zip(torch.cartesian_prod(torch.arange(3), torch.arange(40)).tolist(), y.reshape(-1).tolist()):
         exact = _python_round_shift(int(x[r, c]) * int(m[c]), int(e[c]))
         assert val == max(-(2**31), min(2**31 - 1, exact))
@@ -124,7 +125,7 @@ def test_layernorm_mean_ties_round_half_even():
 
 def test_dyadic_params_round_half_up():
     # ratio = 1 - 2^-40: mantissa * 2^31 = 2^31 - 2^-9 rounds up to 2^31.
-    m, e = ki.dyadic_params(torch.tensor(1 - 2.0**-40, dtype=torch.float64), torch.tensor(1.0))
+    m, e = rq.dyadic_params(torch.tensor(1 - 2.0**-40, dtype=torch.float64), torch.tensor(1.0))
     assert m.item() == 2**31 and e.item() == 31
 
 
@@ -250,9 +251,9 @@ def test_requantize_backends(gen, backend):
         in_s = in_scale.to(DEVICE) if isinstance(in_scale, torch.Tensor) else in_scale
         with effkern.backend(backend):
             y = requantize(x, in_s, out_scale, out_bits=out_bits)
-        m, e = ki.dyadic_params(torch.as_tensor(in_scale, dtype=torch.float32), f32(out_scale))
+        m, e = rq.dyadic_params(torch.as_tensor(in_scale, dtype=torch.float32), f32(out_scale))
         m, e = m.expand(x.shape[-1]), e.expand(x.shape[-1])
-        expected = ki.ref_requantize_rows(x.cpu().reshape(-1, x.shape[-1]), m, e, out_bits).reshape(x.shape)
+        expected = rq.ref_requantize_rows(x.cpu().reshape(-1, x.shape[-1]), m, e, out_bits).reshape(x.shape)
         assert y.dtype == ki.int_dtype_for_bits(out_bits) and torch.equal(y.cpu(), expected), tuple(x.shape)
 
 
@@ -428,8 +429,8 @@ def test_host_constants_match_torch_float32(gen):
         assert float(host) == float(t * 1.702), s
     pairs = list(zip(scales[:1500], scales[1500:3000]))
     for i, o in pairs:
-        m, e = ki.dyadic_params(torch.tensor(i, dtype=torch.float32), torch.tensor(o, dtype=torch.float32))
-        assert ki._dyadic_host(float(torch.tensor(i, dtype=torch.float32)), float(torch.tensor(o, dtype=torch.float32))) \
+        m, e = rq.dyadic_params(torch.tensor(i, dtype=torch.float32), torch.tensor(o, dtype=torch.float32))
+        assert rq.dyadic_host(float(torch.tensor(i, dtype=torch.float32)), float(torch.tensor(o, dtype=torch.float32))) \
             == (int(m), int(e)), (i, o)
 
 

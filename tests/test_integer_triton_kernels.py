@@ -18,6 +18,7 @@ from tests.triton_helpers import GarbageBytes, PoisonedEmpty, skip_module_unless
 skip_module_unless_triton_runs()
 
 import effkern  # noqa: E402  (after the skip)
+from effkern import _requant as rq  # noqa: E402
 from effkern.ops import integer as ref  # noqa: E402
 from effkern.triton import int8_linear as tri_linear  # noqa: E402
 from effkern.triton import integer as tri  # noqa: E402
@@ -398,11 +399,11 @@ def test_requantize_random(shape, dtype, host_epilogue, gen):
         odd = torch.tensor(ODD_SHIFTS, device=DEVICE)[rand_int((c,), 0, len(ODD_SHIFTS) - 1, gen)]
         for e in (realistic, odd):
             assert_same(tri.requantize_rows(x, m, e, out_bits, host_epilogue=host_epilogue),
-                        ref.ref_requantize_rows(x, m, e, out_bits), f"out_bits={out_bits}")
+                        rq.ref_requantize_rows(x, m, e, out_bits), f"out_bits={out_bits}")
         for shift in (int(realistic[0]), 63, 0):
             m1, e1 = m[:1], torch.tensor([shift], device=DEVICE)
             assert_same(tri.requantize_rows(x, m1, e1, out_bits, host_epilogue=host_epilogue),
-                        ref.ref_requantize_rows(x, m1, e1, out_bits), f"per tensor e={shift} out_bits={out_bits}")
+                        rq.ref_requantize_rows(x, m1, e1, out_bits), f"per tensor e={shift} out_bits={out_bits}")
 
 
 def test_requantize_exact_ties(gen):
@@ -422,10 +423,10 @@ def test_requantize_exact_ties(gen):
     x = x.to(torch.int32)
     assert bool(((x.to(torch.int64) * m).abs() <= 2**62).all())
     for out_bits in (8, 16, 32):
-        expected = ref.ref_requantize_rows(x, m, e, out_bits)
+        expected = rq.ref_requantize_rows(x, m, e, out_bits)
         assert_same(tri.requantize_rows(x, m, e, out_bits), expected, f"out_bits={out_bits}")
     # the ties really are ties and went to even
-    halves = ref.ref_requantize_rows(torch.tensor([[-5, -3, -1, 1, 3, 5]], dtype=torch.int32, device=DEVICE),
+    halves = rq.ref_requantize_rows(torch.tensor([[-5, -3, -1, 1, 3, 5]], dtype=torch.int32, device=DEVICE),
                                      torch.ones(6, dtype=torch.int64, device=DEVICE),
                                      torch.ones(6, dtype=torch.int64, device=DEVICE), 8)
     assert halves.tolist() == [[-2, -2, 0, 0, 2, 2]]
@@ -437,7 +438,7 @@ def test_requantize_every_width(out_bits, gen):
     m = rand_int((33,), 2**30, 2**31, gen)
     e = torch.tensor(ODD_SHIFTS * 5, device=DEVICE)[:33]
     e[::3] = rand_int((11,), 28, 50, gen)
-    assert_same(tri.requantize_rows(x, m, e, out_bits), ref.ref_requantize_rows(x, m, e, out_bits))
+    assert_same(tri.requantize_rows(x, m, e, out_bits), rq.ref_requantize_rows(x, m, e, out_bits))
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,11 +470,11 @@ def test_int8_linear(shape, with_bias, gen):
         bias = rand_int((n,), -(2**31), 2**31 - 1, gen, torch.int32)
         bias[::4] = rand_int((len(range(0, n, 4)),), -(2**20), 2**20, gen, torch.int32)
         bias[1::5] = INT32_MAX  # saturating adds
-    assert_same(tri_linear.int8_linear_rows(x, w, bias, None, None, 8), ref.ref_int8_linear_rows(x, w, bias, None, None, 8),
+    assert_same(tri_linear.int8_linear_rows(x, w, bias, None, None, 8), rq.ref_int_gemm_rows(x, w, bias, None, None, 8),
                 "int32 accumulator")
     for per_channel, out_bits in [(False, 8), (True, 8), (True, 16), (False, 32), (True, 32)]:
         m, e = _scales(n, per_channel, k, gen, weird=out_bits == 16)
-        assert_same(tri_linear.int8_linear_rows(x, w, bias, m, e, out_bits), ref.ref_int8_linear_rows(x, w, bias, m, e, out_bits),
+        assert_same(tri_linear.int8_linear_rows(x, w, bias, m, e, out_bits), rq.ref_int_gemm_rows(x, w, bias, m, e, out_bits),
                     f"per_channel={per_channel} out_bits={out_bits}")
 
 
@@ -487,9 +488,9 @@ def test_int8_linear_extremes(gen):
     bias = torch.tensor([INT32_MAX, -(2**31), 0, 2**30, -(2**30)], dtype=torch.int32, device=DEVICE)
     m, e = _scales(5, True, k, gen, weird=True)
     for b in (None, bias):
-        assert_same(tri_linear.int8_linear_rows(x, w, b, None, None, 8), ref.ref_int8_linear_rows(x, w, b, None, None, 8))
+        assert_same(tri_linear.int8_linear_rows(x, w, b, None, None, 8), rq.ref_int_gemm_rows(x, w, b, None, None, 8))
         for out_bits in (8, 32):
-            assert_same(tri_linear.int8_linear_rows(x, w, b, m, e, out_bits), ref.ref_int8_linear_rows(x, w, b, m, e, out_bits))
+            assert_same(tri_linear.int8_linear_rows(x, w, b, m, e, out_bits), rq.ref_int_gemm_rows(x, w, b, m, e, out_bits))
 
 
 def test_int8_linear_empty_and_bad_arguments():
@@ -529,10 +530,10 @@ def test_every_element_is_written(poison, gen):
         (lambda: tri.int_gelu_rows(x8, -4, 23, 8, block=64), ref.ref_int_gelu_rows(x8, -4, 23, 8)),
         (lambda: tri.int_layernorm_rows(x8, bias, 10), ref.ref_int_layernorm_rows(x8, bias, 10)),
         (lambda: tri.int_layernorm_rows(x8, bias, 10, block=64), ref.ref_int_layernorm_rows(x8, bias, 10)),
-        (lambda: tri.requantize_rows(x32, m, e, 8), ref.ref_requantize_rows(x32, m, e, 8)),
-        (lambda: tri.requantize_rows(x32, m, e, 32), ref.ref_requantize_rows(x32, m, e, 32)),
-        (lambda: tri_linear.int8_linear_rows(x8, w, bias, m, e, 16), ref.ref_int8_linear_rows(x8, w, bias, m, e, 16)),
-        (lambda: tri_linear.int8_linear_rows(x8, w, None, None, None, 8), ref.ref_int8_linear_rows(x8, w, None, None, None, 8)),
+        (lambda: tri.requantize_rows(x32, m, e, 8), rq.ref_requantize_rows(x32, m, e, 8)),
+        (lambda: tri.requantize_rows(x32, m, e, 32), rq.ref_requantize_rows(x32, m, e, 32)),
+        (lambda: tri_linear.int8_linear_rows(x8, w, bias, m, e, 16), rq.ref_int_gemm_rows(x8, w, bias, m, e, 16)),
+        (lambda: tri_linear.int8_linear_rows(x8, w, None, None, None, 8), rq.ref_int_gemm_rows(x8, w, None, None, None, 8)),
     ]
     for i, (run, expected) in enumerate(cases):
         for pattern in (0x5A, 0xA5):

@@ -34,7 +34,9 @@ COMMITTED = ROOT / "bench" / "results" / "static.json"
 SPILL_ALLOW = {
 }
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the benchmark itself")
+# one xdist worker runs the whole file (the CI's --dist loadgroup): the report is generated once
+pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the benchmark itself"),
+              pytest.mark.xdist_group("perf_static")]
 
 
 def _require_tools():

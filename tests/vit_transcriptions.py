@@ -52,6 +52,32 @@ def _loaded(module: nn.Module, timm_block: nn.Module) -> nn.Module:
     return module.to(next(timm_block.parameters()).dtype).train(timm_block.training)
 
 
+def _block_args(blk):
+    """(dim, heads, mlp_ratio, qkv_bias) of a timm block, for a transcription block."""
+    dim = blk.norm1.normalized_shape[0]
+    return dim, blk.attn.num_heads, blk.mlp.fc1.out_features / dim, blk.attn.qkv.bias is not None
+
+
+def tome_blocks(model):
+    return [_loaded(T.ToMeBlock(*_block_args(blk)), blk) for blk in model.blocks]
+
+
+def evit_blocks(model, base_keep_rate, drop_loc, fuse_token):
+    """Each block with its own default rate: base_keep_rate at drop_loc, 1 elsewhere (models.py)."""
+    return [_loaded(T.EViTBlock(*_block_args(blk), keep_rate=base_keep_rate if i in drop_loc else 1.0,
+                                fuse_token=fuse_token), blk) for i, blk in enumerate(model.blocks)]
+
+
+def dynamicvit_blocks(model):
+    return [_loaded(T.DynamicViTBlock(*_block_args(blk)), blk) for blk in model.blocks]
+
+
+def idlevit_blocks(model, idle_layers):
+    """IdleViT's blocks at the idle layers; elsewhere None (timm's block runs)."""
+    return [_loaded(T.IdleViTBlock(*_block_args(blk)), blk) if i in idle_layers else None
+            for i, blk in enumerate(model.blocks)]
+
+
 def _embed(model, x):
     x = model.patch_embed(x)
     x = model._pos_embed(x)
@@ -67,16 +93,16 @@ def merge_source(merge, x, source=None):
     return merge(source, mode="amax")
 
 
-def tome_forward(model, x, r, prop_attn=True, trace_source=False):
+def tome_forward(model, x, r, prop_attn=True, trace_source=False, blocks=None):
     """ToMeVisionTransformer.forward(x) with model.r = r: the logits, and the tokens after each
-    block (and with trace_source, ToMe's final _tome_info["source"])."""
+    block (and with trace_source, ToMe's final _tome_info["source"]). ``blocks``: tome_blocks(model),
+    built once (else on each call)."""
     rs = parse_r(len(model.blocks), r)
+    blocks = blocks or tome_blocks(model)
     size = source = None
     t = _embed(model, x)
     kept = []
-    for blk, r_i in zip(model.blocks, rs):
-        dim, heads = blk.norm1.normalized_shape[0], blk.attn.num_heads
-        tb = _loaded(T.ToMeBlock(dim, heads, blk.mlp.fc1.out_features / dim, blk.attn.qkv.bias is not None), blk)
+    for tb, r_i in zip(blocks, rs):
         # ToMeBlock: x + attn residual, merge, MLP residual (ls applied: effkern)
         x_attn, metric = tb.attn(tb.norm1(t), size if prop_attn else None)
         t = t + tb.ls1(x_attn)
@@ -93,9 +119,10 @@ def tome_forward(model, x, r, prop_attn=True, trace_source=False):
     return model.forward_head(model.norm(t)), kept
 
 
-def evit_forward(model, x, base_keep_rate, drop_loc, fuse_token, keep_rate=None, tokens=None):
+def evit_forward(model, x, base_keep_rate, drop_loc, fuse_token, keep_rate=None, tokens=None, blocks=None):
     """EViT.forward(x, keep_rate, tokens) on the timm model's weights: the logits, and the patch
-    tokens after each block."""
+    tokens after each block. ``blocks``: evit_blocks(model, ...), built once (else on each call)."""
+    blocks = blocks or evit_blocks(model, base_keep_rate, drop_loc, fuse_token)
     depth = len(model.blocks)
     if not isinstance(keep_rate, (tuple, list)):
         keep_rate = (keep_rate,) * depth
@@ -103,29 +130,22 @@ def evit_forward(model, x, base_keep_rate, drop_loc, fuse_token, keep_rate=None,
         tokens = (tokens,) * depth
     t = _embed(model, x)
     kept = []
-    for i, blk in enumerate(model.blocks):
-        dim, heads = blk.norm1.normalized_shape[0], blk.attn.num_heads
-        rate = base_keep_rate if i in drop_loc else 1.0
-        tb = _loaded(T.EViTBlock(dim, heads, blk.mlp.fc1.out_features / dim, blk.attn.qkv.bias is not None,
-                                 keep_rate=rate, fuse_token=fuse_token), blk)
+    for i, tb in enumerate(blocks):
         # EViT's Block.forward (ls1 / ls2: the timm block's, effkern); a None rate: the block's
         t, _, _ = tb(t, keep_rate[i], tokens[i])
         kept.append(t.shape[1] - 1)
     return model.forward_head(model.norm(t)), kept
 
 
-def dynamicvit_forward(model, predictors, x, pruning_loc, token_ratio, training=False, seed=None):
+def dynamicvit_forward(model, predictors, x, pruning_loc, token_ratio, training=False, seed=None, blocks=None):
     """VisionTransformerDiffPruning.forward(x) on the timm model's weights and the given
     predictors (PredictorLG's names). Inference: the logits and the patch tokens after each
     block. Training (distill=True): (logits, final normed patch tokens, prev_decision,
     out_pred_prob), the Gumbel noise drawn from torch's generator in the published order, after
     ``torch.manual_seed(seed)`` (the transcription blocks are built first: their initialisation
-    draws from the generator too)."""
-    blocks = []
-    for blk in model.blocks:
-        dim, heads = blk.norm1.normalized_shape[0], blk.attn.num_heads
-        tb = _loaded(T.DynamicViTBlock(dim, heads, blk.mlp.fc1.out_features / dim, blk.attn.qkv.bias is not None), blk)
-        blocks.append(tb.train(training))
+    draws from the generator too). ``blocks``: dynamicvit_blocks(model), built once (else on each
+    call)."""
+    blocks = [tb.train(training) for tb in blocks or dynamicvit_blocks(model)]
     if seed is not None:
         torch.manual_seed(seed)
     b = x.shape[0]
@@ -246,17 +266,17 @@ def _idle_train_block(tb, x, num_keep_node):
     return x, attn_mask, attn_rt
 
 
-def idlevit_forward(model, x, idle_layers, keep_ratios, training=False):
+def idlevit_forward(model, x, idle_layers, keep_ratios, training=False, blocks=None):
     """IdleVisionTransformer.forward(x) on the timm model's weights (the non-idle blocks are
     timm's own: the published Block without idling is the same computation). Inference: the
-    logits. Training: (logits, out_attns, out_attn_masks)."""
+    logits. Training: (logits, out_attns, out_attn_masks). ``blocks``: idlevit_blocks(model,
+    idle_layers), built once (else on each call)."""
+    blocks = blocks or idlevit_blocks(model, idle_layers)
     t = _embed(model, x)
     init_n = t.shape[1] - 1
     p_count, out_attns, out_masks = 0, [], []
-    for i, blk in enumerate(model.blocks):
-        if i in idle_layers:
-            dim, heads = blk.norm1.normalized_shape[0], blk.attn.num_heads
-            tb = _loaded(T.IdleViTBlock(dim, heads, blk.mlp.fc1.out_features / dim, blk.attn.qkv.bias is not None), blk)
+    for blk, tb in zip(model.blocks, blocks):
+        if tb is not None:
             num_keep_node = int(init_n * keep_ratios[p_count])
             p_count += 1
             if training:

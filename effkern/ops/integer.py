@@ -44,7 +44,9 @@ import torch
 from torch import Tensor
 
 from effkern._common import (INT32_MAX, INT_DTYPES, MAX_INT8_LINEAR_K, check_int, check_same_device, dtype_name,
-                             int_dtype_for_bits, to_device_async, validation_enabled)
+                             int_dtype_for_bits, validation_enabled)
+from effkern._requant import (as_scale_tensor, check_scalar_scale, dyadic_columns, host_scale, ref_int_gemm_rows,
+                              ref_requantize_rows, scale_for_columns)
 from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 
 _DTYPE_BITS = {torch.int8: 8, torch.int16: 16, torch.int32: 32}
@@ -74,42 +76,6 @@ def _check_int_input(op: str, x: Tensor, dtypes: tuple[torch.dtype, ...]) -> Non
         raise ValueError(f"{op}: x must have at least one dimension (the row), got a 0-d tensor")
     if x.shape[-1] == 0:
         raise ValueError(f"{op}: the last dimension of x (the row length) must be >= 1, got 0")
-
-
-def _as_scale_tensor(op: str, name: str, scale) -> Tensor:
-    """A Python number or a floating tensor -> float32 tensor (value checks happen later)."""
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        return torch.tensor(float(scale), dtype=torch.float32)
-    if not isinstance(scale, Tensor):
-        raise TypeError(f"{op}: {name} must be a float or a floating-point tensor, got {type(scale).__name__}")
-    if not scale.is_floating_point():
-        raise TypeError(f"{op}: {name} must be floating point, got {dtype_name(scale.dtype)}")
-    return scale.to(torch.float32)
-
-
-def _check_scale_device(op: str, name: str, scale: Tensor, x: Tensor) -> None:
-    """A scale lives on the host (free: no synchronisation) or beside x; anything else (a meta
-    tensor, another GPU) is refused rather than read."""
-    if scale.device.type != "cpu" and scale.device != x.device:
-        raise ValueError(f"{op}: {name} is on {scale.device} but x is on {x.device}; "
-                         f"give the scale on the CPU or on x's device")
-
-
-def _check_scalar_scale(op: str, name: str, scale: Tensor, x: Tensor) -> None:
-    if scale.numel() != 1:
-        raise ValueError(f"{op}: {name} must hold a single value (per-tensor scale), got shape {tuple(scale.shape)}")
-    _check_scale_device(op, name, scale, x)
-
-
-def _host_scale(op: str, name: str, scale: Tensor) -> list[float]:
-    """The scale's float32 values as Python floats, checked finite and positive: one ``tolist``
-    of a CPU tensor (free), or a read-back of a GPU scale (one synchronisation)."""
-    values = scale.detach().to(torch.float32).reshape(-1)
-    values = (values if values.device.type == "cpu" else values.cpu()).tolist()
-    for v in values:
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{op}: {name} must be finite and > 0, got {v}")
-    return values
 
 
 def _np_f32(value: float) -> np.float32:
@@ -184,48 +150,6 @@ def ref_div_round_half_even(a: Tensor, b: int) -> Tensor:
     return q + round_up.to(q.dtype)
 
 
-def ref_round_shift_half_even(v: Tensor, e: Tensor) -> Tensor:
-    """round-half-to-even(v / 2^e) for int64 v with |v| <= 2^62 and int64 shifts e.
-
-    e <= 0 multiplies by 2^-e. Callers clamp the result to at most 32 bits, and |v| >= 2^30 for
-    every non-zero v they pass (v = I * m with m >= 2^30), so for e < 0 any non-zero v saturates:
-    it is returned as +-2^62, a stand-in beyond every clamp range. e >= 63 gives 0 (|v| / 2^63 is
-    at most 1/2, and a tie rounds to the even 0).
-    """
-    e = e.expand_as(v)
-    es = e.clamp(1, 62)
-    q = v >> es
-    twice_rem = (v - (q << es)) << 1  # 2 * remainder, compared with 2^es: no 1 << (es - 1)
-    one = torch.ones_like(es)
-    round_up = (twice_rem > (one << es)) | ((twice_rem == (one << es)) & ((q & 1) == 1))
-    rounded = q + round_up.to(q.dtype)
-    saturated = torch.sign(v) * 2**62
-    out = torch.where(e <= 0, torch.where(e == 0, v, saturated), rounded)
-    return torch.where(e >= 63, torch.zeros_like(out), out)
-
-
-def dyadic_params(in_scale: Tensor, out_scale: Tensor) -> tuple[Tensor, Tensor]:
-    """I-ViT's dyadic multiplier: in_scale / out_scale ~ m / 2^e.
-
-    The ratio is taken in float64 from the float32 scales; (mantissa, exponent) = frexp(ratio),
-    m = round-half-up(mantissa * 2^31) in [2^30, 2^31], e = 31 - exponent. Returns int64
-    tensors shaped like the broadcast of the scales.
-    """
-    ratio = in_scale.to(torch.float64) / out_scale.to(torch.float64)
-    mantissa, exponent = torch.frexp(ratio)
-    m = torch.floor(mantissa * 2.0**31 + 0.5).to(torch.int64)
-    e = 31 - exponent.to(torch.int64)
-    return m, e
-
-
-def ref_requantize_rows(x: Tensor, m: Tensor, e: Tensor, out_bits: int) -> Tensor:
-    """round-half-even(I * m / 2^e) clamped to signed out_bits; m, e int64 per column [C]."""
-    v = x.to(torch.int64) * m.to(x.device)
-    y = ref_round_shift_half_even(v, e.to(x.device))
-    lo, hi = -(2 ** (out_bits - 1)), 2 ** (out_bits - 1) - 1
-    return y.clamp(lo, hi).to(int_dtype_for_bits(out_bits))
-
-
 # --------------------------------------------------------------------------------------------
 # int_softmax (I-ViT Shiftmax)
 # --------------------------------------------------------------------------------------------
@@ -241,7 +165,7 @@ def ref_int_softmax_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
 
 
 def _softmax_x0(scale: Tensor, n: int, out_bits: int) -> int:
-    (host,) = _host_scale("int_softmax", "scale", scale)
+    (host,) = host_scale("int_softmax", "scale", scale)
     x0 = shift_exp_x0(host, "int_softmax")
     # The largest exp term is -x0 * 2^n. Up to 2^31 - 1 every output fits out_bits (when the
     # row sum saturates, f = 1 and y = e >> (32 - out_bits)); beyond it the output would not.
@@ -256,7 +180,7 @@ def _softmax_x0(scale: Tensor, n: int, out_bits: int) -> int:
 
 def _check_int_softmax(x: Tensor, scale: Tensor, out_bits: int, n: int) -> None:
     _check_int_input("int_softmax", x, INT_DTYPES)
-    _check_scalar_scale("int_softmax", "scale", scale, x)
+    check_scalar_scale("int_softmax", "scale", scale, x)
     if out_bits not in (8, 16):
         raise ValueError(f"int_softmax: out_bits must be 8 or 16, got {out_bits!r}")
     check_int("int_softmax", "n", n, 1, 30)
@@ -315,7 +239,7 @@ def int_softmax(x_int: Tensor, scale, *, out_bits: int = 8, n: int = 15) -> tupl
     L * 2^n / S < 2^31, e.g. S > 3e-3 for L = 197 and n = 15. I-ViT feeds Shiftmax 8-bit logits,
     whose scales are that coarse; 16-bit logits need a smaller n.
     """
-    s = _as_scale_tensor("int_softmax", "scale", scale)
+    s = as_scale_tensor("int_softmax", "scale", scale)
     return torch.ops.effkern.int_softmax(x_int, s, out_bits, n)
 
 
@@ -337,7 +261,7 @@ def ref_int_gelu_rows(x: Tensor, x0: int, n: int, out_bits: int) -> Tensor:
 
 
 def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
-    (host,) = _host_scale("int_gelu", "scale", scale)
+    (host,) = host_scale("int_gelu", "scale", scale)
     with np.errstate(over="ignore"):
         scaled = _np_f32(host) * _np_f32(1.702)  # S' = 1.702 * S in float32, as I-ViT (and torch's S * 1.702)
     x0 = shift_exp_x0(scaled, "int_gelu", "1.702 * scale")
@@ -357,7 +281,7 @@ def _gelu_x0(x_dtype: torch.dtype, scale: Tensor, n: int, out_bits: int) -> int:
 
 def _check_int_gelu(x: Tensor, scale: Tensor, out_bits: int, n: int) -> None:
     _check_int_input("int_gelu", x, NARROW_INT_DTYPES)
-    _check_scalar_scale("int_gelu", "scale", scale, x)
+    check_scalar_scale("int_gelu", "scale", scale, x)
     check_int("int_gelu", "out_bits", out_bits, 2, 16)
     check_int("int_gelu", "n", n, 1, 30)
 
@@ -420,7 +344,7 @@ def int_gelu(x_int: Tensor, scale, *, out_bits: int = 8, n: int = 23) -> tuple[T
     2^n / 2^31 / 1.702 and are computed in int64; scales so small that I * sigmoid could
     overflow int32 raise ValueError.
     """
-    s = _as_scale_tensor("int_gelu", "scale", scale)
+    s = as_scale_tensor("int_gelu", "scale", scale)
     return torch.ops.effkern.int_gelu(x_int, s, out_bits, n)
 
 
@@ -541,56 +465,10 @@ def int_layernorm(x_int: Tensor, weight: Tensor, bias: Tensor, *, iters: int = 1
 # --------------------------------------------------------------------------------------------
 
 
-def _scale_for_columns(op: str, name: str, scale: Tensor, x: Tensor, columns: int | None = None) -> None:
-    _check_scale_device(op, name, scale, x)
-    columns = x.shape[-1] if columns is None else columns
-    if scale.numel() != 1 and tuple(scale.shape) != (columns,):
-        raise ValueError(
-            f"{op}: {name} must be per-tensor (one value) or per-channel with shape ({columns},) "
-            f"matching the last dim, got shape {tuple(scale.shape)}"
-        )
-
-
-def _dyadic_host(i: float, o: float) -> tuple[int, int]:
-    """dyadic_params for one pair of float32 scales, in Python: the float64 ratio, frexp, and
-    m = floor(mantissa * 2^31 + 0.5) are all exact in Python floats, as in torch's float64."""
-    mantissa, exponent = math.frexp(i / o)
-    return math.floor(mantissa * 2.0**31 + 0.5), 31 - exponent
-
-
-def _dyadic_columns(op: str, in_scale: Tensor, out_scale: Tensor, columns: int,
-                    device: torch.device | None) -> tuple[Tensor, Tensor]:
-    """Checked (m, e) as contiguous int64 vectors of length ``columns`` on ``device``, with no
-    synchronisation for host scales (per-tensor: two fills; per-channel: a pinned copy); with
-    ``device=None`` host scales give host constants (the Triton kernels take those as scalars
-    or copy them themselves). A scale on the GPU is turned into (m, e) on the device; its
-    finite-and-positive check reads it back and runs only when validation is on (see the module
-    docstring)."""
-    if in_scale.device.type == "cpu" and out_scale.device.type == "cpu":
-        i = _host_scale(op, "in_scale", in_scale)
-        o = _host_scale(op, "out_scale", out_scale)
-        if len(i) == 1 and len(o) == 1:
-            m, e = _dyadic_host(i[0], o[0])
-            where = "cpu" if device is None else device
-            return (torch.full((columns,), m, dtype=torch.int64, device=where),
-                    torch.full((columns,), e, dtype=torch.int64, device=where))
-        m, e = dyadic_params(in_scale.detach().to(torch.float32).reshape(-1), out_scale.detach().to(torch.float32).reshape(-1))
-        m, e = m.expand(columns).contiguous(), e.expand(columns).contiguous()
-        return (m, e) if device is None else (to_device_async(m, device), to_device_async(e, device))
-    dev = in_scale.device if in_scale.device.type != "cpu" else out_scale.device
-    if validation_enabled(dev):
-        _host_scale(op, "in_scale", in_scale)
-        _host_scale(op, "out_scale", out_scale)
-    i = in_scale.detach().to(dev, torch.float32, non_blocking=True).reshape(-1)
-    o = out_scale.detach().to(dev, torch.float32, non_blocking=True).reshape(-1)
-    m, e = dyadic_params(i, o)
-    return m.expand(columns).contiguous().to(device), e.expand(columns).contiguous().to(device)
-
-
 def _check_requantize(x: Tensor, in_scale: Tensor, out_scale: Tensor, out_bits: int) -> None:
     _check_int_input("requantize", x, INT_DTYPES)
-    _scale_for_columns("requantize", "in_scale", in_scale, x)
-    _scale_for_columns("requantize", "out_scale", out_scale, x)
+    scale_for_columns("requantize", "in_scale", in_scale, x)
+    scale_for_columns("requantize", "out_scale", out_scale, x)
     check_int("requantize", "out_bits", out_bits, 2, 32)
 
 
@@ -610,7 +488,7 @@ def _requantize_op(x: Tensor, in_scale: Tensor, out_scale: Tensor, out_bits: int
     # kernel then takes them as scalars and picks its 32-bit epilogue on the host).
     per_tensor = in_scale.numel() == 1 and out_scale.numel() == 1
     host = in_scale.device.type == "cpu" and out_scale.device.type == "cpu"
-    m, e = _dyadic_columns("requantize", in_scale, out_scale, 1 if per_tensor else x.shape[-1],
+    m, e = dyadic_columns("requantize", in_scale, out_scale, 1 if per_tensor else x.shape[-1],
                            None if host else x.device)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     return REQUANTIZE.kernels(x=rows, m=m, e=e, out_bits=out_bits).reshape(x.shape)
@@ -635,30 +513,14 @@ def requantize(x_int: Tensor, in_scale, out_scale, *, out_bits: int) -> Tensor:
         in_scale, out_scale: positive floats or float tensors with one value or C values.
         out_bits: 2..32; the output dtype is the narrowest of int8/int16/int32 that holds it.
     """
-    i = _as_scale_tensor("requantize", "in_scale", in_scale)
-    o = _as_scale_tensor("requantize", "out_scale", out_scale)
+    i = as_scale_tensor("requantize", "in_scale", in_scale)
+    o = as_scale_tensor("requantize", "out_scale", out_scale)
     return torch.ops.effkern.requantize(x_int, i, o, out_bits)
 
 
 # --------------------------------------------------------------------------------------------
 # int8_linear
 # --------------------------------------------------------------------------------------------
-
-def ref_int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,
-                         out_bits: int) -> Tensor:
-    """Reference int8 GEMM: acc = saturate_int32(x @ w^T + bias), then optional requantisation.
-
-    The products are summed in float64, exact here (|sum| < 2^31 < 2^53), because int64 matmul
-    is not implemented on CUDA; this keeps the reference runnable on every device.
-    """
-    acc = (x.to(torch.float64) @ w.to(torch.float64).T).to(torch.int64)
-    if bias is not None:
-        acc = acc + bias.to(torch.int64)
-    acc = acc.clamp(-(2**31), INT32_MAX)
-    if m is None:
-        return acc.to(torch.int32)
-    return ref_requantize_rows(acc, m, e, out_bits)
-
 
 def _check_int8_linear(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tensor | None,
                        out_scale: Tensor | None, out_bits: int) -> None:
@@ -680,8 +542,8 @@ def _check_int8_linear(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tens
     if (in_scale is None) != (out_scale is None):
         raise ValueError(f"{op}: give both in_scale and out_scale to requantise, or neither for int32 output")
     if out_scale is not None:
-        _scale_for_columns(op, "in_scale", in_scale, x, n_out)
-        _scale_for_columns(op, "out_scale", out_scale, x, n_out)
+        scale_for_columns(op, "in_scale", in_scale, x, n_out)
+        scale_for_columns(op, "out_scale", out_scale, x, n_out)
         check_int(op, "out_bits", out_bits, 2, 32)
 
 
@@ -689,7 +551,7 @@ INT8_LINEAR = define_op(
     "int8_linear", family=FAMILY, doc="int8 x int8 -> int32 GEMM with fused requantisation",
     check=_check_int8_linear, dispatch_on="x",
     kernels=[
-        torch_kernel(ref_int8_linear_rows, dtypes=(torch.int8,)),
+        torch_kernel(ref_int_gemm_rows, dtypes=(torch.int8,)),
         triton_kernel("int8_linear:int8_linear_rows", dtypes=(torch.int8,)),
     ],
 )
@@ -705,7 +567,7 @@ def _int8_linear_op(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tensor 
         # arguments and picks its epilogue on the host; each backend moves what it needs.
         per_tensor = in_scale.numel() == 1 and out_scale.numel() == 1
         host = in_scale.device.type == "cpu" and out_scale.device.type == "cpu"
-        m, e = _dyadic_columns("int8_linear", in_scale, out_scale, 1 if per_tensor else w.shape[0],
+        m, e = dyadic_columns("int8_linear", in_scale, out_scale, 1 if per_tensor else w.shape[0],
                                None if host else x.device)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -734,8 +596,8 @@ def int8_linear(x_int8: Tensor, w_int8: Tensor, bias_int32: Tensor | None = None
         w_int8: int8 ``[N, K]`` (F.linear layout).
         bias_int32: optional int32 ``[N]``, at the scale of acc.
     """
-    i = None if in_scale is None else _as_scale_tensor("int8_linear", "in_scale", in_scale)
-    o = None if out_scale is None else _as_scale_tensor("int8_linear", "out_scale", out_scale)
+    i = None if in_scale is None else as_scale_tensor("int8_linear", "in_scale", in_scale)
+    o = None if out_scale is None else as_scale_tensor("int8_linear", "out_scale", out_scale)
     return torch.ops.effkern.int8_linear(x_int8, w_int8, bias_int32, i, o, out_bits)
 
 

@@ -1,5 +1,5 @@
 """Triton backend of ``int8_linear``: the int8 x int8 -> int32 GEMM with a fused saturating bias
-and requantising epilogue, bit for bit the reference ``ref_int8_linear_rows`` of
+and requantising epilogue, bit for bit the reference ``ref_int_gemm_rows`` of
 :mod:`effkern.ops.integer`.
 
 Tiled GEMM, ``tl.dot(int8, int8) -> int32`` accumulation, grouped program order for L2 reuse,
@@ -111,7 +111,7 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_pt
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# Host wrapper (the arguments of ref_int8_linear_rows)
+# Host wrapper (the arguments of ref_int_gemm_rows)
 
 _DEFAULT_SMS = 132  # H100 SXM; the interpreter and the sm_90 compile test have no device to ask
 
@@ -162,7 +162,7 @@ def _split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
 def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,
                      out_bits: int, split_k: int | None = None, host_epilogue: bool = True) -> Tensor:
     """saturate_int32(x @ w^T + bias), optionally requantised per output column
-    (ref_int8_linear_rows).
+    (ref_int_gemm_rows).
 
     m, e: int64, shape (N,) per column or (1,) per tensor (then the epilogue uses two scalars).
     The 32-bit epilogue is used where every (m, e) satisfies 0 <= m <= 2^31 and 33 <= e <= 62

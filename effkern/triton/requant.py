@@ -1,6 +1,6 @@
 """Triton helpers of dyadic requantisation, shared by every int8 GEMM family (int8_linear and
 the shift and 2:4-sparse GEMMs after it): round-half-to-even(acc * m / 2^e), clamped to the
-output's bits, exactly as effkern.ops.integer.ref_requantize_rows computes it in int64.
+output's bits, exactly as effkern._requant.ref_requantize_rows computes it in int64.
 
 m and e are I-ViT's dyadic multiplier (m in [2^30, 2^31], e = 31 - exponent), computed on the
 host from the scales; |acc * m| <= 2^62 fits int64.
