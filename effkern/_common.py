@@ -25,6 +25,10 @@ INT32_MAX = 2**31 - 1
 # (every int8 GEMM: int8_linear and the families after it).
 MAX_INT8_LINEAR_K = 2**17 - 1
 
+# The 4-bit shift weights (effkern.ops.shift) pack two codes per byte in groups of this many
+# weights along K: byte 32 g + j holds k = 64 g + j (low nibble) and 64 g + 32 + j (high).
+SHIFT4_GROUP = 64
+
 # x / max(||x||, NORM_EPS), as F.normalize: a zero row stays zero (ToMe's metric, the KSH hash,
 # the shiftadd form of binary attention).
 NORM_EPS = 1e-12
@@ -87,7 +91,10 @@ def check_same_device(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor)
 
 
 def check_int(op: str, name: str, value, lo: int, hi: int) -> None:
-    """``value`` is a Python int (not a bool) in [lo, hi]."""
+    """``value`` is a Python int (not a bool) in [lo, hi]. Under torch.compile a symbolic int
+    is specialised to its value here (a guard): such ints choose the kernel's code path."""
+    if isinstance(value, torch.SymInt):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ValueError(f"{op}: {name} must be an integer in [{lo}, {hi}], got {value!r}")
 

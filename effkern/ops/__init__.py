@@ -3,9 +3,10 @@ declared in the op registry (effkern/_registry.py): fake impl for torch.compile,
 backend dispatch (cuda / triton / torch reference). Each family module lists its public names in
 ``__all__``; importing it registers its ops."""
 
-from effkern.ops import binary_hash, integer, tokens
+from effkern.ops import binary_hash, integer, shift, tokens
 from effkern.ops.binary_hash import *  # noqa: F401,F403
 from effkern.ops.integer import *  # noqa: F401,F403
+from effkern.ops.shift import *  # noqa: F401,F403
 from effkern.ops.tokens import *  # noqa: F401,F403
 
-__all__ = sorted(binary_hash.__all__ + integer.__all__ + tokens.__all__)
+__all__ = sorted(binary_hash.__all__ + integer.__all__ + shift.__all__ + tokens.__all__)

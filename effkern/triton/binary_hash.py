@@ -50,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from effkern._common import num_words
+from effkern.triton.mma import mma16
 
 # Programs the chunked reductions aim for (enough to fill an H100's 132 SMs several times).
 # Under Triton's interpreter every program costs milliseconds of Python: few there (still
@@ -72,7 +73,6 @@ TENSOR_CORES = True
 _SHIFTADD_EPS = tl.constexpr(1e-12)  # effkern.ops.binary_hash.SHIFTADD_EPS (tests check they agree)
 _PI = tl.constexpr(math.pi)
 _HALF_PI = tl.constexpr(math.pi / 2)
-_INTERPRETED = tl.constexpr(_INTERPRET)
 _RADIX = tl.constexpr(256.0)  # 2^8: the scale between consecutive bfloat16 pieces of _split3
 _INV_RADIX = tl.constexpr(1.0 / 256.0)
 
@@ -97,12 +97,6 @@ def _bf16_bits(x):
 
 
 @triton.jit
-def _bf16_widen(x):
-    """bfloat16 tile x as fp32, exactly, by its bits (see _bf16_bits)."""
-    return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _split3(x):
     """bfloat16 tiles (p0, p1, p2) with x = p0 + p1 2^-8 + p2 2^-16 exactly, for every finite
     fp32 x, subnormals included: p0 holds x's top 8 significant bits, p1 and p2 the next 8 each,
@@ -114,19 +108,6 @@ def _split3(x):
     p1 = _bf16_trunc(r)
     p2 = (r - p1) * _RADIX
     return _bf16_bits(p0), _bf16_bits(p1), _bf16_bits(p2)
-
-
-@triton.jit
-def _mma(a, b, acc):
-    """acc + a @ b for 16-bit tiles of one dtype, on tensor cores (fp32 accumulator). The
-    interpreter's dot reads bfloat16 tiles as their raw bits: there both are widened first."""
-    if _INTERPRETED:
-        if a.dtype == tl.bfloat16:
-            a, b = _bf16_widen(a), _bf16_widen(b)
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        c = tl.dot(a, b, acc)
-    return c
 
 
 @triton.jit
@@ -142,26 +123,26 @@ def _dot(a, b, acc, TC: tl.constexpr):
     else:
         t = tl.zeros(acc.shape, dtype=tl.float32)
         if a.dtype == b.dtype and a.dtype != tl.float32:
-            t = _mma(a, b, t)
+            t = mma16(a, b, t)
         else:
             b0, b1, b2 = _split3(b.to(tl.float32))
             if a.dtype == tl.bfloat16:
-                t = _mma(a, b2, t)
-                t = _mma(a, b1, t * _INV_RADIX)
-                t = _mma(a, b0, t * _INV_RADIX)
+                t = mma16(a, b2, t)
+                t = mma16(a, b1, t * _INV_RADIX)
+                t = mma16(a, b0, t * _INV_RADIX)
             else:
                 # a2 is 0 for fp16 a (11 significant bits): its products are left out.
                 a0, a1, a2 = _split3(a.to(tl.float32))
                 if a.dtype == tl.float32:
-                    t = _mma(a2, b2, t)
-                t = _mma(a1, b2, t * _INV_RADIX)
+                    t = mma16(a2, b2, t)
+                t = mma16(a1, b2, t * _INV_RADIX)
                 if a.dtype == tl.float32:
-                    t = _mma(a2, b1, t)
-                t = _mma(a1, b1, _mma(a0, b2, t * _INV_RADIX))
+                    t = mma16(a2, b1, t)
+                t = mma16(a1, b1, mma16(a0, b2, t * _INV_RADIX))
                 if a.dtype == tl.float32:
-                    t = _mma(a2, b0, t)
-                t = _mma(a1, b0, _mma(a0, b1, t * _INV_RADIX))
-                t = _mma(a0, b0, t * _INV_RADIX)
+                    t = mma16(a2, b0, t)
+                t = mma16(a1, b0, mma16(a0, b1, t * _INV_RADIX))
+                t = mma16(a0, b0, t * _INV_RADIX)
         acc += t
     return acc
 

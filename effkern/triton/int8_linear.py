@@ -23,20 +23,7 @@ from torch import Tensor
 from effkern._common import MAX_INT8_LINEAR_K, int_dtype_for_bits
 from effkern.triton.integer import _check_columns, _check_int, _check_rows
 from effkern.triton.requant import (AUTO, INT32, PER_COLUMN, PER_TENSOR_VALUES, out_range,
-                                    requant_constants, requantize_epilogue)
-
-_INT32_MIN = tl.constexpr(-(2**31))
-_INT32_MAX = tl.constexpr(2**31 - 1)
-
-
-@triton.jit
-def _saturating_add_i32(a, b):
-    """saturate_int32(a + b) in int32: the wrapped sum overflowed iff a and b share a sign that
-    the sum does not have; it then saturates towards b's sign."""
-    s = a + b
-    overflow = ((a ^ s) & (b ^ s)) < 0
-    return tl.where(overflow, tl.where(b < 0, _INT32_MIN, _INT32_MAX), s)
-
+                                    requant_constants, requantize_epilogue, saturating_add_i32)
 
 @triton.jit(do_not_specialize=["m_val", "e_val"])
 def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_ptr, ws_ptr, count_ptr,
@@ -103,7 +90,7 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_pt
         out = acc
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0)
-            out = _saturating_add_i32(out, bias[None, :])
+            out = saturating_add_i32(out, bias[None, :])
         if REQUANT:
             out = requantize_epilogue(out, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS, EPILOGUE, OUT_LO, OUT_HI)
         mask = (offs_m < M)[:, None] & n_mask[None, :]

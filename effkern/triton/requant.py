@@ -101,6 +101,19 @@ def requantize_tile_i32(acc, m1, t1, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr)
     return tl.minimum(tl.maximum(y, OUT_LO), OUT_HI)
 
 
+_INT32_MIN = tl.constexpr(-(2**31))
+_INT32_MAX = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def saturating_add_i32(a, b):
+    """saturate_int32(a + b) in int32 (an int32 GEMM's bias): the wrapped sum overflowed iff a
+    and b share a sign that the sum does not have; it then saturates towards b's sign."""
+    s = a + b
+    overflow = ((a ^ s) & (b ^ s)) < 0
+    return tl.where(overflow, tl.where(b < 0, _INT32_MIN, _INT32_MAX), s)
+
+
 # --------------------------------------------------------------------------------------------
 # The epilogue of every int32 tile (int8_linear, requantize): which form runs, and where its
 # constants come from
