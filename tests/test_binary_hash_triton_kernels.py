@@ -124,7 +124,8 @@ def test_hashed_attention_fwd(form, gen):
 
 def test_constants_and_imports_agree_with_the_op_module():
     """The kernels' copy of the family constant is the op module's; the Triton module imports
-    nothing of effkern but effkern._common (dependencies point ops -> triton -> common)."""
+    nothing of effkern but effkern._common and the shared Triton helpers (dependencies point
+    ops -> triton -> common; no family imports another's files)."""
     import ast
     import inspect
 
@@ -132,7 +133,7 @@ def test_constants_and_imports_agree_with_the_op_module():
     tree = ast.parse(inspect.getsource(tri))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert {m for m in imported if m and m.startswith("effkern")} <= {"effkern._common"}
+    assert {m for m in imported if m and m.startswith("effkern")} <= {"effkern._common", "effkern.triton.mma"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,14 +143,16 @@ def test_constants_and_imports_agree_with_the_op_module():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from effkern.triton.mma import bf16_widen  # noqa: E402
+
 
 @triton.jit
 def _split3_probe(x_ptr, p_ptr, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     p0, p1, p2 = tri._split3(tl.load(x_ptr + i))
-    tl.store(p_ptr + i, tri._bf16_widen(p0))
-    tl.store(p_ptr + BLOCK + i, tri._bf16_widen(p1))
-    tl.store(p_ptr + 2 * BLOCK + i, tri._bf16_widen(p2))
+    tl.store(p_ptr + i, bf16_widen(p0))
+    tl.store(p_ptr + BLOCK + i, bf16_widen(p1))
+    tl.store(p_ptr + 2 * BLOCK + i, bf16_widen(p2))
 
 
 @triton.jit
@@ -259,7 +262,10 @@ def test_tensor_core_products_as_accurate_as_fp32_cores(shape, nbits, dtype, for
     FP32 cores (the former input_precision="ieee" kernels), on the same fresh inputs whose
     values span 2^-20 .. 2^20 (float16: 2^-10 .. 2^10; a lost low piece would cost ~2^-16 of the result): the
     tensor-core error against float64 is no larger than the FP32-core error plus one fp32
-    rounding (2^-24) of the result's scale: sums taken in another order round differently."""
+    rounding (2^-24) of the result's scale per block of the token reduction: the piece products
+    of a block are summed apart and added to the accumulator once per block (``acc += t``), one
+    rounding the FP32-core path does not make. (A single rounding in all was too tight: which
+    way each rounds depends on the order numpy's BLAS sums the interpreter's dots, per CPU.)"""
     v, qc, kc = _inputs(shape, nbits, torch.float32, gen)
     span = 10 if dtype == torch.float16 else 20  # float16 ends at 65504
     v = (v * 2.0 ** torch.randint(-span, span + 1, v.shape, generator=gen).to(v.device)).to(dtype)
@@ -274,7 +280,8 @@ def test_tensor_core_products_as_accurate_as_fp32_cores(shape, nbits, dtype, for
     for name, (e_tc, scale), (e_ieee, _) in zip(("out", "d_hq", "d_hk", "dv"), errs[True], errs[False]):
         if dtype != torch.float32 and name in ("out", "dv"):
             scale = max(scale, e_ieee)  # rounded to v's dtype: compare up to that rounding
-        assert e_tc <= e_ieee + 2.0**-24 * scale, f"{name}: tensor cores {e_tc:.3g} > FP32 cores {e_ieee:.3g}"
+        blocks = -(-shape[2] // 16)  # BLOCK 16 rows of the token reduction (the smallest the kernels use)
+        assert e_tc <= e_ieee + blocks * 2.0**-24 * scale, f"{name}: tensor cores {e_tc:.3g} > FP32 cores {e_ieee:.3g}"
 
 
 @pytest.mark.parametrize("form", ref.FORMS)

@@ -168,14 +168,16 @@ class ShiftWeight:
             if not (hi >= lo and hi - lo < span):
                 raise ValueError(f"{op}: exponent_range {exponent_range} must span 1 to {span} exponents at bits={bits}")
             base = torch.full((sign.shape[0],), lo, dtype=torch.int64, device=sign.device)
+            top = torch.full_like(base, hi)
         else:
             top = torch.where(sign != 0, p, torch.full_like(p, -(2**31))).amax(dim=1) if p.shape[1] else \
                 torch.full((p.shape[0],), -(2**31), dtype=torch.int64, device=p.device)
             base = torch.where(top == -(2**31), torch.zeros_like(top), top - (span - 1))  # an all-zero row: base 0
+            top = base + span - 1
         if base.numel() and not (int(base.min()) >= BASE_MIN and int(base.max()) + span - 1 <= EXP_MAX):
             raise ValueError(f"{op}: exponents beyond float32's normal range: the channel bases must lie in "
                              f"[{BASE_MIN}, {EXP_MAX - span + 1}] at bits={bits}, got [{int(base.min())}, {int(base.max())}]")
-        p = torch.minimum(torch.maximum(p, base[:, None]), base[:, None] + span - 1)
+        p = torch.minimum(torch.maximum(p, base[:, None]), top[:, None])
         codes = pack_codes(sign, p, base, bits)
         return cls(codes, base.to(torch.int32), sign.shape[1], bits)
 
@@ -473,11 +475,13 @@ DEEPSHIFT_LINEAR = define_op(
 @DEEPSHIFT_LINEAR.impl
 def _deepshift_linear_op(x: Tensor, codes: Tensor, base: Tensor, bias: Tensor | None, in_features: int,
                          bits: int, validate: bool | None) -> Tensor:
-    if resolve_validate(validate, x) and base.numel():
-        top = int(base.max()) + num_exponents(bits) - 1
+    if resolve_validate(validate, x) and codes.numel():
+        mag = unpack_codes(codes, in_features, bits) & (2 ** (bits - 1) - 1)
+        p = torch.where(mag > 0, base.to(torch.int32)[:, None] + mag - 1, torch.full_like(mag, -(2**30)))
+        top = int(p.max())
         if top > 0:
             raise ValueError(f"deepshift_linear: every exponent must be <= 0 (right shifts, as DeepShift's range "
-                             f"[-14, 0]); this weight's channels reach 2^{top} (base + {num_exponents(bits) - 1})")
+                             f"[-14, 0]); this weight holds 2^{top}")
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = DEEPSHIFT_LINEAR.kernels(x=rows, codes=codes.contiguous(), base=base.contiguous(),
                                  bias=None if bias is None else bias.contiguous(), in_features=in_features, bits=bits)
@@ -678,8 +682,8 @@ def _deepshift_random(gen, device):
 def _deepshift_invalid(gen, device):
     w = _random_weight(gen, 8, 16, 5, device, base_lo=-14, base_hi=-14)
     x = _fixed(gen, (2, 16), device)
-    left = ShiftWeight.from_sign_exponent(torch.ones(8, 16, dtype=torch.int32), torch.zeros(8, 16, dtype=torch.int64),
-                                          exponent_range=(-2, 0), bits=5).to(device)
+    left = ShiftWeight.from_sign_exponent(torch.ones(8, 16, dtype=torch.int32), torch.ones(8, 16, dtype=torch.int64),
+                                          exponent_range=(-2, 1), bits=5).to(device)
     return [
         Invalid((x.to(torch.int64), w.codes, w.base, None, 16, 5, True), TypeError, "deepshift_linear: x must have dtype"),
         Invalid((x, w.codes, w.base.to(torch.int64), None, 16, 5, True), TypeError, "base must have dtype int32"),

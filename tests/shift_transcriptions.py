@@ -1,0 +1,123 @@
+"""Transcriptions of the published shift layers, the oracles of tests/test_shift.py (steps and
+names, in plain torch; not the repositories' files):
+
+* DeepShift (mostafaelhoushi/DeepShift, ``pytorch/deepshift``): ``ste.py`` (every
+  straight-through function: identity gradients; ``unsym_grad_mul``), ``utils.py``
+  (``round_to_fixed``, ``get_shift_and_sign``, ``round_power_of_2``), ``modules.py``
+  (``LinearShift.forward``: clamp the shift's data to (-(2^(wb-1) - 2), 0), round, sign of the
+  rounded sign, ``F.linear(input, weight_ps, bias)``).
+* ShiftAddViT (GATECH-EIC/ShiftAddViT, ``pvt/deepshift``): ``modules.py`` (``LinearShift`` as
+  DeepShift's, plus the input and bias rounded to 16.16 fixed point) and ``modules_q.py``
+  (``LinearShiftQ.forward``: ``clampabs`` of the weight's data to [2^-(2^(wb-1) - 1), 1], then
+  ``round_power_of_2``, fixed-point input and bias).
+* DeepShift's CUDA kernel's arithmetic (``kernels/cuda/shift.cu``): out = bias + sum of
+  ``(x >> s)`` negated for a negative sign, on int32 fixed-point inputs, a zero weight encoded as
+  a shift by 32 (its result, -1 for a negative x on NVIDIA GPUs, is written out here as what the
+  published kernel would add).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class _Identity(torch.autograd.Function):
+    """The straight-through functions of DeepShift's ste.py: f forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, f):
+        return f(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def ste(f, x):
+    return _Identity.apply(x, f)
+
+
+class UnsymmetricGradMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input1, input2):
+        ctx.save_for_backward(input1, input2)
+        return torch.mul(input1, input2)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input1, input2 = ctx.saved_tensors
+        return grad_output * input2, grad_output
+
+
+def round_to_fixed(input, fraction=16, integer=16):
+    delta = math.pow(2.0, -fraction)
+    bound = math.pow(2.0, integer - 1)
+    rounded = torch.floor(input / delta) * delta
+    return torch.clamp(rounded, -bound, bound - 1)
+
+
+def get_shift_and_sign(x):
+    sign = torch.sign(x)
+    shift = torch.round(torch.log(torch.abs(x)) / np.log(2))
+    return shift, sign
+
+
+def round_power_of_2(x):
+    shift, sign = get_shift_and_sign(x)
+    return (2.0**shift) * sign
+
+
+def linear_shift_ps(layer, input, weight_bits=5, fixed_point=False):
+    """DeepShift's LinearShift.forward (ShiftAddViT's with fixed_point) on ``layer.shift``,
+    ``layer.sign``, ``layer.bias`` (parameters; the shift's data clamped in place)."""
+    shift_range = (-1 * (2 ** (weight_bits - 1) - 2), 0)
+    layer.shift.data = torch.clamp(layer.shift.data, *shift_range)
+    shift_rounded = ste(torch.round, layer.shift)
+    sign_rounded_signed = ste(torch.sign, ste(torch.round, layer.sign))
+    weight_ps = UnsymmetricGradMul.apply(2**shift_rounded, sign_rounded_signed)
+    bias = layer.bias
+    if fixed_point:
+        input = ste(round_to_fixed, input)
+        bias = None if bias is None else ste(round_to_fixed, bias)
+    return F.linear(input, weight_ps, bias)
+
+
+def clampabs_(w, lo, hi):
+    w[w > hi] = hi
+    w[w < -hi] = -hi
+    w[(w > 0) & (w < lo)] = lo
+    w[(w < 0) & (w > -lo)] = -lo
+    return w
+
+
+def linear_shift_q(layer, input, weight_bits=5, fixed_point=True):
+    """ShiftAddViT's LinearShiftQ.forward on ``layer.weight``, ``layer.bias``."""
+    shift_range = (-1 * (2 ** (weight_bits - 1) - 1), 0)
+    layer.weight.data = clampabs_(layer.weight.data, 2 ** shift_range[0], 2 ** shift_range[1])
+    weight_q = ste(round_power_of_2, layer.weight)
+    bias = layer.bias
+    if fixed_point:
+        input = ste(round_to_fixed, input)
+        bias = None if bias is None else ste(round_to_fixed, bias)
+    return F.linear(input, weight_q, bias)
+
+
+def deepshift_kernel(x_fixed, shift, sign, bias_fixed=None):
+    """DeepShift's shift kernel's arithmetic, per output: for each k, v = x >> -shift (shift <= 0),
+    negated where sign < 0; a zero sign means shift = -32, i.e. x >> 32, which NVIDIA's shifter
+    clamps to 31: 0 or -1. Int64 sums here (the published int32 accumulator wraps)."""
+    m, k = x_fixed.shape
+    n = shift.shape[0]
+    out = torch.zeros(m, n, dtype=torch.int64)
+    for j in range(n):
+        s = torch.where(sign[j] == 0, torch.full_like(shift[j], 32), -shift[j]).to(torch.int64).clamp(max=31)
+        v = x_fixed.to(torch.int64) >> s
+        v = torch.where(sign[j] < 0, -v, v)
+        out[:, j] = v.sum(1)
+    if bias_fixed is not None:
+        out += bias_fixed.to(torch.int64)
+    return out
