@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common, report, runner  # noqa: E402
 
-FAMILIES = ("integer", "tokens", "binary_hash")
-ONE_OP = {"integer": "int8_linear", "tokens": "tome_match_merge", "binary_hash": "hash_attention"}
+FAMILIES = ("integer", "tokens", "binary_hash", "shift")
+ONE_OP = {"integer": "int8_linear", "tokens": "tome_match_merge", "binary_hash": "hash_attention",
+          "shift": "shift_linear_int8"}
 
 
 def test_families_and_cases():
