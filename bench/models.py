@@ -10,7 +10,8 @@ method keeps a fixed token count), on random images rotated over two input sets:
   picks, its fastest on Hopper), and at B = 1 compiled with CUDA graphs (mode="reduce-overhead");
 - ``effkern``: ``effkern.convert(model, method, **config)``, the same three ways;
 - ``published``: the method's published model code (transcribed in tests/vit_transcriptions.py:
-  explicit N x N attention in eager torch ops, the blocks built once), eager and compiled.
+  explicit N x N attention in eager torch ops, the blocks built once; tests/shift_transcriptions.py:
+  ShiftAddViT's LinearShiftQ), eager and compiled.
 
 Time per call is the median of back-to-back forward calls under ``torch.inference_mode`` (CUDA
 events; host overhead counts, as in a serving loop), images/s = batch / time. ``tokens`` is the
@@ -25,7 +26,7 @@ B = 1 ToMe and EViT >= 1.2x timm (CUDA graphs on both sides).
 
 Without a GPU (or with --check) the command runs the correctness self-check: each variant
 converted from a small timm ViT in float32 against the published model code (the token-reduction
-methods), or run end to end (the others), on CPU.
+methods and the shift layers), or run end to end (the others), on CPU.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ VARIANTS = (
     Variant("ecoformer", {}),
     Variant("shiftadd", {}, strict=False),
     Variant("ivit", {}),
+    Variant("shift", {}),  # DeepShift-Q MLPs with 16.16 fixed point, as ShiftAddViT's linear layers
 )
 PUBLISHED_TARGET = 1.2
 TOKEN_METHODS = ("tome", "evit", "dynamicvit", "idlevit")
@@ -125,13 +127,17 @@ def effkern_model(model: torch.nn.Module, v: Variant, config: dict, calib: torch
         variants.fit_hash(conv, calib.to(dtype), progress=False)
     if v.method == "ivit":  # integer-only: float32 images in, no bf16 anywhere
         conv = variants.calibrate(conv.float(), [calib.float()], progress=False)
+    if v.method == "shift":  # inference through effkern.ops.shift_linear
+        for layer in variants.shift_layers(conv).values():
+            layer.freeze()
     return conv.eval()
 
 
 def published_model(model: torch.nn.Module, conv: torch.nn.Module, v: Variant, config: dict) -> Callable | None:
     """The published model code (tests/vit_transcriptions.py) on ``model``'s weights, its blocks
     built once: a function of the images returning the logits. None where effkern has no
-    model-level transcription of the method (binary-hash attention, I-ViT)."""
+    model-level transcription of the method (binary-hash attention, I-ViT). The shift variant's
+    published model is timm's with ShiftAddViT's LinearShiftQ in place of the converted linears."""
     from tests import tokens_transcriptions as T
     from tests import vit_transcriptions as VT
 
@@ -153,6 +159,10 @@ def published_model(model: torch.nn.Module, conv: torch.nn.Module, v: Variant, c
     if v.method == "idlevit":
         blocks = VT.idlevit_blocks(model, c["idle_layers"])
         return lambda x: VT.idlevit_forward(model, x, c["idle_layers"], c["keep_ratios"], blocks=blocks)
+    if v.method == "shift":
+        from tests import shift_transcriptions as ST
+
+        return ST.shift_model(model, c["targets"], c["weight_bits"], c["fixed_point"]).eval()
     return None
 
 
@@ -179,7 +189,7 @@ CHECK_IMG = 64  # 16 patches; DeiT-S's blocks (depth 12, width 384)
 
 def self_check(device="cpu", variants: Sequence[Variant] = VARIANTS, out=print) -> int:
     """Each variant from a small DeiT-S-shaped timm model in float32: the token-reduction methods
-    against the published model code (logits to 1e-4, the same token counts), the others run
+    and the shift layers against the published model code (logits to 1e-4 of their scale), the others run
     end to end (finite logits of the right shape). Returns the number of failures."""
     failed = 0
     seen = set()
@@ -200,7 +210,9 @@ def self_check(device="cpu", variants: Sequence[Variant] = VARIANTS, out=print) 
                 got = conv(x)
                 if published is not None:
                     want = published(x)
-                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                    # float32 to 1e-4 of the logits' scale: sums in other orders (shift: 16.16 floors
+                    # flip where they do, and 12 blocks carry it)
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max())))
                     how = "matches the published model code"
                 else:
                     if got.shape != (3, model.num_classes) or not bool(torch.isfinite(got).all()):

@@ -66,8 +66,11 @@ def get_shift_and_sign(x):
     return shift, sign
 
 
-def round_power_of_2(x):
+def round_power_of_2(x, exact=False):
     shift, sign = get_shift_and_sign(x)
+    if exact:  # effkern: the exact log-domain rounding (float log / log 2 misrounds within an ulp of 2^(k+1/2))
+        f, e = torch.frexp(x.abs().double())
+        shift = torch.where(f > 2.0**-0.5, e, e - 1).to(x.dtype)
     return (2.0**shift) * sign
 
 
@@ -94,11 +97,13 @@ def clampabs_(w, lo, hi):
     return w
 
 
-def linear_shift_q(layer, input, weight_bits=5, fixed_point=True):
-    """ShiftAddViT's LinearShiftQ.forward on ``layer.weight``, ``layer.bias``."""
-    shift_range = (-1 * (2 ** (weight_bits - 1) - 1), 0)
+def linear_shift_q(layer, input, weight_bits=5, fixed_point=True, effkern=False):
+    """ShiftAddViT's LinearShiftQ.forward on ``layer.weight``, ``layer.bias``. ``effkern``: with
+    effkern.nn.ShiftLinear's two documented departures, for model-level comparisons on arbitrary
+    weights: DeepShift-PS's exponent range -(2^(wb-1) - 2) and the exact log-domain rounding."""
+    shift_range = (-1 * (2 ** (weight_bits - 1) - (2 if effkern else 1)), 0)
     layer.weight.data = clampabs_(layer.weight.data, 2 ** shift_range[0], 2 ** shift_range[1])
-    weight_q = ste(round_power_of_2, layer.weight)
+    weight_q = ste(lambda w: round_power_of_2(w, exact=effkern), layer.weight)
     bias = layer.bias
     if fixed_point:
         input = ste(round_to_fixed, input)
@@ -120,4 +125,30 @@ def deepshift_kernel(x_fixed, shift, sign, bias_fixed=None):
         out[:, j] = v.sum(1)
     if bias_fixed is not None:
         out += bias_fixed.to(torch.int64)
+    return out
+
+
+class PublishedShiftQ(torch.nn.Module):
+    """A linear layer running ``linear_shift_q`` on its own copy of the weight and bias."""
+
+    def __init__(self, linear, weight_bits=5, fixed_point=True):
+        super().__init__()
+        self.weight = torch.nn.Parameter(linear.weight.detach().clone())
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone())
+        self.weight_bits, self.fixed_point = weight_bits, fixed_point
+
+    def forward(self, x):
+        return linear_shift_q(self, x, self.weight_bits, self.fixed_point, effkern=True)
+
+
+def shift_model(model, targets=("fc1", "fc2"), weight_bits=5, fixed_point=True):
+    """A copy of a timm ViT with the blocks' ``targets`` linears running ShiftAddViT's
+    LinearShiftQ (DeepShift-Q with fixed point; effkern's range and rounding), the rest timm's own."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for blk in out.blocks:
+        for t in targets:
+            parent = blk.attn if t in ("qkv", "proj") else blk.mlp
+            setattr(parent, t, PublishedShiftQ(getattr(parent, t), weight_bits, fixed_point))
     return out

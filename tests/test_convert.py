@@ -627,3 +627,60 @@ def test_ivit_torch_compile_inference_and_training():
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * float(a.grad.abs().max()),
                                        msg=lambda m, n=n: f"{n}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# Shift layers (DeepShift / ShiftAddViT)
+# --------------------------------------------------------------------------------------------
+
+ALL_LINEARS = ("qkv", "proj", "fc1", "fc2")
+
+
+@pytest.mark.parametrize("key", ["vit_small", "deit3_small"])
+def test_shift_matches_shiftaddvit_layers_and_loads_timm_checkpoints(key):
+    """mode "q" keeps timm's names (strict loading); the model equals timm's with ShiftAddViT's
+    LinearShiftQ in those places; frozen (effkern.ops.shift_linear) it agrees to float rounding."""
+    from effkern.models.variants import shift_layers
+    from tests import shift_transcriptions as ST
+
+    model = make(key)
+    conv = converted(model, "shift", targets=ALL_LINEARS)
+    conv.load_state_dict(model.state_dict(), strict=True)
+    assert len(shift_layers(conv)) == 4 * len(model.blocks)
+    x = images(3)
+    with torch.no_grad():
+        want = ST.shift_model(model, ALL_LINEARS).eval()(x)
+        assert_logits_close(conv(x), want)
+        for layer in shift_layers(conv).values():
+            layer.freeze()
+        # other summation orders; the 16.16 floors of later layers flip where they do
+        torch.testing.assert_close(conv(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="convert timm's model instead"):
+        effkern.convert(conv, "tome")
+
+
+def test_shift_ps_adds_parameters_only_when_allowed():
+    model = make("vit_small", depth=2)
+    with pytest.raises(ValueError, match="strict=False"):
+        converted(model, "shift", mode="ps")
+    conv = converted(model, "shift", mode="ps", strict=False, targets=("fc1",), layers=(1,))
+    assert conv.effkern.added_parameters == ("blocks.1.mlp.fc1.shift", "blocks.1.mlp.fc1.sign")
+    assert set(conv.state_dict()) - set(model.state_dict()) == set(conv.effkern.added_parameters)
+    with pytest.raises(ValueError, match="targets"):
+        converted(model, "shift", targets=("fc3",))
+
+
+def test_shift_trains_a_step_under_torch_compile():
+    torch._dynamo.reset()
+    model = make("vit_small", depth=2)
+    x = images()
+    torch.manual_seed(0)
+    eager = converted(model, "shift", mode="ps", strict=False).train()
+    compiled_model = copy.deepcopy(eager)
+    fn = torch.compile(compiled_model, backend="inductor")
+    eager(x).square().mean().backward()
+    fn(x).square().mean().backward()
+    for (n, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * float(a.grad.abs().max()),
+                                       msg=lambda m, n=n: f"{n}: {m}")

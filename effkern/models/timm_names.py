@@ -10,7 +10,7 @@ the method. The factory builds timm's own model for the arch (``pretrained`` and
 keyword pass through, so the arch's default pretrained weights load as usual), then
 :func:`effkern.convert` with the method's keywords (``ivit``: presets for DeiT-T/S/B only, the
 archs I-ViT reports; the result is an integer-only :class:`~effkern.models.IViT`) (the method's settings as in
-``effkern.models.variants.METHODS``; ``strict=False`` where the method adds parameters).
+``effkern.models.variants.METHODS``; ``strict=False`` where the method can add parameters).
 ``timm.list_models("*_tome")`` finds them; ``python -m effkern models`` lists them.
 """
 
@@ -49,7 +49,10 @@ def _factory(arch: str, method: str):
 
         cfg = {k: kwargs.pop(k) for k in list(kwargs) if k in _method_keywords(method)}
         model = timm.create_model(arch, pretrained=pretrained, **kwargs)
-        return convert(model, method, strict=METHODS[method].add_modules is None, **cfg)
+        # the name asks for the method: the parameters it adds (DynamicViT's predictors, ShiftAddViT's
+        # dwconv, DeepShift-PS's shift and sign) are expected
+        m = METHODS[method]
+        return convert(model, method, strict=m.add_modules is None and m.replace_modules is None, **cfg)
 
     create.__name__ = create.__qualname__ = f"{arch}_{method}"
     create.__module__ = __name__

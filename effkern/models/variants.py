@@ -23,8 +23,8 @@ by block index, so that gradient checkpointing, which re-runs a block in the bac
 sees the same inputs again. It is reset when ``patch_embed`` runs, i.e. at the start of every
 forward.
 
-Methods: ``tome``, ``evit``, ``dynamicvit``, ``idlevit``, ``ecoformer`` and ``shiftadd`` (see
-:data:`METHODS`) convert in place; ``ivit`` returns a new, integer-only model
+Methods: ``tome``, ``evit``, ``dynamicvit``, ``idlevit``, ``ecoformer``, ``shiftadd`` and ``shift``
+(the blocks' linear layers to shift layers) (see :data:`METHODS`) convert in place; ``ivit`` returns a new, integer-only model
 (:class:`~effkern.models.IViT`) with the timm model's weights, since every layer changes.
 """
 
@@ -43,12 +43,13 @@ from torch import Tensor, nn
 
 from effkern.models.ivit import IViT
 from effkern.nn.binary_hash import BinaryHashAttention
+from effkern.nn.shift import ShiftLinear
 from effkern.nn.tokens import (DynamicViTPredictor, dynamicvit_attention, dynamicvit_keep, dynamicvit_keep_decisions,
                                evit_left_tokens, evit_reorganize, evit_scores, idle_select_compute_scatter,
                                idlevit_keep_mask, idlevit_scores, tome_merge)
 
 __all__ = ["METHODS", "DynamicViTLoss", "IdleViTLoss", "binary_hash_attentions", "convert", "evit_keep_rate_schedule",
-           "calibrate", "fit_hash", "hash_state_dict", "load_hash_state_dict", "tome_schedule"]
+           "calibrate", "fit_hash", "hash_state_dict", "load_hash_state_dict", "shift_layers", "tome_schedule"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -728,6 +729,51 @@ def _progress(items: list, desc: str, enabled: bool):
 
 
 # --------------------------------------------------------------------------------------------
+# Shift layers (DeepShift / ShiftAddViT): the blocks' linear layers with power-of-two weights
+# --------------------------------------------------------------------------------------------
+
+SHIFT_TARGETS = {"qkv": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
+
+
+def _shift_configure(model: nn.Module, mode: str = "q", weight_bits: int = 5, fixed_point: bool = True,
+                     targets: Sequence[str] = ("fc1", "fc2"), layers: Sequence[int] | None = None) -> dict:
+    depth = len(model.blocks)
+    if mode not in ("ps", "q"):
+        raise ValueError(f"effkern.convert('shift'): mode must be 'ps' or 'q', got {mode!r}")
+    targets = tuple(targets)
+    bad = [t for t in targets if t not in SHIFT_TARGETS]
+    if bad or not targets or len(set(targets)) != len(targets):
+        raise ValueError(f"effkern.convert('shift'): targets must be distinct names among {tuple(SHIFT_TARGETS)}, "
+                         f"got {targets}")
+    layers = _layer_indices("shift", "layers", range(depth) if layers is None else layers, depth)
+    return {"mode": mode, "weight_bits": weight_bits, "fixed_point": bool(fixed_point), "targets": targets,
+            "layers": layers}
+
+
+def _shift_linears(model: nn.Module, cfg: dict, dry_run: bool = False) -> tuple[str, ...]:
+    """Each target linear of each listed block replaced by ShiftLinear.from_linear (DeepShift's
+    conversion). Returns the names of the parameters this adds (mode "ps": shift and sign in
+    place of weight; mode "q" keeps timm's names); ``dry_run``: only that."""
+    added = []
+    for i in cfg["layers"]:
+        for t in cfg["targets"]:
+            parent = getattr(model.blocks[i], SHIFT_TARGETS[t])
+            if cfg["mode"] == "ps":
+                added += [f"blocks.{i}.{SHIFT_TARGETS[t]}.{t}.shift", f"blocks.{i}.{SHIFT_TARGETS[t]}.{t}.sign"]
+            if not dry_run:
+                setattr(parent, t, ShiftLinear.from_linear(getattr(parent, t), mode=cfg["mode"],
+                                                           weight_bits=cfg["weight_bits"],
+                                                           fixed_point=cfg["fixed_point"]))
+    return tuple(added)
+
+
+def shift_layers(model: nn.Module) -> dict[str, ShiftLinear]:
+    """The shift layers of a converted model, by module name (``layer.freeze()`` each for
+    inference through effkern.ops.shift_linear)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ShiftLinear)}
+
+
+# --------------------------------------------------------------------------------------------
 # I-ViT: integer-only (effkern.models.IViT), a new model with the timm model's weights
 # --------------------------------------------------------------------------------------------
 
@@ -860,6 +906,12 @@ METHODS: dict[str, Method] = {
                    "calibrate(model, batches) sets its ranges, or fine-tune it (QAT) in train mode.",
                    build=_ivit_build,
                    archs=("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")),
+    "shift": Method("shift", None, _shift_configure, (), lambda sh: False,
+                    "Shift layers (DeepShift; ShiftAddViT's linear layers): the blocks' `targets` (fc1, fc2; also "
+                    "qkv, proj) at `layers` (all) become ShiftLinear, power-of-two weights, mode='q' (DeepShift-Q: "
+                    "timm's parameter names, strict loading) or 'ps' (DeepShift-PS: shift and sign parameters, "
+                    "strict=False); weight_bits=5, fixed_point=True (ShiftAddViT's 16.16 input and bias).",
+                    None, _shift_linears),
     "idlevit": Method("idlevit", IdleViTBlockMixin, _idlevit_configure, (), lambda sh: False,
                       "IdleViT (Xu et al. 2023): at idle_layers (0-based, 4..depth-1) only the class token and the "
                       "keep_ratios (keep_rate^1, ^2, ^3 per third; keep_rate 0.7) best patch tokens by CLS attention "
@@ -906,9 +958,9 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
     if method not in METHODS:
         raise ValueError(f"effkern.convert: unknown method {method!r} (available: {', '.join(METHODS)})")
     m = METHODS[method]
-    if binary_hash_attentions(model):
-        raise ValueError("effkern.convert: this model's attention was replaced by binary-hash attention "
-                         "(ecoformer / shiftadd); convert timm's model instead")
+    if binary_hash_attentions(model) or shift_layers(model):
+        raise ValueError("effkern.convert: this model's modules were replaced (binary-hash attention: ecoformer / "
+                         "shiftadd; shift layers: shift); convert timm's model instead")
     _check_timm_vit(model)
     if not isinstance(strict, bool):
         raise TypeError(f"effkern.convert: strict must be a bool, got {strict!r}")

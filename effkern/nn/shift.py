@@ -15,9 +15,12 @@ With ``fixed_point=True`` the input and the bias are rounded down to 16.16 fixed
 (straight-through), as ShiftAddViT's layer does. ``freeze()`` (in eval mode) encodes the weight
 once into a :class:`effkern.ops.ShiftWeight`; the layer then runs :func:`shift_linear`.
 
-Departure from the published code: DeepShift-Q in ShiftAddViT's copy clamps the magnitudes to
+Departures from the published code: DeepShift-Q in ShiftAddViT's copy clamps the magnitudes to
 [2^-(2^(weight_bits-1) - 1), 1] (16 exponents at weight_bits = 5); here both modes use
 DeepShift-PS's range (15 exponents), so that a trained weight is exactly a 5-bit ShiftWeight.
+And the rounding to a power of two is exact in the log domain
+(:func:`effkern.ops.shift.nearest_power_of_two`); DeepShift's float32 ``log(|w|) / log(2)``
+misrounds weights within an ulp of 2^(k + 1/2) (timm's initialisation of DeiT-S holds a few).
 """
 
 from __future__ import annotations
