@@ -152,3 +152,34 @@ def shift_model(model, targets=("fc1", "fc2"), weight_bits=5, fixed_point=True):
             parent = blk.attn if t in ("qkv", "proj") else blk.mlp
             setattr(parent, t, PublishedShiftQ(getattr(parent, t), weight_bits, fixed_point))
     return out
+
+
+def noisy_gate(inp, w_gate, w_noise, top_k=1, alpha=(6, 4)):
+    """ShiftAddViT's NoisyGate.forward (fmoe_new.py), training: (top_k_indices, gates, loss,
+    the load term alone)."""
+    from torch.distributions.normal import Normal
+
+    clean_logits = inp @ w_gate
+    raw_noise_stddev = inp @ w_noise
+    noise_stddev = F.softplus(raw_noise_stddev) + 1e-2
+    noisy_logits = clean_logits + (torch.randn_like(clean_logits) * noise_stddev)
+    top_logits, top_indices = noisy_logits.topk(min(top_k + 1, 2), dim=1)
+    top_k_logits, top_k_indices = top_logits[:, :top_k], top_indices[:, :top_k]
+    top_k_gates = torch.softmax(top_k_logits, 1)
+    gates = torch.zeros_like(noisy_logits).scatter(1, top_k_indices, top_k_gates)
+    # _prob_in_top_k
+    batch, m = clean_logits.size(0), top_logits.size(1)
+    flat = top_logits.flatten()
+    pos_in = torch.arange(batch) * m + top_k
+    threshold_if_in = flat.gather(0, pos_in)[:, None]
+    threshold_if_out = flat.gather(0, pos_in - 1)[:, None]
+    normal = Normal(torch.tensor([0.0]), torch.tensor([1.0]))
+    prob = torch.where(noisy_logits > threshold_if_in, normal.cdf((clean_logits - threshold_if_in) / noise_stddev),
+                       normal.cdf((clean_logits - threshold_if_out) / noise_stddev))
+    load = prob.sum(0) * torch.tensor(alpha, dtype=prob.dtype)
+    importance = gates.sum(0) * torch.tensor(alpha, dtype=gates.dtype)
+
+    def cv_squared(x):
+        return x.float().var() / (x.float().mean() ** 2 + 1e-10)
+
+    return top_k_indices[:, 0], gates, cv_squared(importance) + cv_squared(load), cv_squared(load)

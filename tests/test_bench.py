@@ -22,7 +22,7 @@ from bench import common, report, runner  # noqa: E402
 
 FAMILIES = ("integer", "tokens", "binary_hash", "shift")
 ONE_OP = {"integer": "int8_linear", "tokens": "tome_match_merge", "binary_hash": "hash_attention",
-          "shift": "shift_linear_int8"}
+          "shift": "shift_linear.b4"}
 
 
 def test_families_and_cases():

@@ -47,9 +47,11 @@ def _require_tools():
         pytest.skip(why)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fresh(tmp_path_factory):
-    """The report generated now, as a subprocess (the interpreter off, as a real compile)."""
+    """The report generated now, as a subprocess (the interpreter off, as a real compile); once
+    per session (this file's tests run on one xdist worker, but not necessarily back to back:
+    a module-scoped fixture would be rebuilt)."""
     _require_tools()
     out = tmp_path_factory.mktemp("perf")
     env = {**os.environ, "TRITON_INTERPRET": "0"}

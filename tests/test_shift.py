@@ -264,3 +264,91 @@ def test_shift_linear_module_compiles_for_training():
     for (n, a), (_, b) in zip(layer.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
     effkern  # noqa: B018 - the package import registers the ops
+
+
+# --------------------------------------------------------------------------------------------
+# ShiftAddMoE
+# --------------------------------------------------------------------------------------------
+
+
+def _moe(capacity=None, noisy=True, dim=32, seed=10):
+    from effkern.nn import ShiftAddMoE
+
+    torch.manual_seed(seed)
+    return ShiftAddMoE(nn.Linear(dim, 16), ShiftLinear(dim, 16, mode="q"), dim, out_dim=16, noisy_gating=noisy,
+                       capacity=capacity)
+
+
+def test_moe_routes_as_shiftaddvits_noisy_gate():
+    """Same noise draws: the same experts, the same load term; the released code's gates are the
+    constant 1 (documented departure: here the gate probability, in the output and importance)."""
+    from effkern.nn.shift import cv_squared
+
+    moe = _moe().train()
+    x = torch.randn(50, 32)
+    torch.manual_seed(3)
+    top, gate, loss = moe.route(x)
+    torch.manual_seed(3)
+    want_top, want_gates, _, want_load_loss = T.noisy_gate(x, moe.w_gate, moe.w_noise)
+    assert torch.equal(top, want_top) and bool((want_gates.sum(1) == 1).all())
+    importance = torch.zeros(2).index_add(0, top, gate.detach()) * torch.tensor([6.0, 4.0])
+    torch.testing.assert_close(loss.detach(), cv_squared(importance) + want_load_loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_moe_output_and_router_gradient():
+    moe = _moe(noisy=False).train()
+    x = torch.randn(3, 7, 32)
+    y = moe(x)
+    top, gate, _ = moe.route(x.reshape(-1, 32))
+    t = x.reshape(-1, 32)
+    want = torch.where((top == 0)[:, None], moe.experts[0](t), moe.experts[1](t)) * gate[:, None]
+    torch.testing.assert_close(y.reshape(-1, 16), want, rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()  # the task loss alone reaches the router
+    assert moe.w_gate.grad is not None and float(moe.w_gate.grad.abs().sum()) > 0
+
+
+def test_moe_capacity_gives_static_shapes_and_drops_the_weakest():
+    full, capped, every = _moe(noisy=False), _moe(capacity=0.25, noisy=False), _moe(capacity=1.0, noisy=False)
+    capped.load_state_dict(full.state_dict())
+    every.load_state_dict(full.state_dict())
+    x = torch.randn(40, 32)
+    with torch.no_grad():
+        top, gate, _ = full.route(x)
+        y_full = full.eval()(x)
+        torch.testing.assert_close(every.eval()(x), y_full, rtol=1e-5, atol=1e-6)  # room for all: the same
+        y_cap = capped.eval()(x)
+    kept = torch.zeros(40, dtype=torch.bool)
+    for e in (0, 1):
+        idx = torch.nonzero(top == e)[:, 0]
+        kept[idx[gate[idx].argsort(descending=True)[:10]]] = True  # ceil(0.25 * 40) slots each
+    torch.testing.assert_close(y_cap[kept], y_full[kept], rtol=1e-5, atol=1e-6)
+    assert bool((y_cap[~kept] == 0).all())
+    torch._dynamo.reset()
+    compiled = torch.compile(capped, backend="inductor", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), y_cap, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_balance_loss_trains_the_routing_towards_60_percent_shift():
+    """alpha = (6, 4): balanced when 6 x importance(mult) = 4 x importance(shift), i.e. 60% of the
+    tokens on the shift expert. From a router that sends everything to mult, the balance loss
+    alone moves it there."""
+    moe = _moe(noisy=True, seed=11).train()
+    with torch.no_grad():
+        d = moe.w_gate[:, 0].abs().mean()  # every token on mult (the noise still reaches shift)
+        moe.w_gate[:, 1] -= d
+        moe.w_gate[:, 0] += d
+    x = torch.randn(256, 32, generator=_gen(12)).abs() + 0.1
+    moe(x)
+    start = float(moe.shift_ratio)
+    opt = torch.optim.Adam([moe.w_gate, moe.w_noise], lr=0.02)
+    torch.manual_seed(13)
+    ratios = []
+    for _ in range(300):
+        opt.zero_grad()
+        moe(x)
+        moe.aux_loss.backward()
+        opt.step()
+        ratios.append(float(moe.shift_ratio))
+    final = sum(ratios[-50:]) / 50
+    assert start < 0.1 and abs(final - 0.6) < 0.1, (start, final)

@@ -2,7 +2,7 @@
 
 from effkern.nn.binary_hash import BinaryHashAttention, TokenDWConv, fit_ksh_head, ksh_code_loss, ksh_similarity_targets
 from effkern.nn.integer import IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantLinear, QuantMatMul
-from effkern.nn.shift import ShiftLinear
+from effkern.nn.shift import ShiftAddMoE, ShiftLinear
 from effkern.nn.tokens import (
     DynamicViTAttention,
     DynamicViTBlock,
@@ -33,6 +33,7 @@ __all__ = [
     "QuantAct",
     "QuantLinear",
     "QuantMatMul",
+    "ShiftAddMoE",
     "ShiftLinear",
     "ToMeAttention",
     "ToMeBlock",

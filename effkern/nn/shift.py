@@ -15,11 +15,14 @@ With ``fixed_point=True`` the input and the bias are rounded down to 16.16 fixed
 (straight-through), as ShiftAddViT's layer does. ``freeze()`` (in eval mode) encodes the weight
 once into a :class:`effkern.ops.ShiftWeight`; the layer then runs :func:`shift_linear`.
 
+:class:`ShiftAddMoE` routes each token to a multiply expert or a shift expert (ShiftAddViT's
+mixture of experts) with a latency-aware balance loss.
+
 Departures from the published code: DeepShift-Q in ShiftAddViT's copy clamps the magnitudes to
 [2^-(2^(weight_bits-1) - 1), 1] (16 exponents at weight_bits = 5); here both modes use
 DeepShift-PS's range (15 exponents), so that a trained weight is exactly a 5-bit ShiftWeight.
 And the rounding to a power of two is exact in the log domain
-(:func:`effkern.ops.shift.nearest_power_of_two`); DeepShift's float32 ``log(|w|) / log(2)``
+(:func:`effkern.ops.shift.nearest_exponent`); DeepShift's float32 ``log(|w|) / log(2)``
 misrounds weights within an ulp of 2^(k + 1/2) (timm's initialisation of DeiT-S holds a few).
 """
 
@@ -31,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effkern.ops import ShiftWeight, shift_linear
-from effkern.ops.shift import nearest_power_of_two
+from effkern.ops import ShiftWeight, shift_linear, token_gather, token_scatter
+from effkern.ops.shift import nearest_exponent, nearest_power_of_two
 
 _LN2 = math.log(2.0)
 
@@ -165,9 +168,8 @@ class ShiftLinear(nn.Module):
             shift = straight_through(self.shift, torch.round(self.shift.clamp(lo, hi)))
             sign = straight_through(self.sign, torch.sign(torch.round(self.sign)))
             return _UnsymmetricMul.apply(2.0**shift, sign)
-        sign, p = nearest_power_of_two(self.weight)
-        mag = torch.ldexp(torch.ones_like(self.weight), p.clamp(lo, hi).to(self.weight.dtype))
-        return straight_through(self.weight, sign.to(self.weight.dtype) * mag)
+        sign, p = nearest_exponent(self.weight)
+        return straight_through(self.weight, (sign * torch.exp2(p.clamp(lo, hi))).to(self.weight.dtype))
 
     def shift_weight(self) -> ShiftWeight:
         """The weight as a 5-bit :class:`ShiftWeight` (exactly the forward's weight)."""
@@ -206,3 +208,97 @@ class ShiftLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"mode={self.mode!r}, weight_bits={self.weight_bits}, fixed_point={self.fixed_point}"
                 + (", frozen" if self.frozen is not None else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# The multiply / shift mixture of experts (ShiftAddViT)
+# --------------------------------------------------------------------------------------------
+
+
+def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
+    """The squared coefficient of variation var(x) / (mean(x)^2 + eps), var unbiased (ShiftAddViT's
+    ``cv_squared``)."""
+    x = x.float()
+    return x.var() / (x.mean() ** 2 + eps)
+
+
+class ShiftAddMoE(nn.Module):
+    """Per-token top-1 routing over a multiply expert (index 0) and a shift expert (index 1).
+
+    The router is ShiftAddViT's ``NoisyGate``: clean logits ``x @ w_gate``; with ``noisy_gating``
+    in training, plus Gaussian noise of std ``softplus(x @ w_noise) + 0.01``; each token goes to
+    its top logit. The balance loss (``self.aux_loss`` after each forward, add it to the training
+    loss) is ``cv^2(alpha * importance) + cv^2(alpha * load)`` with the latency weights
+    ``alpha = (6, 4)``: importance sums the routed tokens' gate probabilities per expert, load the
+    probability of each expert staying top under the noise (noisy gating) or its token count.
+    Its balance point routes alpha[0] / (alpha[0] + alpha[1]) = 60% of the tokens to the shift
+    expert at (6, 4).
+
+    Departure from the released code: there the top-1 gate value is the constant 1 (a softmax over
+    one logit), so the router gets no gradient from the task loss, and importance counts tokens.
+    Here each expert's output is scaled by its gate probability ``softmax(logits)[top]`` and
+    importance sums those probabilities, so the router learns from both losses.
+
+    Dispatch gathers each expert's tokens with effkern's token gather and adds the scaled outputs
+    back with its token scatter (no exp/log combine). ``capacity`` (a fraction of the tokens,
+    e.g. 1.0) gives every expert a fixed number of slots, ceil(capacity * tokens): static shapes
+    for torch.compile and CUDA graphs; an expert's tokens beyond its slots (lowest gate
+    probability first) are dropped (output 0), unused slots compute a padding row weighted 0.
+    """
+
+    def __init__(self, mult: nn.Module, shift: nn.Module, dim: int, *, out_dim: int | None = None,
+                 noisy_gating: bool = True, alpha: tuple[float, float] = (6.0, 4.0), capacity: float | None = None):
+        super().__init__()
+        if capacity is not None and not capacity > 0:
+            raise ValueError(f"ShiftAddMoE: capacity must be > 0 (a fraction of the tokens) or None, got {capacity!r}")
+        self.experts = nn.ModuleList([mult, shift])
+        self.dim, self.out_dim = dim, dim if out_dim is None else out_dim
+        self.noisy_gating, self.alpha, self.capacity = noisy_gating, tuple(float(a) for a in alpha), capacity
+        self.w_gate = nn.Parameter(torch.empty(dim, 2))
+        self.w_noise = nn.Parameter(torch.empty(dim, 2))
+        nn.init.kaiming_uniform_(self.w_gate, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.w_noise, a=math.sqrt(5))
+        self.aux_loss: Tensor | None = None
+        self.shift_ratio: Tensor | None = None
+
+    def route(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(top expert per token, its gate probability, the balance loss) for tokens [M, C]."""
+        clean = t @ self.w_gate.to(t.dtype)
+        noisy = self.noisy_gating and self.training
+        if noisy:
+            std = F.softplus(t @ self.w_noise.to(t.dtype)) + 1e-2
+            logits = clean + torch.randn_like(clean) * std
+        else:
+            logits = clean
+        top = logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1)
+        gate = probs.gather(1, top[:, None])[:, 0]
+        alpha = torch.tensor(self.alpha, device=t.device)
+        routed = F.one_hot(top, 2).to(probs.dtype)
+        importance = (routed * probs).sum(0)
+        if noisy:  # P(expert stays top under the noise): the other logit is the threshold (top-1 of 2)
+            other = logits.flip(-1)
+            load = torch.distributions.Normal(0.0, 1.0).cdf((clean.float() - other.float()) / std.float()).sum(0)
+        else:
+            load = routed.sum(0)
+        return top, gate, cv_squared(alpha * importance) + cv_squared(alpha * load)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        t = x.reshape(-1, x.shape[-1])
+        top, gate, self.aux_loss = self.route(t)
+        self.shift_ratio = (top == 1).float().mean()
+        out = t.new_zeros((1, t.shape[0], self.out_dim))
+        for e, expert in enumerate(self.experts):
+            if self.capacity is None:  # data-dependent shapes: eager
+                idx = torch.nonzero(top == e)[:, 0]
+                weight = gate[idx]
+            else:
+                slots = min(t.shape[0], math.ceil(self.capacity * t.shape[0]))
+                score = torch.where(top == e, gate, torch.full_like(gate, -1.0))
+                weight, idx = torch.topk(score, slots)
+                weight = weight.clamp(min=0.0)  # a padding slot (another expert's token) counts 0
+            rows = token_gather(t[None], idx[None], validate=False)
+            y = expert(rows) * weight[None, :, None].to(t.dtype)
+            out = token_scatter(out, y, idx[None], reduce="add", validate=False)
+        return out.reshape(*lead, self.out_dim)

@@ -72,16 +72,26 @@ def code_columns(in_features: int, bits: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def nearest_exponent(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(sign, p) as float64 tensors: ``sign * 2^p`` is the signed power of two nearest to ``w``
+    in the log domain (DeepShift's rounding, ``round(log2|w|)``), computed exactly: p0 =
+    floor(log2|w|) (corrected against 2^p0 exactly), then p = p0 + [|w|^2 > 2^(2 p0 + 1)]
+    (|w| float32 or narrower: its square is exact in float64). No float equals 2^(k + 1/2), so
+    there are no ties; DeepShift's float32 ``log(|w|) / log(2)`` can differ only within a
+    rounding error of such a midpoint. p is 0 where w is zero. Float operations only (inductor's
+    CPU code for frexp and int32 arithmetic does not compile), so it runs under torch.compile."""
+    a = w.detach().abs().to(torch.float64)
+    p0 = torch.floor(torch.log2(a))
+    p0 = p0 - (torch.exp2(p0) > a).to(p0.dtype) + (torch.exp2(p0 + 1) <= a).to(p0.dtype)
+    p = p0 + (a * a > torch.exp2(2 * p0 + 1)).to(p0.dtype)
+    sign = torch.sign(w.detach()).to(torch.float64)
+    return sign, torch.where(sign == 0, 0.0, p)
+
+
 def nearest_power_of_two(w: Tensor) -> tuple[Tensor, Tensor]:
-    """(sign, p) with ``sign * 2^p`` the signed power of two nearest to ``w`` in the log domain
-    (DeepShift's rounding, ``round(log2|w|)``), computed exactly: with |w| = f * 2^e, f in
-    [1/2, 1), log2|w| rounds up to e iff f > 2^(-1/2). No float equals 2^(-1/2), so there are
-    no ties; DeepShift's float32 ``log(|w|) / log(2)`` can differ only within a rounding error of
-    a midpoint 2^(k + 1/2). ``p`` is int32 (0 where w is zero), ``sign`` int32 in {-1, 0, 1}."""
-    f, e = torch.frexp(w.detach().abs().to(torch.float64))
-    p = torch.where(f > 2.0**-0.5, e, e - 1)
-    sign = torch.sign(w.detach()).to(torch.int32)
-    return sign, torch.where(sign == 0, torch.zeros_like(p), p).to(torch.int32)
+    """:func:`nearest_exponent` as int32 tensors (sign in {-1, 0, 1}, p)."""
+    sign, p = nearest_exponent(w)
+    return sign.to(torch.int32), p.to(torch.int32)
 
 
 def pack_codes(sign: Tensor, p: Tensor, base: Tensor, bits: int) -> Tensor:
