@@ -684,3 +684,26 @@ def test_shift_trains_a_step_under_torch_compile():
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * float(a.grad.abs().max()),
                                        msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_shift_moe_mlps_train_with_their_balance_loss():
+    """moe=True: each MLP a ShiftAddMoE of timm's MLP (multiply expert, its weights) and a shift
+    copy; the new names are listed; a training step reaches the routers through both losses; with
+    a capacity it compiles for training (static shapes)."""
+    from effkern.models.variants import moe_loss
+
+    model = make("vit_small", depth=2)
+    with pytest.raises(ValueError, match="capacity is the mixture"):
+        converted(model, "shift", capacity=1.0)
+    conv = converted(model, "shift", moe=True, strict=False).train()
+    assert set(conv.state_dict()) - set(model.state_dict()) == set(conv.effkern.added_parameters)
+    assert torch.equal(conv.blocks[0].mlp.experts[0].fc1.weight, model.blocks[0].mlp.fc1.weight)
+    x = images()
+    (conv(x).square().mean() + moe_loss(conv)).backward()
+    assert all(float(b.mlp.w_gate.grad.abs().sum()) > 0 for b in conv.blocks)
+    torch._dynamo.reset()
+    capped = converted(model, "shift", moe=True, capacity=1.0, strict=False).train()
+    torch.manual_seed(0)
+    fn = torch.compile(capped, backend="inductor", fullgraph=True)
+    (fn(x).square().mean() + moe_loss(capped)).backward()
+    assert all(float(b.mlp.w_gate.grad.abs().sum()) > 0 for b in capped.blocks)

@@ -43,13 +43,14 @@ from torch import Tensor, nn
 
 from effkern.models.ivit import IViT
 from effkern.nn.binary_hash import BinaryHashAttention
-from effkern.nn.shift import ShiftLinear
+from effkern.nn.shift import ShiftAddMoE, ShiftLinear
 from effkern.nn.tokens import (DynamicViTPredictor, dynamicvit_attention, dynamicvit_keep, dynamicvit_keep_decisions,
                                evit_left_tokens, evit_reorganize, evit_scores, idle_select_compute_scatter,
                                idlevit_keep_mask, idlevit_scores, tome_merge)
 
 __all__ = ["METHODS", "DynamicViTLoss", "IdleViTLoss", "binary_hash_attentions", "convert", "evit_keep_rate_schedule",
-           "calibrate", "fit_hash", "hash_state_dict", "load_hash_state_dict", "shift_layers", "tome_schedule"]
+           "calibrate", "fit_hash", "hash_state_dict", "load_hash_state_dict", "moe_loss", "shift_layers",
+           "tome_schedule"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -736,7 +737,8 @@ SHIFT_TARGETS = {"qkv": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
 
 
 def _shift_configure(model: nn.Module, mode: str = "q", weight_bits: int = 5, fixed_point: bool = True,
-                     targets: Sequence[str] = ("fc1", "fc2"), layers: Sequence[int] | None = None) -> dict:
+                     targets: Sequence[str] = ("fc1", "fc2"), layers: Sequence[int] | None = None,
+                     moe: bool = False, capacity: float | None = None) -> dict:
     depth = len(model.blocks)
     if mode not in ("ps", "q"):
         raise ValueError(f"effkern.convert('shift'): mode must be 'ps' or 'q', got {mode!r}")
@@ -746,17 +748,40 @@ def _shift_configure(model: nn.Module, mode: str = "q", weight_bits: int = 5, fi
         raise ValueError(f"effkern.convert('shift'): targets must be distinct names among {tuple(SHIFT_TARGETS)}, "
                          f"got {targets}")
     layers = _layer_indices("shift", "layers", range(depth) if layers is None else layers, depth)
+    if capacity is not None and not moe:
+        raise ValueError("effkern.convert('shift'): capacity is the mixture of experts' (moe=True)")
     return {"mode": mode, "weight_bits": weight_bits, "fixed_point": bool(fixed_point), "targets": targets,
-            "layers": layers}
+            "layers": layers, "moe": bool(moe), "capacity": capacity}
 
 
 def _shift_linears(model: nn.Module, cfg: dict, dry_run: bool = False) -> tuple[str, ...]:
     """Each target linear of each listed block replaced by ShiftLinear.from_linear (DeepShift's
-    conversion). Returns the names of the parameters this adds (mode "ps": shift and sign in
-    place of weight; mode "q" keeps timm's names); ``dry_run``: only that."""
+    conversion); with ``moe``, each listed block's MLP by a ShiftAddMoE of timm's MLP (multiply
+    expert) and a copy of it with shift layers (shift expert). Returns the names of the
+    parameters this adds (mode "ps": shift and sign in place of weight; mode "q" keeps timm's
+    names; the MoE: every parameter of it, timm's MLP names move under ``experts``); ``dry_run``:
+    only that."""
     added = []
     for i in cfg["layers"]:
+        if cfg["moe"]:
+            mlp = model.blocks[i].mlp
+            dim = mlp.fc1.in_features
+            names = [f"blocks.{i}.mlp.w_gate", f"blocks.{i}.mlp.w_noise"]
+            names += [f"blocks.{i}.mlp.experts.{e}.{n}" for e in (0, 1) for n, _ in mlp.named_parameters()
+                      if not (e == 1 and cfg["mode"] == "ps" and n.endswith(".weight") and n.split(".")[0] in ("fc1", "fc2"))]
+            if cfg["mode"] == "ps":
+                names += [f"blocks.{i}.mlp.experts.1.{t}.{w}" for t in ("fc1", "fc2") for w in ("shift", "sign")]
+            added += names
+            if not dry_run:
+                shift = copy.deepcopy(mlp)
+                for t in ("fc1", "fc2"):
+                    setattr(shift, t, ShiftLinear.from_linear(getattr(shift, t), mode=cfg["mode"],
+                                                              weight_bits=cfg["weight_bits"], fixed_point=cfg["fixed_point"]))
+                moe = ShiftAddMoE(mlp, shift, dim, out_dim=mlp.fc2.out_features, capacity=cfg["capacity"])
+                model.blocks[i].mlp = moe.to(next(mlp.parameters()))
         for t in cfg["targets"]:
+            if cfg["moe"] and t in ("fc1", "fc2"):
+                continue  # inside the MoE's shift expert
             parent = getattr(model.blocks[i], SHIFT_TARGETS[t])
             if cfg["mode"] == "ps":
                 added += [f"blocks.{i}.{SHIFT_TARGETS[t]}.{t}.shift", f"blocks.{i}.{SHIFT_TARGETS[t]}.{t}.sign"]
@@ -765,6 +790,15 @@ def _shift_linears(model: nn.Module, cfg: dict, dry_run: bool = False) -> tuple[
                                                            weight_bits=cfg["weight_bits"],
                                                            fixed_point=cfg["fixed_point"]))
     return tuple(added)
+
+
+def moe_loss(model: nn.Module) -> Tensor:
+    """The sum of the balance losses of the last forward of every ShiftAddMoE in ``model``
+    (``effkern.convert(model, "shift", moe=True)``): add it to the training loss."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, ShiftAddMoE) and m.aux_loss is not None]
+    if not losses:
+        raise ValueError("moe_loss: no ShiftAddMoE has run a forward in this model")
+    return torch.stack([loss.float() for loss in losses]).sum()
 
 
 def shift_layers(model: nn.Module) -> dict[str, ShiftLinear]:
@@ -910,7 +944,9 @@ METHODS: dict[str, Method] = {
                     "Shift layers (DeepShift; ShiftAddViT's linear layers): the blocks' `targets` (fc1, fc2; also "
                     "qkv, proj) at `layers` (all) become ShiftLinear, power-of-two weights, mode='q' (DeepShift-Q: "
                     "timm's parameter names, strict loading) or 'ps' (DeepShift-PS: shift and sign parameters, "
-                    "strict=False); weight_bits=5, fixed_point=True (ShiftAddViT's 16.16 input and bias).",
+                    "strict=False); weight_bits=5, fixed_point=True (ShiftAddViT's 16.16 input and bias); moe=True: "
+                    "each MLP a ShiftAddMoE of timm's MLP and its shift copy (strict=False; moe_loss(model) is "
+                    "the balance loss), capacity for static shapes.",
                     None, _shift_linears),
     "idlevit": Method("idlevit", IdleViTBlockMixin, _idlevit_configure, (), lambda sh: False,
                       "IdleViT (Xu et al. 2023): at idle_layers (0-based, 4..depth-1) only the class token and the "
