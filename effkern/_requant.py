@@ -154,3 +154,19 @@ def ref_int_gemm_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | Non
     if m is None:
         return acc.to(torch.int32)
     return ref_requantize_rows(acc, m, e, out_bits)
+
+
+def check_gemm_requant(op: str, in_scale: Tensor | None, out_scale: Tensor | None, out_bits: int, x: Tensor,
+                       columns: int, per_channel_in: bool = True) -> None:
+    """An integer GEMM's epilogue arguments: both scales (requantise) or neither (int32 out);
+    in_scale per tensor or, if ``per_channel_in``, per output column; out_scale either."""
+    if (in_scale is None) != (out_scale is None):
+        raise ValueError(f"{op}: give both in_scale and out_scale to requantise, or neither for int32 output")
+    if out_scale is not None:
+        if per_channel_in:
+            scale_for_columns(op, "in_scale", in_scale, x, columns)
+        else:
+            check_scalar_scale(op, "in_scale", in_scale, x)
+        scale_for_columns(op, "out_scale", out_scale, x, columns)
+        if isinstance(out_bits, bool) or not isinstance(out_bits, int) or not 2 <= out_bits <= 32:
+            raise ValueError(f"{op}: out_bits must be an integer in [2, 32], got {out_bits!r}")

@@ -45,8 +45,8 @@ from torch import Tensor
 
 from effkern._common import (INT32_MAX, INT_DTYPES, MAX_INT8_LINEAR_K, check_int, check_same_device, dtype_name,
                              int_dtype_for_bits, validation_enabled)
-from effkern._requant import (as_scale_tensor, check_scalar_scale, dyadic_columns, host_scale, ref_int_gemm_rows,
-                              ref_requantize_rows, scale_for_columns)
+from effkern._requant import (as_scale_tensor, check_gemm_requant, check_scalar_scale, dyadic_columns, host_scale,
+                              ref_int_gemm_rows, ref_requantize_rows, scale_for_columns)
 from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 
 _DTYPE_BITS = {torch.int8: 8, torch.int16: 16, torch.int32: 32}
@@ -539,12 +539,7 @@ def _check_int8_linear(x: Tensor, w: Tensor, bias: Tensor | None, in_scale: Tens
         if bias.dtype != torch.int32 or tuple(bias.shape) != (n_out,):
             raise ValueError(f"{op}: bias must be int32 with shape ({n_out},), got {dtype_name(bias.dtype)} {tuple(bias.shape)}")
         check_same_device(op, "bias", bias, "x", x)
-    if (in_scale is None) != (out_scale is None):
-        raise ValueError(f"{op}: give both in_scale and out_scale to requantise, or neither for int32 output")
-    if out_scale is not None:
-        scale_for_columns(op, "in_scale", in_scale, x, n_out)
-        scale_for_columns(op, "out_scale", out_scale, x, n_out)
-        check_int(op, "out_bits", out_bits, 2, 32)
+    check_gemm_requant(op, in_scale, out_scale, out_bits, x, n_out)
 
 
 INT8_LINEAR = define_op(

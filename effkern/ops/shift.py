@@ -47,8 +47,7 @@ from effkern._common import (INT32_MAX, MAX_INT8_LINEAR_K, SHIFT4_GROUP, TORCH_F
                              check_int, check_same_device, check_tensor, dtype_name, int_dtype_for_bits,
                              resolve_validate)
 from effkern._registry import Invalid, Sample, define_op, torch_kernel, triton_kernel
-from effkern._requant import (as_scale_tensor, check_scalar_scale, dyadic_columns, ref_int_gemm_rows,
-                              scale_for_columns)
+from effkern._requant import as_scale_tensor, check_gemm_requant, dyadic_columns, ref_int_gemm_rows
 
 FAMILY = "shift"
 SHIFT_BITS = (4, 5)
@@ -372,12 +371,7 @@ def _check_shift_linear_int8(x: Tensor, codes: Tensor, base: Tensor, bias: Tenso
     if in_features > MAX_INT8_LINEAR_K:
         raise ValueError(f"{op}: in_features={in_features} exceeds {MAX_INT8_LINEAR_K}: int32 accumulation could overflow")
     _check_bias(op, bias, n, torch.int32, x)
-    if (in_scale is None) != (out_scale is None):
-        raise ValueError(f"{op}: give both in_scale and out_scale to requantise, or neither for int32 output")
-    if out_scale is not None:
-        check_scalar_scale(op, "in_scale", in_scale, x)
-        scale_for_columns(op, "out_scale", out_scale, x, n)
-        check_int(op, "out_bits", out_bits, 2, 32)
+    check_gemm_requant(op, in_scale, out_scale, out_bits, x, n, per_channel_in=False)
 
 
 SHIFT_LINEAR_INT8 = define_op(

@@ -20,10 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from effkern._common import MAX_INT8_LINEAR_K, int_dtype_for_bits
+from effkern._common import MAX_INT8_LINEAR_K
 from effkern.triton.integer import _check_columns, _check_int, _check_rows
-from effkern.triton.requant import (AUTO, INT32, PER_COLUMN, PER_TENSOR_VALUES, out_range,
-                                    requant_constants, requantize_epilogue, saturating_add_i32)
+from effkern.triton.requant import INT32, PER_COLUMN, epilogue_args, requantize_epilogue, saturating_add_i32
 
 @triton.jit(do_not_specialize=["m_val", "e_val"])
 def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_ptr, ws_ptr, count_ptr,
@@ -169,25 +168,14 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
     w = w.to(x.device).contiguous()
     if bias is not None:
         bias = _check_columns(op, "bias", bias, n, torch.int32, x.device)
-    if (m is None) != (e is None):
-        raise ValueError(f"{op}: give both m and e, or neither")
     requant = m is not None
-    m_val = e_val = 0
-    consts, epilogue = PER_COLUMN, AUTO
-    if requant:
-        _check_int(op, "out_bits", out_bits, 2, 32)
-        m, e, m_val, e_val, consts, epilogue = requant_constants(op, m, e, n, x.device, host_epilogue)
-        lo, hi = out_range(out_bits)
-        out_dtype = int_dtype_for_bits(out_bits)
-    else:
-        lo, hi = out_range(32)
-        out_dtype = torch.int32
+    m, e, m_val, e_val, consts, epilogue, lo, hi, out_dtype = epilogue_args(op, m, e, n, out_bits, x.device,
+                                                                            host_epilogue)
     y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
     # without requantisation the epilogue is the bias alone: the per-tensor 32-bit tiles
-    cfg = (consts, epilogue) if requant else (PER_TENSOR_VALUES, INT32)
-    block_m, block_n, block_k, group_m, warps, stages = _linear_config(rows, n, k, *cfg)
+    block_m, block_n, block_k, group_m, warps, stages = _linear_config(rows, n, k, consts, epilogue)
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
     if split_k is None:
         split_k = _split_k(tiles, k, block_k, _sm_count(x.device))

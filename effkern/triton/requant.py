@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from effkern._common import to_device_async
+from effkern._common import int_dtype_for_bits, to_device_async
 
 
 def out_range(out_bits: int) -> tuple[int, int]:
@@ -194,3 +194,17 @@ def requant_constants(op: str, m: Tensor, e: Tensor, n: int, device, on_host: bo
         m, e = m.expand(n), e.expand(n)
     consts = PER_TENSOR_PTR if per_tensor else PER_COLUMN
     return to_device_async(m.contiguous(), device), to_device_async(e.contiguous(), device), 0, 0, consts, epilogue
+
+
+def epilogue_args(op: str, m: Tensor | None, e: Tensor | None, n: int, out_bits: int, device, host_epilogue: bool):
+    """The kernel arguments of an int32 GEMM's epilogue: (m, e, m_val, e_val, CONSTS, EPILOGUE,
+    OUT_LO, OUT_HI, output dtype); without (m, e) the int32 output of the bias alone (the
+    per-tensor 32-bit form, nothing to load)."""
+    if (m is None) != (e is None):
+        raise ValueError(f"{op}: give both m and e, or neither")
+    if m is None:
+        return None, None, 0, 0, PER_TENSOR_VALUES, INT32, *out_range(32), torch.int32
+    if isinstance(out_bits, bool) or not isinstance(out_bits, int) or not 2 <= out_bits <= 32:
+        raise ValueError(f"{op}: out_bits must be in [2, 32], got {out_bits}")
+    m, e, m_val, e_val, consts, epilogue = requant_constants(op, m, e, n, device, host_epilogue)
+    return m, e, m_val, e_val, consts, epilogue, *out_range(out_bits), int_dtype_for_bits(out_bits)

@@ -21,9 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from effkern._common import MAX_INT8_LINEAR_K, SHIFT4_GROUP, int_dtype_for_bits
-from effkern.triton.requant import (AUTO, INT32, PER_COLUMN, PER_TENSOR_VALUES, out_range, requant_constants,
-                                    requantize_epilogue, saturating_add_i32)
+from effkern._common import MAX_INT8_LINEAR_K, SHIFT4_GROUP
+from effkern.triton.requant import AUTO, PER_COLUMN, epilogue_args, requantize_epilogue, saturating_add_i32
 from effkern.triton.mma import mma16
 
 _HALF_GROUP = tl.constexpr(SHIFT4_GROUP // 2)
@@ -248,20 +247,8 @@ def shift_linear_int8_rows(x: Tensor, codes: Tensor, base: Tensor, bias: Tensor 
     n = codes.shape[0]
     if k > MAX_INT8_LINEAR_K:
         raise ValueError(f"{op}: K={k} exceeds {MAX_INT8_LINEAR_K}: int32 accumulation could overflow")
-    if (m is None) != (e is None):
-        raise ValueError(f"{op}: give both m and e, or neither")
     requant = m is not None
-    m_val = e_val = 0
-    consts, epilogue = PER_TENSOR_VALUES, INT32
-    if requant:
-        if not 2 <= out_bits <= 32:
-            raise ValueError(f"{op}: out_bits must be in [2, 32], got {out_bits}")
-        m, e, m_val, e_val, consts, epilogue = requant_constants(op, m, e, n, x.device, True)
-        lo, hi = out_range(out_bits)
-        out_dtype = int_dtype_for_bits(out_bits)
-    else:
-        lo, hi = out_range(32)
-        out_dtype = torch.int32
+    m, e, m_val, e_val, consts, epilogue, lo, hi, out_dtype = epilogue_args(op, m, e, n, out_bits, x.device, True)
     y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
