@@ -21,6 +21,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from effkern import _requant as ref  # noqa: E402
+from effkern.triton import gemm  # noqa: E402
 from effkern.triton import int8_linear as T  # noqa: E402
 from effkern.triton.requant import (E_FAST_HI, E_FAST_LO, requant_i32_constants, requant_i32_host,  # noqa: E402
                                     requant_i32_in_range, requantize_tile_i32)
@@ -153,10 +154,10 @@ def test_saturation_extremes(gen):
 
 def test_split_k_choice_and_arguments(gen):
     """Small M splits K (grid fills the SMs); bad constants raise."""
-    assert T._split_k(tiles=36, k=384, block_k=128, sms=132) == 3  # ViT-S qkv at batch 1
-    assert T._split_k(tiles=36, k=100, block_k=128, sms=132) == 1  # one K step
-    assert T._split_k(tiles=12, k=3072, block_k=128, sms=132) == 8
-    assert T._split_k(tiles=900, k=3072, block_k=128, sms=132) == 1
+    assert gemm.split_k_count(tiles=36, k=384, block_k=128, sms=132) == 3  # ViT-S qkv at batch 1
+    assert gemm.split_k_count(tiles=36, k=100, block_k=128, sms=132) == 1  # one K step
+    assert gemm.split_k_count(tiles=12, k=3072, block_k=128, sms=132) == 8
+    assert gemm.split_k_count(tiles=900, k=3072, block_k=128, sms=132) == 1
     x = ints((2, 16), -128, 127, gen, torch.int8)
     w = ints((4, 16), -128, 127, gen, torch.int8)
     with pytest.raises(ValueError, match="m must be an int64 tensor"):

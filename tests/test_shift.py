@@ -352,3 +352,23 @@ def test_moe_balance_loss_trains_the_routing_towards_60_percent_shift():
         ratios.append(float(moe.shift_ratio))
     final = sum(ratios[-50:]) / 50
     assert start < 0.1 and abs(final - 0.6) < 0.1, (start, final)
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+def test_triton_split_k_agrees(bits):
+    """Small M splits K over several programs per tile (split_k_plan); the partials are summed in
+    slot order: float within rounding of the unsplit kernel, int8 bit for bit."""
+    T_shift = pytest.importorskip("effkern.triton.shift")  # on CPU under the interpreter (tests/conftest.py)
+    g = _gen(20 + bits)
+    w = ShiftWeight.from_float(torch.randn(40, 300, generator=g) * 0.05, bits=bits).to(DEVICE)
+    x = torch.randn(5, 300, generator=g).to(DEVICE)
+    ref = S.ref_shift_linear_rows(x, w.codes, w.base, None, 300, bits)
+    for split in (1, 3, 5):
+        got = T_shift.shift_linear_rows(x, w.codes, w.base, None, 300, bits, split_k=split)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if bits == 4:
+        xi = torch.randint(-128, 128, (5, 300), generator=g, dtype=torch.int32).to(torch.int8).to(DEVICE)
+        want = S.ref_shift_linear_int8_rows(xi, w.codes, w.base, None, None, None, 300, 32)
+        for split in (2, 5):
+            assert torch.equal(T_shift.shift_linear_int8_rows(xi, w.codes, w.base, None, None, None, 300, 32,
+                                                               split_k=split), want)

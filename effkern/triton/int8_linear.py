@@ -22,6 +22,7 @@ from torch import Tensor
 
 from effkern._common import MAX_INT8_LINEAR_K
 from effkern.triton.integer import _check_columns, _check_int, _check_rows
+from effkern.triton.gemm import split_k_plan, split_k_reduce, tile_ids
 from effkern.triton.requant import INT32, PER_COLUMN, epilogue_args, requantize_epilogue, saturating_add_i32
 
 @triton.jit(do_not_specialize=["m_val", "e_val"])
@@ -31,17 +32,7 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_pt
                         OUT_LO: tl.constexpr, OUT_HI: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    # Grouped program order: GROUP_M row tiles share each column tile while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -67,22 +58,8 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_pt
         w_ptrs += BLOCK_K
 
     last = True
-    if SPLIT_K > 1:
-        # Exact reduction: each split stores its int32 partial in its own slot of this tile; the
-        # split that arrives last (an acq_rel counter) adds the others' and runs the epilogue.
-        # int32 addition is associative and the full sum fits int32 (K <= 2^17 - 1), so any
-        # arrival order gives the same bits. The tile's slots are contiguous: unmasked 16-byte I/O.
-        tile = pid_m * num_pid_n + pid_n
-        tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        slot = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-        tl.store(slot + tl.program_id(1) * (BLOCK_M * BLOCK_N) + tile_offs, acc)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-        last = arrived == SPLIT_K - 1
-        if last:  # a runtime loop: one partial in registers at a time (unrolled, they spill)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for s in range(SPLIT_K):
-                acc += tl.load(slot + s * (BLOCK_M * BLOCK_N) + tile_offs, cache_modifier=".cg")
+    if SPLIT_K > 1:  # exact: int32 sums are associative and the full sum fits (K <= 2^17 - 1)
+        acc, last = split_k_reduce(acc, ws_ptr, count_ptr, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, SPLIT_K, BLOCK_M, BLOCK_N)
 
     if last:
         n_mask = offs_n < N
@@ -98,15 +75,6 @@ def _int8_linear_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_pt
 
 
 # Host wrapper (the arguments of ref_int_gemm_rows)
-
-_DEFAULT_SMS = 132  # H100 SXM; the interpreter and the sm_90 compile test have no device to ask
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count  # cached by torch: no sync
-    return _DEFAULT_SMS
-
 
 def _linear_config(m: int, n: int, k: int, consts: int, epilogue: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for Hopper-class GPUs.
@@ -133,16 +101,6 @@ def _linear_config(m: int, n: int, k: int, consts: int, epilogue: int) -> tuple[
     block_m = max(16, triton.next_power_of_2(m))
     block_n = 64 if n <= 4096 else 128
     return block_m, block_n, block_k, 8, 4, 4
-
-
-def _split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
-    """How many K ranges each output tile is summed over: enough programs to fill the SMs when
-    the tiles alone fill less than half of them (small M), at most 8 and at least one BLOCK_K
-    step per range."""
-    steps = triton.cdiv(k, block_k)
-    if tiles >= sms // 2 or steps < 2:
-        return 1
-    return min(8, triton.cdiv(sms, tiles), steps)
 
 
 def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None, e: Tensor | None,
@@ -177,19 +135,12 @@ def int8_linear_rows(x: Tensor, w: Tensor, bias: Tensor | None, m: Tensor | None
     # without requantisation the epilogue is the bias alone: the per-tensor 32-bit tiles
     block_m, block_n, block_k, group_m, warps, stages = _linear_config(rows, n, k, consts, epilogue)
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
-    if split_k is None:
-        split_k = _split_k(tiles, k, block_k, _sm_count(x.device))
-    _check_int(op, "split_k", split_k, 1, 64)
-    k_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_split)  # no empty K range
-    if split_k > 1:
-        ws = torch.empty((tiles, split_k, block_m * block_n), dtype=torch.int32, device=x.device)
-        count = torch.zeros((tiles,), dtype=torch.int32, device=x.device)
-    else:
-        ws = count = y  # unused
+    if split_k is not None:
+        _check_int(op, "split_k", split_k, 1, 64)
+    split_k, k_split, ws, count = split_k_plan(tiles, k, block_k, x.device, split_k, torch.int32, block_m, block_n)
     _int8_linear_kernel[(tiles, split_k)](
         x, w, y if bias is None else bias, y if m is None else m, y if e is None else e, m_val, e_val,
-        y, ws, count, rows, n, k, k_split,
+        y, y if ws is None else ws, y if count is None else count, rows, n, k, k_split,
         HAS_BIAS=bias is not None, REQUANT=requant, CONSTS=consts, EPILOGUE=epilogue, OUT_LO=lo, OUT_HI=hi,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0,
         SPLIT_K=split_k, num_warps=warps, num_stages=stages)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from effkern._common import MAX_INT8_LINEAR_K, SHIFT4_GROUP
 from effkern.triton.requant import AUTO, PER_COLUMN, epilogue_args, requantize_epilogue, saturating_add_i32
+from effkern.triton.gemm import split_k_plan, split_k_reduce, tile_ids
 from effkern.triton.mma import mma16
 
 _HALF_GROUP = tl.constexpr(SHIFT4_GROUP // 2)
@@ -48,18 +49,6 @@ def _pow2_i8(c):
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share each column tile while it is in L2."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    return first_pid_m + (pid % num_pid_in_group) % group_size_m, (pid % num_pid_in_group) // group_size_m
-
-
-@triton.jit
 def _dot(a, b, acc, EXACT_F32: tl.constexpr):
     if EXACT_F32:  # fp32 x: full fp32 products, as torch's default fp32 matmul
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -67,18 +56,18 @@ def _dot(a, b, acc, EXACT_F32: tl.constexpr):
 
 
 @triton.jit
-def _shift_product(x_ptr, codes_ptr, offs_m, offs_n, M, N, K, CK, acc, INT8: tl.constexpr, BITS: tl.constexpr,
-                   BLOCK_K: tl.constexpr, EXACT_F32: tl.constexpr):
-    """acc + x[offs_m] @ decode(codes[offs_n])^T over all of K. Rows and columns past the edge
-    re-read valid ones (never stored): only K is masked."""
+def _shift_product(x_ptr, codes_ptr, offs_m, offs_n, M, N, K, CK, k0, k_end, acc, INT8: tl.constexpr,
+                   BITS: tl.constexpr, BLOCK_K: tl.constexpr, EXACT_F32: tl.constexpr):
+    """acc + x[offs_m, k0:k_end] @ decode(codes[offs_n, k0:k_end])^T (k0 a multiple of 64).
+    Rows and columns past the edge re-read valid ones (never stored): only K is masked."""
     safe_m = (offs_m % M).to(tl.int64)
     safe_n = (offs_n % N).to(tl.int64)
     if BITS == 5:  # one code per byte, [BLOCK_K, BLOCK_N] K-major
         offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + safe_m[:, None] * K + offs_k[None, :]
-        c_ptrs = codes_ptr + safe_n[None, :] * CK + offs_k[:, None]
-        for k in range(0, K, BLOCK_K):
-            k_left = K - k
+        x_ptrs = x_ptr + safe_m[:, None] * K + (k0 + offs_k)[None, :]
+        c_ptrs = codes_ptr + safe_n[None, :] * CK + (k0 + offs_k)[:, None]
+        for k in range(k0, k_end, BLOCK_K):
+            k_left = k_end - k
             a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0)
             c = tl.load(c_ptrs, mask=offs_k[:, None] < k_left, other=0)
             acc = _dot(a, _pow2_f32(c, BITS).to(a.dtype), acc, EXACT_F32)
@@ -86,10 +75,10 @@ def _shift_product(x_ptr, codes_ptr, offs_m, offs_n, M, N, K, CK, acc, INT8: tl.
             c_ptrs += BLOCK_K
     else:  # two codes per byte: byte j of a group holds k = j (low nibble) and k = 32 + j (high)
         offs_j = tl.arange(0, _HALF_GROUP)
-        x_ptrs = x_ptr + safe_m[:, None] * K + offs_j[None, :]
-        c_ptrs = codes_ptr + safe_n[None, :] * CK + offs_j[:, None]
-        for k in range(0, K, 2 * _HALF_GROUP):
-            k_left = K - k
+        x_ptrs = x_ptr + safe_m[:, None] * K + (k0 + offs_j)[None, :]
+        c_ptrs = codes_ptr + safe_n[None, :] * CK + (k0 // 2 + offs_j)[:, None]
+        for k in range(k0, k_end, 2 * _HALF_GROUP):
+            k_left = k_end - k
             b = tl.load(c_ptrs)  # the codes are padded to whole groups (zero codes)
             a_lo = tl.load(x_ptrs, mask=offs_j[None, :] < k_left, other=0)
             a_hi = tl.load(x_ptrs + _HALF_GROUP, mask=offs_j[None, :] + _HALF_GROUP < k_left, other=0)
@@ -105,41 +94,55 @@ def _shift_product(x_ptr, codes_ptr, offs_m, offs_n, M, N, K, CK, acc, INT8: tl.
 
 
 @triton.jit
-def _shift_linear_kernel(x_ptr, codes_ptr, base_ptr, bias_ptr, y_ptr, M, N, K, CK,
+def _shift_linear_kernel(x_ptr, codes_ptr, base_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, CK, K_SPLIT,
                          BITS: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT_F32: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         SPLIT_K: tl.constexpr):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * K_SPLIT  # split-K: this program's K range
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _shift_product(x_ptr, codes_ptr, offs_m, offs_n, M, N, K, CK, acc, False, BITS, BLOCK_K, EXACT_F32)
-    n_mask = offs_n < N
-    base = tl.load(base_ptr + offs_n, mask=n_mask, other=0)
-    y = acc * ((base + 127) << 23).to(tl.float32, bitcast=True)[None, :]  # * 2^base, exact
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
-    mask = (offs_m < M)[:, None] & n_mask[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    acc = _shift_product(x_ptr, codes_ptr, offs_m, offs_n, M, N, K, CK, k0, tl.minimum(K, k0 + K_SPLIT), acc, False,
+                         BITS, BLOCK_K, EXACT_F32)
+    last = True
+    if SPLIT_K > 1:
+        acc, last = split_k_reduce(acc, ws_ptr, count_ptr, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, SPLIT_K, BLOCK_M, BLOCK_N)
+    if last:
+        n_mask = offs_n < N
+        base = tl.load(base_ptr + offs_n, mask=n_mask, other=0)
+        y = acc * ((base + 127) << 23).to(tl.float32, bitcast=True)[None, :]  # * 2^base, exact
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+        mask = (offs_m < M)[:, None] & n_mask[None, :]
+        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["m_val", "e_val"])
-def _shift_linear_int8_kernel(x_ptr, codes_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_ptr, M, N, K, CK,
-                              HAS_BIAS: tl.constexpr, REQUANT: tl.constexpr, CONSTS: tl.constexpr,
-                              EPILOGUE: tl.constexpr, OUT_LO: tl.constexpr, OUT_HI: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+def _shift_linear_int8_kernel(x_ptr, codes_ptr, bias_ptr, m_ptr, e_ptr, m_val, e_val, y_ptr, ws_ptr, count_ptr,
+                              M, N, K, CK, K_SPLIT, HAS_BIAS: tl.constexpr, REQUANT: tl.constexpr,
+                              CONSTS: tl.constexpr, EPILOGUE: tl.constexpr, OUT_LO: tl.constexpr,
+                              OUT_HI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * K_SPLIT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc = _shift_product(x_ptr, codes_ptr, offs_m, offs_n, M, N, K, CK, acc, True, 4, 64, False)
-    n_mask = offs_n < N
-    out = acc
-    if HAS_BIAS:
-        out = saturating_add_i32(out, tl.load(bias_ptr + offs_n, mask=n_mask, other=0)[None, :])
-    if REQUANT:
-        out = requantize_epilogue(out, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS, EPILOGUE, OUT_LO, OUT_HI)
-    mask = (offs_m < M)[:, None] & n_mask[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    acc = _shift_product(x_ptr, codes_ptr, offs_m, offs_n, M, N, K, CK, k0, tl.minimum(K, k0 + K_SPLIT), acc, True,
+                         4, 64, False)
+    last = True
+    if SPLIT_K > 1:  # exact: int32 sums are associative and the full sum fits (K <= 2^17 - 1)
+        acc, last = split_k_reduce(acc, ws_ptr, count_ptr, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, SPLIT_K, BLOCK_M, BLOCK_N)
+    if last:
+        n_mask = offs_n < N
+        out = acc
+        if HAS_BIAS:
+            out = saturating_add_i32(out, tl.load(bias_ptr + offs_n, mask=n_mask, other=0)[None, :])
+        if REQUANT:
+            out = requantize_epilogue(out, m_ptr, e_ptr, m_val, e_val, offs_n, n_mask, CONSTS, EPILOGUE, OUT_LO, OUT_HI)
+        mask = (offs_m < M)[:, None] & n_mask[None, :]
+        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -218,8 +221,10 @@ def _config(m: int, n: int) -> tuple[int, int, int, int]:
 
 
 def shift_linear_rows(x: Tensor, codes: Tensor, base: Tensor, bias: Tensor | None, in_features: int,
-                      bits: int) -> Tensor:
-    """x [M, K] @ decode(W)^T + bias, float32 accumulation, in x's dtype (ref_shift_linear_rows)."""
+                      bits: int, split_k: int | None = None) -> Tensor:
+    """x [M, K] @ decode(W)^T + bias, float32 accumulation, in x's dtype (ref_shift_linear_rows).
+    split_k: K ranges per output tile (None: by shape and SM count; 1: off), their float32
+    partials summed in a fixed order (deterministic, but another order than split_k=1's)."""
     op = "shift_linear_rows"
     x, codes, base, bias = _check(op, x, codes, base, bias, in_features, bits,
                                   (torch.float16, torch.bfloat16, torch.float32), x.dtype)
@@ -229,18 +234,19 @@ def shift_linear_rows(x: Tensor, codes: Tensor, base: Tensor, bias: Tensor | Non
     if y.numel() == 0:
         return y
     block_m, block_n, warps, stages = _config(rows, n)
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n),)
-    _shift_linear_kernel[grid](x, codes, base, y if bias is None else bias, y, rows, n, k, codes.shape[1],
-                               BITS=bits, HAS_BIAS=bias is not None, EXACT_F32=x.dtype == torch.float32,
-                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8,
-                               num_warps=warps, num_stages=stages)
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
+    split_k, k_split, ws, count = split_k_plan(tiles, k, 64, x.device, split_k, torch.float32, block_m, block_n)
+    _shift_linear_kernel[(tiles, split_k)](
+        x, codes, base, y if bias is None else bias, y, y if ws is None else ws, y if count is None else count,
+        rows, n, k, codes.shape[1], k_split, BITS=bits, HAS_BIAS=bias is not None, EXACT_F32=x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
     return y
 
 
 def shift_linear_int8_rows(x: Tensor, codes: Tensor, base: Tensor, bias: Tensor | None, m: Tensor | None,
-                           e: Tensor | None, in_features: int, out_bits: int) -> Tensor:
+                           e: Tensor | None, in_features: int, out_bits: int, split_k: int | None = None) -> Tensor:
     """int8 x [M, K] @ decode_int8(W)^T + bias (int32, saturating), requantised per column with
-    (m, e) (ref_shift_linear_int8_rows)."""
+    (m, e) (ref_shift_linear_int8_rows). split_k as shift_linear_rows (exact here)."""
     op = "shift_linear_int8_rows"
     x, codes, base, bias = _check(op, x, codes, base, bias, in_features, 4, (torch.int8,), torch.int32)
     rows, k = x.shape
@@ -255,12 +261,13 @@ def shift_linear_int8_rows(x: Tensor, codes: Tensor, base: Tensor, bias: Tensor 
     block_m, block_n, warps, stages = _config(rows, n)
     if requant and (consts == PER_COLUMN or epilogue == AUTO) and block_m == 128:
         block_n, warps = 64, 4  # per-column constants and the int64 path need the registers
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n),)
-    _shift_linear_int8_kernel[grid](x, codes, y if bias is None else bias, y if m is None else m,
-                                    y if e is None else e, m_val, e_val, y, rows, n, k, codes.shape[1],
-                                    HAS_BIAS=bias is not None, REQUANT=requant, CONSTS=consts, EPILOGUE=epilogue,
-                                    OUT_LO=lo, OUT_HI=hi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
-                                    num_warps=warps, num_stages=stages)
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
+    split_k, k_split, ws, count = split_k_plan(tiles, k, 64, x.device, split_k, torch.int32, block_m, block_n)
+    _shift_linear_int8_kernel[(tiles, split_k)](
+        x, codes, y if bias is None else bias, y if m is None else m, y if e is None else e, m_val, e_val, y,
+        y if ws is None else ws, y if count is None else count, rows, n, k, codes.shape[1], k_split,
+        HAS_BIAS=bias is not None, REQUANT=requant, CONSTS=consts, EPILOGUE=epilogue, OUT_LO=lo, OUT_HI=hi,
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
     return y
 
 
