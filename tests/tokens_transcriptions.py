@@ -360,6 +360,13 @@ def bipartite_soft_matching(metric, r, class_token=False, distill_token=False):
         dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
         if class_token:
             unm_idx = unm_idx.sort(dim=1)[0]
+    return merge_functions(unm_idx, src_idx, dst_idx, t, distill_token)
+
+
+def merge_functions(unm_idx, src_idx, dst_idx, t, distill_token=False):
+    """The (merge, unmerge) closures of ToMe's bipartite_soft_matching for a given plan
+    (indices [B, *, 1]; t tokens), split out so that a test can apply a plan made elsewhere."""
+    r = src_idx.shape[1]
 
     def merge(x, mode="mean"):
         src, dst = x[..., ::2, :], x[..., 1::2, :]
@@ -376,7 +383,7 @@ def bipartite_soft_matching(metric, r, class_token=False, distill_token=False):
         unm, dst = x[..., :unm_len, :], x[..., unm_len:, :]
         n, _, c = unm.shape
         src = dst.gather(dim=-2, index=dst_idx.expand(n, r, c))
-        out = torch.zeros(n, metric.shape[1], c, device=x.device, dtype=x.dtype)
+        out = torch.zeros(n, t, c, device=x.device, dtype=x.dtype)
         out[..., 1::2, :] = dst
         out.scatter_(dim=-2, index=(2 * unm_idx).expand(n, unm_len, c), src=unm)
         out.scatter_(dim=-2, index=(2 * src_idx).expand(n, r, c), src=src)
