@@ -48,6 +48,10 @@ GPU_ORDER: dict[str, Order] = {
     "token_scatter": Order(("cuda", "triton", "torch"),
                            "static report: both backends 16-byte I/O, no spills, memory-bound; no evidence "
                            "either way yet, hand-written CUDA first until a GPU measures them"),
+    "shift_linear": Order(("triton", "cuda", "torch"),
+                          "static report: both decode the codes in registers into tensor-core products; Triton's "
+                          "are wgmma (HGMMA) on sm_90a, the CUDA kernel's mma.sync (HMMA) with 64 x 128 tiles, so "
+                          "Triton first until a GPU measures them"),
 }
 
 

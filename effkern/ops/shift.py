@@ -46,7 +46,7 @@ from torch import Tensor
 from effkern._common import (INT32_MAX, MAX_INT8_LINEAR_K, SHIFT4_GROUP, TORCH_FLOAT_DTYPES, acc_dtype,
                              check_int, check_same_device, check_tensor, dtype_name, int_dtype_for_bits,
                              resolve_validate)
-from effkern._registry import Invalid, Sample, define_op, torch_kernel, triton_kernel
+from effkern._registry import Invalid, Sample, cuda_kernel, define_op, torch_kernel, triton_kernel
 from effkern._requant import as_scale_tensor, check_gemm_requant, dyadic_columns, ref_int_gemm_rows
 
 FAMILY = "shift"
@@ -276,12 +276,27 @@ def _check_shift_linear(x: Tensor, codes: Tensor, base: Tensor, bias: Tensor | N
     _check_bias(op, bias, n, x.dtype, x)
 
 
+def _cuda_shift_linear_limits(x: Tensor, codes: Tensor, base: Tensor, bias: Tensor | None, in_features: int,
+                              bits: int) -> list[str]:
+    """What the CUDA tensor-core kernel declines (the Triton kernel takes these): its copies are
+    16 bytes wide, so rows of x and of 5-bit codes must be whole 16-byte chunks."""
+    k = x.shape[-1]
+    reasons = []
+    if k % (16 if bits == 5 else 8):
+        reasons.append(f"K={k} is not a multiple of {16 if bits == 5 else 8} (16-byte rows of x"
+                       f"{' and of 5-bit codes' if bits == 5 else ''})")
+    if x.data_ptr() % 16 or codes.data_ptr() % 16:
+        reasons.append("x or codes is not 16-byte aligned")
+    return reasons
+
+
 SHIFT_LINEAR = define_op(
     "shift_linear", family=FAMILY, doc="x @ W^T + b with power-of-two weights decoded on the fly",
     check=_check_shift_linear, dispatch_on="x",
     kernels=[
         torch_kernel(ref_shift_linear_rows, dtypes=TORCH_FLOAT_DTYPES),
         triton_kernel("shift:shift_linear_rows", dtypes=(torch.float16, torch.bfloat16, torch.float32)),
+        cuda_kernel("cuda_shift_linear", dtypes=(torch.float16, torch.bfloat16), check=_cuda_shift_linear_limits),
     ],
 )
 
@@ -472,6 +487,7 @@ DEEPSHIFT_LINEAR = define_op(
     kernels=[
         torch_kernel(ref_deepshift_linear_rows, dtypes=(torch.int32,)),
         triton_kernel("shift:deepshift_linear_rows", dtypes=(torch.int32,)),
+        cuda_kernel("cuda_deepshift_linear", dtypes=(torch.int32,)),
     ],
 )
 
