@@ -317,6 +317,11 @@ class Kernels:
     def __init__(self, backend: str, names: Sequence[str]):
         self._backend, self._calls = backend, {n: None for n in names}
 
+    @property
+    def backend(self) -> str:
+        """The backend these kernels run on (for a case that forces it on a whole module)."""
+        return self._backend
+
     def __getattr__(self, name: str):
         calls = self.__dict__["_calls"]
         if name not in calls:

@@ -1,7 +1,9 @@
 """Shift GEMMs (DeepShift, ShiftAddViT) on DeiT-S / DeiT-B linear shapes (qkv, proj, fc1, fc2) and
 PVTv2-B1's stage-3 MLP (320 -> 1280 -> 320), M = 1, 16 and B * N at B = 64: `shift_linear` in bf16
 with the 5-bit (DeepShift) and the 4-bit weight form, `shift_linear_int8` (4-bit form, requantised to
-int8) and DeepShift's integer `deepshift_linear` (CUDA cores).
+int8) and DeepShift's integer `deepshift_linear` (CUDA cores); and the multiply/shift mixture of
+experts (`effkern.nn.ShiftAddMoE`, 60% of the tokens to its shift expert) on DeiT-S/B and PVTv2-B1
+MLPs at B = 1 and 64.
 
 *kernel µs* is the backend kernel alone, on a prebuilt ShiftWeight; *op µs* the public `effkern.ops`
 call. Every backend is compared with the torch backend first (float outputs within the output
@@ -14,11 +16,13 @@ function itself); for the int8 path also `torch._int_mm` followed by an eager re
 int8 decode with per-channel scales (the same epilogue, a dense int8 weight).
 
 Targets (H100/H200): shift_linear >= 2.5x F.linear bf16 at M <= 16 and >= 0.95x at M >= 4096; the
-int8 path >= 1.5x F.linear bf16 and >= 1.0x `torch._int_mm` + requantisation at M >= 4096.
+int8 path >= 1.5x F.linear bf16 and >= 1.0x `torch._int_mm` + requantisation at M >= 4096; the
+mixture of experts >= 1.2x the dense bf16 MLP at M >= 4096.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import sys
@@ -32,9 +36,10 @@ import torch.nn.functional as F  # noqa: E402
 
 import effkern  # noqa: E402
 from effkern import _requant as rq  # noqa: E402
+from effkern.nn import ShiftAddMoE, ShiftLinear  # noqa: E402
 from effkern.ops import shift as sops  # noqa: E402
 
-from bench.runner import Baseline, Case, Target, close, exact, main, no_validate  # noqa: E402
+from bench.runner import Baseline, Case, Target, Unavailable, close, exact, main, no_validate  # noqa: E402
 
 TITLE = "Shift-GEMM benchmark"
 QUICK = "DeiT-B fc1 and fc2 at M = 1, 16 and 64 x 197"
@@ -147,6 +152,61 @@ def deepshift(model, b, m, k, n, tokens):
                                                 "shift_linear replaces the shift-add with)")])
 
 
+# (model, C, hidden, tokens per image): the MLPs the mixture of experts replaces
+MLPS = (("DeiT-S", 384, 1536, 197), ("DeiT-B", 768, 3072, 197), ("PVTv2-B1", 320, 1280, 196))
+SHIFT_SHARE = 0.6  # ShiftAddViT's balance point (alpha = (6, 4))
+# x_0 ~ N(-MOE_SHIFT_MEAN, 1): the gate below routes a token to shift when x_0 < 0, P(x_0 < 0) = 0.6
+MOE_SHIFT_MEAN = 0.2533
+
+
+def moe(model, b, m, c, hidden, tokens):
+    """effkern.nn.ShiftAddMoE (eval, frozen 5-bit shift expert, no capacity) against the dense
+    bf16 MLP it replaces; its gate sends 60% of the tokens to the shift expert."""
+    def setup(r):
+        gen = torch.Generator().manual_seed(c + hidden)
+        mlp = torch.nn.Sequential(torch.nn.Linear(c, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, c))
+        for lin in (mlp[0], mlp[2]):
+            torch.nn.init.normal_(lin.weight, std=lin.in_features ** -0.5, generator=gen)
+        shift = torch.nn.Sequential(ShiftLinear.from_linear(mlp[0]).freeze(), torch.nn.GELU(),
+                                    ShiftLinear.from_linear(mlp[2]).freeze())
+        layer = ShiftAddMoE(mlp, shift, c).eval()
+        with torch.no_grad():
+            layer.w_gate.zero_()
+            layer.w_gate[0] = torch.tensor([1.0, -1.0])  # logits (x_0, -x_0): shift when x_0 < 0
+        layer = layer.to(device=r.device, dtype=torch.bfloat16)
+        for lin in (shift[0], shift[2]):
+            lin.freeze()  # encode again on the device
+        return {"moe": layer, "w1": mlp[0].weight.to(r.device, torch.bfloat16),
+                "b1": mlp[0].bias.to(r.device, torch.bfloat16), "w2": mlp[2].weight.to(r.device, torch.bfloat16),
+                "b2": mlp[2].bias.to(r.device, torch.bfloat16)}
+
+    def inputs(r):
+        x = r.randn(m, c, dtype=torch.float32)
+        x[:, 0] -= MOE_SHIFT_MEAN
+        return {"x": x.to(torch.bfloat16)}
+
+    def run(s, backend=None):
+        try:
+            with torch.no_grad(), (effkern.backend(backend) if backend else contextlib.nullcontext()):
+                return s["moe"](s["x"])
+        except effkern.BackendNotSupported as e:  # the whole layer is forced onto one backend
+            raise Unavailable("N/A", str(e).splitlines()[-1].strip()) from None
+
+    def dense(s):
+        return F.linear(F.gelu(F.linear(s["x"], s["w1"], s["b1"])), s["w2"], s["b2"])
+
+    flops = 4 * m * c * hidden
+    shift_bytes = 2 * hidden * c + 4 * (hidden + c)  # 5-bit codes (a byte each) and bases, both layers
+    return Case("shift_add_moe", model, b, f"{m}x{c}x{hidden}", "bf16", "bf16", inputs=inputs, setup=setup,
+                bytes=2 * 2 * m * c + 2 * (2 * hidden * c) + shift_bytes, flops=flops,
+                kernels=("shift_linear", "token_gather", "token_scatter"),
+                kernel=lambda s, kk: run(s, kk.backend), call=run, check=loose,
+                baselines=[Baseline("dense MLP bf16", dense, 2 * (2 * m * c + 2 * hidden * c + m * hidden * 2), flops,
+                                    note="timm's Mlp in bf16 on every token (cuBLAS, eager GELU): the layer the "
+                                         "mixture replaces, another function (not compared)")],
+                targets={"dense MLP bf16": Target(">=1.2x dense MLP bf16", speedup=1.2)} if m >= 4096 else {})
+
+
 def cases(check: bool = False, quick: bool = False) -> list[Case]:
     """Every linear shape at M = 1, 16 and 64 x tokens (--quick: DeiT-B fc1 and fc2); the
     self-check: the same K and N at M = 1 and 13 (--quick: DeiT-S fc1 only)."""
@@ -162,6 +222,11 @@ def cases(check: bool = False, quick: bool = False) -> list[Case]:
         out.append(shift_int8(model, b, m, k, n, tokens))
         if model in ("DeiT-S", "-") and (k, n) == (384, 1536):
             out.append(deepshift(model, b, m, k, n, tokens))
+    for (model, c, hidden, tokens), b in itertools.product(MLPS[:1] if quick else MLPS, (1, 64)):
+        m = b * tokens
+        if check:
+            model, b, m = "-", 0, 37
+        out.append(moe(model, b, m, c, hidden, tokens))
     seen, unique = set(), []
     for c in out:  # the self-check's clipped rows repeat shapes
         if c.key not in seen:

@@ -196,7 +196,9 @@ def sass_summary(sass: str) -> dict:
                 stl=sum(n for op, n in ops.items() if op.startswith("STL")),
                 ldl=sum(n for op, n in ops.items() if op.startswith("LDL")),
                 ldg=widths("LDG"), stg=widths("STG"),
-                async_copies=sum(n for op, n in ops.items() if op.startswith(("LDGSTS", "UTMALDG", "UBLKCP"))))
+                async_copies=sum(n for op, n in ops.items() if op.startswith(("LDGSTS", "UTMALDG", "UBLKCP"))),
+                # 16-byte global -> shared copies (cp.async): wide loads as much as LDG.128 is
+                async128=sum(n for op, n in ops.items() if op.startswith("LDGSTS") and ".128" in op))
 
 
 def res_usage(path: Path) -> dict:
@@ -879,7 +881,7 @@ def structural_flags(kernels: list[dict], case, fl: dict, launches: int, syncs: 
     if case.flops and not any(k["tc"] for k in kernels):
         flags.append("no tensor cores")
     mem_bound = fl[f"mem_us_{VERDICT_GPU}"] >= fl["compute_us"]
-    if mem_bound and kernels and not any("128" in k["ldg"] for k in kernels):
+    if mem_bound and kernels and not any("128" in k["ldg"] or k.get("async128") for k in kernels):
         flags.append("no 16-byte loads")
     small = [k["kernel"] for k in kernels if k.get("blocks") is not None and k["blocks"] < SMS]
     if small:
@@ -1136,12 +1138,13 @@ def properties(rep: dict) -> dict:
                 continue
             p = out.setdefault(("triton", where, kk["kernel"]), dict(tc=False, io128=False, spill=0, specs=set()))
             p["tc"] |= bool(kk["tc"])
-            p["io128"] |= "128" in kk["ldg"] or "128" in kk["stg"]
+            p["io128"] |= "128" in kk["ldg"] or "128" in kk["stg"] or bool(kk.get("async128"))
             p["spill"] = max(p["spill"], kk["stl"] + kk["ldl"])
             p["specs"].add(kk["spec"])
     for k in rep["cuda"]:
-        out[("cuda", k["arch"], k["kernel"])] = dict(tc=bool(k["tc"]), io128="128" in k["ldg"] or "128" in k["stg"],
-                                                    spill=k["stl"] + k["ldl"], specs={k["kernel"]})
+        out[("cuda", k["arch"], k["kernel"])] = dict(tc=bool(k["tc"]), io128="128" in k["ldg"] or "128" in k["stg"]
+                                                     or bool(k.get("async128")),
+                                                     spill=k["stl"] + k["ldl"], specs={k["kernel"]})
     return out
 
 

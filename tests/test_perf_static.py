@@ -156,10 +156,13 @@ def test_sass_and_occupancy_reading():
         "        /*0030*/                   HMMA.16816.F32.BF16 R12, R4, R8, R12 ;",
         "        /*0040*/                   STL [R1], R4 ;",
         "        /*0050*/                   LDL R4, [R1] ;",
-        "        /*0060*/                   EXIT ;"])
+        "        /*0060*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R2.64] ;",
+        "        /*0070*/                   LDGSTS.E.64 [R5], desc[UR4][R2.64] ;",
+        "        /*0080*/                   EXIT ;"])
     s = static.sass_summary(sass)
-    assert s["n"] == 7 and s["tc"] == 1 and s["tc_ops"] == ["HMMA"] and s["stl"] == 1 and s["ldl"] == 1
+    assert s["n"] == 9 and s["tc"] == 1 and s["tc_ops"] == ["HMMA"] and s["stl"] == 1 and s["ldl"] == 1
     assert s["ldg"] == {"128": 1, "8": 1} and s["stg"] == {"64": 1}
+    assert s["async_copies"] == 2 and s["async128"] == 1  # cp.async 16-byte copies count as wide loads
     # 128 threads at 128 registers: 4 warps x 4096 registers -> 4 blocks of 65536
     o = static.occupancy(128, 0, 128)
     assert (o["blocks_sm"], o["warps_sm"], o["limiter"]) == (4, 16, "registers")

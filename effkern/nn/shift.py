@@ -254,6 +254,8 @@ class ShiftAddMoE(nn.Module):
         self.experts = nn.ModuleList([mult, shift])
         self.dim, self.out_dim = dim, dim if out_dim is None else out_dim
         self.noisy_gating, self.alpha, self.capacity = noisy_gating, tuple(float(a) for a in alpha), capacity
+        # on the module's device, so that routing copies nothing from the host (CUDA graphs)
+        self.register_buffer("alpha_weights", torch.tensor(self.alpha), persistent=False)
         self.w_gate = nn.Parameter(torch.empty(dim, 2))
         self.w_noise = nn.Parameter(torch.empty(dim, 2))
         nn.init.kaiming_uniform_(self.w_gate, a=math.sqrt(5))
@@ -273,7 +275,7 @@ class ShiftAddMoE(nn.Module):
         top = logits.argmax(dim=-1)
         probs = torch.softmax(logits.float(), dim=-1)
         gate = probs.gather(1, top[:, None])[:, 0]
-        alpha = torch.tensor(self.alpha, device=t.device)
+        alpha = self.alpha_weights.float()
         routed = F.one_hot(top, 2).to(probs.dtype)
         importance = (routed * probs).sum(0)
         if noisy:  # P(expert stays top under the noise): the other logit is the threshold (top-1 of 2)
