@@ -144,6 +144,37 @@ def hashed_attention_cases(gen):
         yield dict(y_q=y_q, y_k=y_k, v=v, form=form), compare, tag
 
 
+def _shift_weight(gen, n, k, bits, base_lo, base_hi):
+    from tests.test_shift_cuda import random_weight
+    return random_weight(gen, n, k, bits, base_lo, base_hi)
+
+
+def shift_linear_cases(gen):
+    def compare(got, kw, ref_fn, what):  # float32 sums in another order: one rounding of the dtype apart
+        ref = ref_fn(**kw)
+        ulp = 2.0**-7 if ref.dtype == torch.bfloat16 else 2.0**-10
+        torch.testing.assert_close(got.float(), ref.float(), rtol=ulp, atol=1e-3, msg=what)
+
+    # (M, N, K): split-K at one 16-row tile, 64-row tiles with N tails and K not a multiple of 64
+    shapes = [(1, 136, 128), (70, 200, 208)] if SMALL else [(1, 136, 128), (16, 384, 1536), (70, 200, 208),
+                                                          (130, 264, 336)]
+    for (m, n, k), bits, dt in ((s, b, d) for s in shapes for b in (4, 5) for d in (torch.bfloat16, torch.float16)):
+        w = _shift_weight(gen, n, k, bits, -10, 2)
+        x = make_x(gen, (m, k), dt)
+        for bias in (make_x(gen, (n,), dt), None):
+            yield (dict(x=x, codes=w.codes, base=w.base, bias=bias, in_features=k, bits=bits), compare,
+                   f"{m}x{n}x{k} bits={bits} {case_id(dt)}{' bias' if bias is not None else ''}")
+
+
+def deepshift_linear_cases(gen):
+    for (m, n, k), bits in ((s, b) for s in [(3, 70, 100), (33, 65, 333)] for b in (4, 5)):
+        w = _shift_weight(gen, n, k, bits, -40, 1 - (2 ** (bits - 1) - 1))
+        x = torch.randint(-(2**31), 2**31, (m, k), generator=gen, dtype=torch.int64).to(torch.int32)
+        bias = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+        yield (dict(x=x, codes=w.codes, base=w.base, bias=bias, in_features=k, bits=bits), _against_reference,
+               f"{m}x{n}x{k} bits={bits}")
+
+
 CASES = {
     "int_softmax": int_softmax_cases,
     "int_gelu": int_gelu_cases,
@@ -152,6 +183,8 @@ CASES = {
     "token_scatter": token_scatter_cases,
     "binary_attention": binary_attention_cases,
     "hashed_attention": hashed_attention_cases,
+    "shift_linear": shift_linear_cases,
+    "deepshift_linear": deepshift_linear_cases,
 }
 
 
