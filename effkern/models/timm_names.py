@@ -1,4 +1,4 @@
-"""effkern's ViT variants as timm model names: ``timm.create_model("<arch>_<method>", ...)``.
+"""effkern's ViT (and PVTv2) variants as timm model names: ``timm.create_model("<arch>_<method>", ...)``.
 
     import effkern.models  # registers the names (when timm is installed)
     model = timm.create_model("deit_small_patch16_224_tome", pretrained=True, r=16)
@@ -11,7 +11,9 @@ keyword pass through, so the arch's default pretrained weights load as usual), t
 :func:`effkern.convert` with the method's keywords (``ivit``: presets for DeiT-T/S/B only, the
 archs I-ViT reports; the result is an integer-only :class:`~effkern.models.IViT`) (the method's settings as in
 ``effkern.models.variants.METHODS``; ``strict=False`` where the method can add parameters).
-``timm.list_models("*_tome")`` finds them; ``python -m effkern models`` lists them.
+PVTv2 (``pvt_v2_b0`` / ``b1`` / ``b2``) has the names of the methods that convert it
+(``pvt_v2_b0_shiftadd``, ``pvt_v2_b0_shift``, ...). ``timm.list_models("*_tome")`` finds them;
+``python -m effkern models`` lists them.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ ARCHS = (
     "deit3_small_patch16_224", "deit3_base_patch16_224",
     "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
 )
+# timm's PVTv2 archs, for the methods that convert a PVTv2 (METHODS[method].pvt: shiftadd, shift)
+PVT_ARCHS = ("pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2")
 
 
 def _archs(method: str) -> tuple[str, ...]:
-    return METHODS[method].archs or ARCHS
+    m = METHODS[method]
+    return (m.archs or ARCHS) + (PVT_ARCHS if m.pvt else ())
 
 
 def names() -> list[str]:

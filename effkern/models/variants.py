@@ -23,6 +23,30 @@ by block index, so that gradient checkpointing, which re-runs a block in the bac
 sees the same inputs again. It is reset when ``patch_embed`` runs, i.e. at the start of every
 forward.
 
+timm's PVTv2 (``timm.models.pvt_v2.PyramidVisionTransformerV2``: ``pvt_v2_b0`` ... ``b5``) converts
+with ``shiftadd`` and ``shift`` only (the others raise TypeError), as ShiftAddViT's published
+PVTv2 code (GATECH-EIC/ShiftAddViT, ``pvt/pvt_v2.py``, ``pvt/fmoe_fc.py``) does it. Nothing but
+the replaced modules changes (no class change, no hooks); ``model.effkern`` holds the settings.
+``layers`` index the blocks of all stages in order (``stages.s.blocks.j``), ``stages`` selects
+whole stages instead.
+
+* ``shiftadd``: the attention of ``stages`` (default (0, 1, 2): the published model keeps MSA in
+  the last stage) becomes :class:`~effkern.nn.binary_hash.PVTBinaryHashAttention`, the published
+  ``LinAngularAttention_ksh``: one shared query / key projection (timm's ``q``) hashed by KSH to
+  {0, 1} codes, values from the value half of timm's ``kv`` at full resolution (no spatial
+  reduction: ``sr`` / ``norm`` stay, unused, for timm's checkpoint), out = normalise(v / 2 +
+  h (h^T v) / pi) + dwconv(v) with a 9-tap token convolution per head, then ``proj``.
+  ``dwconv`` adds ``...attn.dwconv.weight`` (strict=False). ``fit_hash`` fits each hash to its
+  queries (the published hash is fitted to the shared q / k as well).
+* ``shift``: ``targets`` among ``q``, ``kv``, ``proj``, ``fc1``, ``fc2`` become ShiftLinear;
+  ``moe=True`` makes ``fc1`` and ``fc2`` each a ShiftAddMoE of timm's linear and its shift copy
+  (the published ``Mlp_FMoE`` of two ``PyTorchFMoE_FC``), keeping timm's depthwise convolution
+  between them (a per-token router cannot split a convolution over the token grid). Departure:
+  the published ``--moe_attn`` also makes the LinAngular attention's linears such mixtures; here
+  attention targets become plain ShiftLinear (as on a ViT), and the router is effkern's
+  ShiftAddMoE (noisy top-1 gate, see :class:`~effkern.nn.ShiftAddMoE`), not the published
+  ``NaiveGate``.
+
 Methods: ``tome``, ``evit``, ``dynamicvit``, ``idlevit``, ``ecoformer``, ``shiftadd`` and ``shift``
 (the blocks' linear layers to shift layers) (see :data:`METHODS`) convert in place; ``ivit`` returns a new, integer-only model
 (:class:`~effkern.models.IViT`) with the timm model's weights, since every layer changes.
@@ -42,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effkern.models.ivit import IViT
-from effkern.nn.binary_hash import BinaryHashAttention
+from effkern.nn.binary_hash import BinaryHashAttention, PVTBinaryHashAttention
 from effkern.nn.shift import ShiftAddMoE, ShiftLinear
 from effkern.nn.tokens import (DynamicViTPredictor, dynamicvit_attention, dynamicvit_keep, dynamicvit_keep_decisions,
                                evit_left_tokens, evit_reorganize, evit_scores, idle_select_compute_scatter,
@@ -619,14 +643,58 @@ class IdleViTLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# The blocks the module-replacing methods convert: a ViT's, or a PVTv2's (timm pvt_v2) stages'
+# --------------------------------------------------------------------------------------------
+
+# ShiftAddViT's PVTv2 (pvt/pvt_v2.py): binary-hash attention in stages 1-3, MSA in the last one
+PVT_HASH_STAGES = (0, 1, 2)
+
+
+def _is_pvt(model: nn.Module) -> bool:
+    """timm's ``PyramidVisionTransformerV2`` (its module is loaded whenever such a model exists)."""
+    pvt = sys.modules.get("timm.models.pvt_v2")
+    return pvt is not None and isinstance(model, pvt.PyramidVisionTransformerV2)
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+    """(name, stage, block) of every block in forward order; ``layers`` index this list. ViT:
+    ``blocks.i`` (stage 0); PVTv2: ``stages.s.blocks.j``."""
+    if _is_pvt(model):
+        return [(f"stages.{s}.blocks.{j}", s, blk) for s, stage in enumerate(model.stages)
+                for j, blk in enumerate(stage.blocks)]
+    return [(f"blocks.{i}", 0, blk) for i, blk in enumerate(model.blocks)]
+
+
+def _stage_layers(method: str, model: nn.Module, layers: Sequence[int] | None, stages: Sequence[int] | None,
+                  default_stages: Sequence[int] | None) -> Sequence[int] | None:
+    """``layers`` (block indices, checked by the caller) as given, or those of the blocks of
+    ``stages`` (PVTv2 only; when neither is given: ``default_stages``, None: every block)."""
+    pvt = _is_pvt(model)
+    if stages is not None and not pvt:
+        raise ValueError(f"effkern.convert({method!r}): stages selects the stages of a PVTv2; a "
+                         f"{type(model).__name__} takes layers")
+    if stages is not None and layers is not None:
+        raise ValueError(f"effkern.convert({method!r}): pass layers or stages, not both")
+    if layers is not None or not pvt or (stages is None and default_stages is None):
+        return layers
+    n = len(model.stages)
+    stages = tuple(int(s) for s in (default_stages if stages is None else stages))
+    if not all(0 <= s < n for s in stages) or len(set(stages)) != len(stages):
+        raise ValueError(f"effkern.convert({method!r}): stages must be distinct stage indices in [0, {n}), got {stages}")
+    return tuple(i for i, (_, s, _) in enumerate(_blocks(model)) if s in stages)
+
+
+# --------------------------------------------------------------------------------------------
 # EcoFormer / ShiftAddViT: binary-hash attention (effkern.nn.BinaryHashAttention)
 # --------------------------------------------------------------------------------------------
 
 
 def _hash_configure(form: str):
     def configure(model: nn.Module, nbits: int = 16, num_anchors: int = 25, hash: str = "ksh",
-                  dwconv: bool | None = None, layers: Sequence[int] | None = None) -> dict:
-        depth = len(model.blocks)
+                  dwconv: bool | None = None, layers: Sequence[int] | None = None,
+                  stages: Sequence[int] | None = None) -> dict:
+        depth = len(_blocks(model))
+        layers = _stage_layers(form, model, layers, stages, default_stages=PVT_HASH_STAGES)
         layers = tuple(range(depth)) if layers is None else tuple(int(i) for i in layers)
         if not all(0 <= i < depth for i in layers) or len(set(layers)) != len(layers):
             raise ValueError(f"effkern.convert({form!r}): layers must be distinct indices in [0, {depth}), got {layers}")
@@ -637,16 +705,18 @@ def _hash_configure(form: str):
 
 def _hash_attentions(model: nn.Module, cfg: dict, dry_run: bool = False) -> tuple[str, ...]:
     """Each listed block's attention replaced by BinaryHashAttention.from_attention (timm's
-    weights). Returns the names of the parameters this adds, the dwconv weights (ShiftAddViT);
-    ``dry_run``: only that, the model untouched."""
-    added = tuple(f"blocks.{i}.attn.dwconv.weight" for i in cfg["layers"]) if cfg["dwconv"] else ()
+    weights; PVTv2: PVTBinaryHashAttention, ShiftAddViT's PVTv2 form). Returns the names of the
+    parameters this adds, the dwconv weights (ShiftAddViT); ``dry_run``: only that, the model
+    untouched."""
+    blocks = _blocks(model)
+    added = tuple(f"{blocks[i][0]}.attn.dwconv.weight" for i in cfg["layers"]) if cfg["dwconv"] else ()
     if dry_run:
         return added
+    cls = PVTBinaryHashAttention if _is_pvt(model) else BinaryHashAttention
     for i in cfg["layers"]:
-        blk = model.blocks[i]
-        blk.attn = BinaryHashAttention.from_attention(blk.attn, form=cfg["form"], nbits=cfg["nbits"],
-                                                      num_anchors=cfg["num_anchors"], hash=cfg["hash"],
-                                                      dwconv=cfg["dwconv"])
+        blk = blocks[i][2]
+        blk.attn = cls.from_attention(blk.attn, form=cfg["form"], nbits=cfg["nbits"], num_anchors=cfg["num_anchors"],
+                                      hash=cfg["hash"], dwconv=cfg["dwconv"])
     return added
 
 
@@ -734,19 +804,26 @@ def _progress(items: list, desc: str, enabled: bool):
 # --------------------------------------------------------------------------------------------
 
 SHIFT_TARGETS = {"qkv": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
+# timm's PVTv2: separate q and kv linears
+PVT_SHIFT_TARGETS = {"q": "attn", "kv": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
+
+
+def _shift_targets(model: nn.Module) -> dict[str, str]:
+    return PVT_SHIFT_TARGETS if _is_pvt(model) else SHIFT_TARGETS
 
 
 def _shift_configure(model: nn.Module, mode: str = "q", weight_bits: int = 5, fixed_point: bool = True,
                      targets: Sequence[str] = ("fc1", "fc2"), layers: Sequence[int] | None = None,
-                     moe: bool = False, capacity: float | None = None) -> dict:
-    depth = len(model.blocks)
+                     moe: bool = False, capacity: float | None = None, stages: Sequence[int] | None = None) -> dict:
+    depth = len(_blocks(model))
     if mode not in ("ps", "q"):
         raise ValueError(f"effkern.convert('shift'): mode must be 'ps' or 'q', got {mode!r}")
-    targets = tuple(targets)
-    bad = [t for t in targets if t not in SHIFT_TARGETS]
+    targets, known = tuple(targets), tuple(_shift_targets(model))
+    bad = [t for t in targets if t not in known]
     if bad or not targets or len(set(targets)) != len(targets):
-        raise ValueError(f"effkern.convert('shift'): targets must be distinct names among {tuple(SHIFT_TARGETS)}, "
-                         f"got {targets}")
+        raise ValueError(f"effkern.convert('shift'): targets must be distinct names among {known} "
+                         f"({type(model).__name__}), got {targets}")
+    layers = _stage_layers("shift", model, layers, stages, default_stages=None)
     layers = _layer_indices("shift", "layers", range(depth) if layers is None else layers, depth)
     if capacity is not None and not moe:
         raise ValueError("effkern.convert('shift'): capacity is the mixture of experts' (moe=True)")
@@ -754,41 +831,62 @@ def _shift_configure(model: nn.Module, mode: str = "q", weight_bits: int = 5, fi
             "layers": layers, "moe": bool(moe), "capacity": capacity}
 
 
+def _to_shift(linear: nn.Module, cfg: dict) -> ShiftLinear:
+    return ShiftLinear.from_linear(linear, mode=cfg["mode"], weight_bits=cfg["weight_bits"],
+                                   fixed_point=cfg["fixed_point"])
+
+
+def _shift_names(linear: nn.Linear, mode: str) -> list[str]:
+    """A ShiftLinear's parameter names (from_linear of ``linear``)."""
+    return ["shift", "sign"] * (mode == "ps") + ["weight"] * (mode == "q") + ["bias"] * (linear.bias is not None)
+
+
 def _shift_linears(model: nn.Module, cfg: dict, dry_run: bool = False) -> tuple[str, ...]:
     """Each target linear of each listed block replaced by ShiftLinear.from_linear (DeepShift's
     conversion); with ``moe``, each listed block's MLP by a ShiftAddMoE of timm's MLP (multiply
-    expert) and a copy of it with shift layers (shift expert). Returns the names of the
-    parameters this adds (mode "ps": shift and sign in place of weight; mode "q" keeps timm's
-    names; the MoE: every parameter of it, timm's MLP names move under ``experts``); ``dry_run``:
-    only that."""
+    expert) and a copy of it with shift layers (shift expert); on PVTv2 (whose MLP has a
+    depthwise convolution over the token grid between fc1 and fc2, which per-token routing
+    cannot split) fc1 and fc2 each become a ShiftAddMoE of timm's linear and its shift copy,
+    as ShiftAddViT's PVT code (``Mlp_FMoE``) does. Returns the names of the parameters this adds
+    (mode "ps": shift and sign in place of weight; mode "q" keeps timm's names; the MoE: every
+    parameter of it, timm's names move under ``experts``); ``dry_run``: only that."""
+    blocks, pvt, where = _blocks(model), _is_pvt(model), _shift_targets(model)
     added = []
     for i in cfg["layers"]:
-        if cfg["moe"]:
-            mlp = model.blocks[i].mlp
+        name, _, blk = blocks[i]
+        if cfg["moe"] and pvt:
+            for t in ("fc1", "fc2"):
+                linear = getattr(blk.mlp, t)
+                added += [f"{name}.mlp.{t}.{n}" for n in ("w_gate", "w_noise")]
+                added += [f"{name}.mlp.{t}.experts.0.{n}" for n, _ in linear.named_parameters()]
+                added += [f"{name}.mlp.{t}.experts.1.{n}" for n in _shift_names(linear, cfg["mode"])]
+                if not dry_run:
+                    moe = ShiftAddMoE(linear, _to_shift(linear, cfg), linear.in_features, out_dim=linear.out_features,
+                                      capacity=cfg["capacity"])
+                    setattr(blk.mlp, t, moe.to(linear.weight))
+        elif cfg["moe"]:
+            mlp = blk.mlp
             dim = mlp.fc1.in_features
-            names = [f"blocks.{i}.mlp.w_gate", f"blocks.{i}.mlp.w_noise"]
-            names += [f"blocks.{i}.mlp.experts.{e}.{n}" for e in (0, 1) for n, _ in mlp.named_parameters()
+            names = [f"{name}.mlp.w_gate", f"{name}.mlp.w_noise"]
+            names += [f"{name}.mlp.experts.{e}.{n}" for e in (0, 1) for n, _ in mlp.named_parameters()
                       if not (e == 1 and cfg["mode"] == "ps" and n.endswith(".weight") and n.split(".")[0] in ("fc1", "fc2"))]
             if cfg["mode"] == "ps":
-                names += [f"blocks.{i}.mlp.experts.1.{t}.{w}" for t in ("fc1", "fc2") for w in ("shift", "sign")]
+                names += [f"{name}.mlp.experts.1.{t}.{w}" for t in ("fc1", "fc2") for w in ("shift", "sign")]
             added += names
             if not dry_run:
                 shift = copy.deepcopy(mlp)
                 for t in ("fc1", "fc2"):
-                    setattr(shift, t, ShiftLinear.from_linear(getattr(shift, t), mode=cfg["mode"],
-                                                              weight_bits=cfg["weight_bits"], fixed_point=cfg["fixed_point"]))
+                    setattr(shift, t, _to_shift(getattr(shift, t), cfg))
                 moe = ShiftAddMoE(mlp, shift, dim, out_dim=mlp.fc2.out_features, capacity=cfg["capacity"])
-                model.blocks[i].mlp = moe.to(next(mlp.parameters()))
+                blk.mlp = moe.to(next(mlp.parameters()))
         for t in cfg["targets"]:
             if cfg["moe"] and t in ("fc1", "fc2"):
                 continue  # inside the MoE's shift expert
-            parent = getattr(model.blocks[i], SHIFT_TARGETS[t])
+            parent = getattr(blk, where[t])
             if cfg["mode"] == "ps":
-                added += [f"blocks.{i}.{SHIFT_TARGETS[t]}.{t}.shift", f"blocks.{i}.{SHIFT_TARGETS[t]}.{t}.sign"]
+                added += [f"{name}.{where[t]}.{t}.shift", f"{name}.{where[t]}.{t}.sign"]
             if not dry_run:
-                setattr(parent, t, ShiftLinear.from_linear(getattr(parent, t), mode=cfg["mode"],
-                                                           weight_bits=cfg["weight_bits"],
-                                                           fixed_point=cfg["fixed_point"]))
+                setattr(parent, t, _to_shift(getattr(parent, t), cfg))
     return tuple(added)
 
 
@@ -905,6 +1003,8 @@ class Method:
     build: Callable[[nn.Module, dict], nn.Module] | None = None
     # the timm archs given a timm name (None: all of timm_names.ARCHS)
     archs: tuple[str, ...] | None = None
+    # also converts timm's PVTv2 (replace_modules over its stages' blocks)
+    pvt: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -932,8 +1032,9 @@ METHODS: dict[str, Method] = {
     "shiftadd": Method("shiftadd", None, _hash_configure("shiftadd"), (), lambda sh: False,
                        "ShiftAddViT (You et al. 2023) attention: binary-hash linear attention with {0, 1} codes "
                        "(additions) plus a depthwise convolution of V (dwconv, which adds parameters: strict=False); "
-                       "fit_hash(model, images) fits the hash.",
-                       None, _hash_attentions),
+                       "fit_hash(model, images) fits the hash. PVTv2: stages (0, 1, 2), ShiftAddViT's PVTv2 "
+                       "attention (shared q / k, full-resolution values, a 9-tap dwconv per head).",
+                       None, _hash_attentions, pvt=True),
     "ivit": Method("ivit", None, _ivit_configure, (), lambda sh: False,
                    "I-ViT (Li and Gu 2023): integer-only inference (Shiftmax, ShiftGELU, I-LayerNorm, dyadic "
                    "requantisation, int8 GEMMs). Returns a NEW model (effkern.models.IViT) with the timm weights; "
@@ -946,8 +1047,9 @@ METHODS: dict[str, Method] = {
                     "timm's parameter names, strict loading) or 'ps' (DeepShift-PS: shift and sign parameters, "
                     "strict=False); weight_bits=5, fixed_point=True (ShiftAddViT's 16.16 input and bias); moe=True: "
                     "each MLP a ShiftAddMoE of timm's MLP and its shift copy (strict=False; moe_loss(model) is "
-                    "the balance loss), capacity for static shapes.",
-                    None, _shift_linears),
+                    "the balance loss), capacity for static shapes. PVTv2: targets among q, kv, proj, fc1, fc2 at "
+                    "layers or stages (all); moe=True makes fc1 and fc2 each a ShiftAddMoE.",
+                    None, _shift_linears, pvt=True),
     "idlevit": Method("idlevit", IdleViTBlockMixin, _idlevit_configure, (), lambda sh: False,
                       "IdleViT (Xu et al. 2023): at idle_layers (0-based, 4..depth-1) only the class token and the "
                       "keep_ratios (keep_rate^1, ^2, ^3 per third; keep_rate 0.7) best patch tokens by CLS attention "
@@ -971,11 +1073,15 @@ def _check_timm_vit(model: nn.Module) -> None:
 
 
 def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> nn.Module:
-    """Convert a timm ``VisionTransformer`` in place to run ``method``; returns the model.
+    """Convert a timm ``VisionTransformer`` (or, for ``shiftadd`` and ``shift``, a timm
+    ``PyramidVisionTransformerV2``) in place to run ``method``; returns the model.
 
     Args:
         model: timm's ``VisionTransformer`` (DeiT, DeiT-III, ViT-S/B/L, any image size) with
-            pre-norm ``Block``s. Already converted: converted again from scratch.
+            pre-norm ``Block``s. Already converted: converted again from scratch. Or timm's
+            PVTv2 (``pvt_v2_b0`` ...) for the methods marked ``pvt`` in :data:`METHODS`
+            (another method raises TypeError); there ``layers`` index the blocks of all stages
+            in order and ``stages`` selects whole stages (see the module docstring).
         method: one of :data:`METHODS` (``python -m effkern models`` lists them with their
             settings).
         strict: True (default): the converted model's state_dict keys stay timm's, and a method
@@ -997,13 +1103,19 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
     if binary_hash_attentions(model) or shift_layers(model):
         raise ValueError("effkern.convert: this model's modules were replaced (binary-hash attention: ecoformer / "
                          "shiftadd; shift layers: shift); convert timm's model instead")
-    _check_timm_vit(model)
+    pvt = _is_pvt(model)
+    if pvt and not m.pvt:
+        raise TypeError(f"effkern.convert({method!r}): not available for timm's PVTv2 ({type(model).__name__}); "
+                        f"a PVTv2 converts with {', '.join(n for n, x in METHODS.items() if x.pvt)}")
+    if not pvt:
+        _check_timm_vit(model)
     if not isinstance(strict, bool):
         raise TypeError(f"effkern.convert: strict must be a bool, got {strict!r}")
     cfg = m.configure(model, **config)
     if m.build is not None:
         return m.build(model, cfg)
-    _undo(model)
+    if not pvt:
+        _undo(model)
     modules, added, added_module = (), (), None
     if m.add_modules is not None:
         mods = m.add_modules(model, cfg)
@@ -1022,6 +1134,9 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
                              f"{added[0]}, ...), so the model's state_dict is no longer timm's; pass strict=False "
                              "to accept that (they are listed in model.effkern.added_parameters)")
         m.replace_modules(model, cfg)
+    if pvt:  # the replaced modules are the whole method: no per-forward state, blocks unchanged
+        model.effkern = Shared(method, cfg, len(_blocks(model)), 0, (), added)
+        return model
     model.__class__ = _converted_class(_unconverted_class(type(model)), _ConvertedViT, "Effkern")
     shared = Shared(method, cfg, len(model.blocks), int(model.num_prefix_tokens), modules, added)
     model.effkern = shared

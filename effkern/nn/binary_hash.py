@@ -15,6 +15,9 @@ and :meth:`load_hash_state_dict` (it is data-fitted, not trained). A state dict 
 ``dwconv.*`` key (a plain attention checkpoint) leaves the convolution at its initial weights
 instead of reporting it missing; a state dict that has some but not all of them still fails.
 
+:class:`PVTBinaryHashAttention` is the same attention as a drop-in for timm's PVTv2 ``Attention``
+(its ``q`` / ``kv`` names, ``forward(x, feat_size)``) in ShiftAddViT's published PVTv2 form.
+
 Fitting. :meth:`BinaryHashAttention.fit_hash` fits the KSH hash of every head to calibration
 inputs with EcoFormer's greedy bit-by-bit procedure (:func:`fit_ksh_head`).
 """
@@ -22,6 +25,7 @@ inputs with EcoFormer's greedy bit-by-bit procedure (:func:`fit_ksh_head`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,8 @@ from effkern.ops.binary_hash import (
     binary_hash_attention,
 )
 
-__all__ = ["BinaryHashAttention", "TokenDWConv", "fit_ksh_head", "ksh_code_loss", "ksh_similarity_targets"]
+__all__ = ["BinaryHashAttention", "PVTBinaryHashAttention", "TokenDWConv", "fit_ksh_head", "ksh_code_loss",
+           "ksh_similarity_targets"]
 
 HASHES = ("ksh", "random")
 
@@ -141,17 +146,26 @@ def fit_ksh_head(x: Tensor, nbits: int, num_anchors: int, *, topk: int = 10, ite
 
 class TokenDWConv(nn.Conv1d):
     """ShiftAddViT's depthwise convolution over the token axis of V: ``[B, H, N, d]`` ->
-    ``[B, H, N, d]``, one 9-tap kernel (padding 4, no bias) per value channel (C = H d
-    channels, groups = C).
+    ``[B, H, N, d]``, 9 taps (padding 4, no bias).
+
+    ``heads=None`` (effkern's ViT form): one kernel per value channel (C = H d channels,
+    groups = C). ``heads=H``: one kernel per head, shared by the head's d channels, as the
+    published PVT code's ``dconv`` (``Conv2d(H, H, (9, 1), groups=H)`` on ``[B, H, N, d]``);
+    the weight is then ``[H, 1, 9]``.
 
     A state dict with none of this module's keys (a plain attention checkpoint) leaves the
     weights as they are rather than reporting them missing."""
 
-    def __init__(self, dim: int, kernel_size: int = 9):
-        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
+    def __init__(self, dim: int, kernel_size: int = 9, *, heads: int | None = None):
+        channels = dim if heads is None else heads
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=False)
+        self.per_head = heads is not None
 
     def forward(self, v: Tensor) -> Tensor:  # type: ignore[override]
         b, h, n, d = v.shape
+        if self.per_head:  # each of the d columns is one sequence of H channels
+            x = v.permute(0, 3, 1, 2).reshape(b * d, h, n)
+            return super().forward(x).reshape(b, d, h, n).permute(0, 2, 3, 1)
         x = v.permute(0, 1, 3, 2).reshape(b, h * d, n)
         return super().forward(x).reshape(b, h, d, n).permute(0, 1, 3, 2)
 
@@ -192,19 +206,28 @@ class BinaryHashAttention(Attention):
                  dwconv: bool | None = None):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
                          proj_drop=proj_drop, norm_layer=norm_layer)
+        self._init_hash(form=form, nbits=nbits, num_anchors=num_anchors, hash=hash, dwconv=dwconv,
+                        make_dwconv=lambda: TokenDWConv(dim))
+
+    def _init_hash(self, *, form: str, nbits: int, num_anchors: int, hash: str, dwconv: bool | None,
+                   make_dwconv: Callable[[], nn.Module]) -> None:
+        """The hash buffers and settings (after num_heads / head_dim are set), then the dwconv
+        (``make_dwconv()``; dwconv None: on for "shiftadd") (in this order: the same RNG draws
+        whatever the subclass)."""
+        name = type(self).__name__
         if form not in FORMS:
-            raise ValueError(f"BinaryHashAttention: form must be 'ecoformer' or 'shiftadd', got {form!r}")
+            raise ValueError(f"{name}: form must be 'ecoformer' or 'shiftadd', got {form!r}")
         if hash not in HASHES:
-            raise ValueError(f"BinaryHashAttention: hash must be 'ksh' or 'random', got {hash!r}")
+            raise ValueError(f"{name}: hash must be 'ksh' or 'random', got {hash!r}")
         if isinstance(nbits, bool) or not isinstance(nbits, int) or nbits < 1:
-            raise ValueError(f"BinaryHashAttention: nbits must be a positive integer, got {nbits!r}")
+            raise ValueError(f"{name}: nbits must be a positive integer, got {nbits!r}")
         if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
-            raise ValueError(f"BinaryHashAttention: num_anchors must be a positive integer, got {num_anchors!r}")
+            raise ValueError(f"{name}: num_anchors must be a positive integer, got {num_anchors!r}")
         self.form = form
         self.nbits = nbits
         self.num_anchors = num_anchors
         self.hash_kind = hash
-        h, d = num_heads, self.head_dim
+        h, d = self.num_heads, self.head_dim
         if hash == "ksh":
             self.register_buffer("hash_anchors", F.normalize(torch.randn(h, num_anchors, d), dim=-1),
                                  persistent=False)
@@ -214,7 +237,7 @@ class BinaryHashAttention(Attention):
             self.register_buffer("hash_weight", torch.randn(h, d, nbits), persistent=False)
         if dwconv is None:
             dwconv = form == "shiftadd"
-        self.dwconv = TokenDWConv(dim) if dwconv else None
+        self.dwconv = make_dwconv() if dwconv else None
 
     # ---- hash -------------------------------------------------------------------------------
 
@@ -253,19 +276,20 @@ class BinaryHashAttention(Attention):
 
         calibration_tokens [B, N, C]: inputs of this attention. Per head, q and k are computed
         through qkv (and q_norm / k_norm) and the B N queries and B N keys are pooled into one
-        token set (the same hash codes both); at most ``max_tokens`` of them, sampled without
+        token set (the same hash codes both; :meth:`hash_features`, which for
+        :class:`PVTBinaryHashAttention` is the shared q / k once); at most ``max_tokens`` of them, sampled without
         replacement, are used. Similarity: cosine of the normalised q / k features. Random
         choices (token subset, anchors, initial a per bit) come from ``generator`` (default:
         the global RNG)."""
         if self.hash_kind != "ksh":
             raise ValueError("BinaryHashAttention.fit_hash: only the KSH hash is fitted (hash='random' is a fixed "
                              "random projection)")
-        x = calibration_tokens
-        if x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
-            raise ValueError(f"BinaryHashAttention.fit_hash: calibration_tokens must be [B, N, "
-                             f"{self.qkv.in_features}], got {tuple(x.shape)}")
-        q, k, _ = self.qkv_heads(x.to(self.qkv.weight.dtype))
-        feats = torch.cat([q, k], dim=2).transpose(0, 1).reshape(self.num_heads, -1, self.head_dim)
+        x, dim = calibration_tokens, self.proj.in_features
+        if x.dim() != 3 or x.shape[-1] != dim:
+            raise ValueError(f"{type(self).__name__}.fit_hash: calibration_tokens must be [B, N, {dim}], got "
+                             f"{tuple(x.shape)}")
+        feats = self.hash_features(x.to(self.proj.weight.dtype))
+        feats = feats.transpose(0, 1).reshape(self.num_heads, -1, self.head_dim)
         total = feats.shape[1]
         if total > max_tokens:
             sel = torch.randperm(total, generator=generator, device="cpu")[:max_tokens].to(feats.device)
@@ -277,6 +301,11 @@ class BinaryHashAttention(Attention):
             self.hash_mu[h].copy_(mu)
             self.hash_proj[h].copy_(proj)
         return self
+
+    def hash_features(self, x: Tensor) -> Tensor:
+        """What the hash sees for inputs x [B, N, C], ``[B, H, T, d]``: the queries and the keys."""
+        q, k, _ = self.qkv_heads(x)
+        return torch.cat([q, k], dim=2)
 
     # ---- conversion -------------------------------------------------------------------------
 
@@ -311,7 +340,8 @@ class BinaryHashAttention(Attention):
         if self.training:
             out = binary_hash_attention(q, k, v, hsh, self.form)
         else:
-            q_codes, k_codes = hsh.codes(q), hsh.codes(k)  # KSH: hash and pack fused
+            q_codes = hsh.codes(q)  # KSH: hash and pack fused
+            k_codes = q_codes if k is q else hsh.codes(k)  # shared q / k (PVTBinaryHashAttention)
             out = binary_attention(q_codes, k_codes, v, nbits=self.nbits, form=self.form)
         if self.dwconv is not None:
             out = out + self.dwconv(v)
@@ -326,3 +356,81 @@ class BinaryHashAttention(Attention):
     def extra_repr(self) -> str:
         return (f"form={self.form!r}, nbits={self.nbits}, num_anchors={self.num_anchors}, hash={self.hash_kind!r}, "
                 f"dwconv={self.dwconv is not None}")
+
+
+class PVTBinaryHashAttention(BinaryHashAttention):
+    """Drop-in for timm's PVTv2 ``Attention`` (``timm.models.pvt_v2``; ``forward(x, feat_size)``)
+    with ShiftAddViT's binary-hash attention as its published PVTv2 code has it
+    (``pvt/pvt_v2.py``, ``LinAngularAttention_ksh``, the ``attn_type="LinAngular"`` configs).
+
+    Keeps timm's names (q, kv, attn_drop, proj, proj_drop, and sr / norm / pool / act where timm's
+    attention has them), so a timm PVTv2 state dict loads strictly (plus ``dwconv.weight``).
+    Published semantics: shared query / key projection (``to_qk``, initialised from the query
+    weights: here timm's ``q``) hashed once and used as both queries and keys; values (``to_v``:
+    here the value half of timm's ``kv``; its key half is unused) at full resolution, i.e. the
+    spatial reduction (``sr`` conv + ``norm``, or ``linear``'s pooling) is not applied (the
+    ShiftAddViT form adds each token's own value, so keys / values must be the query tokens): those
+    modules are kept, unused, only for the checkpoint; the depthwise convolution of V (``dwconv``,
+    published ``dconv``) has one 9-tap kernel per head (:class:`TokenDWConv` with ``heads``).
+    Then :class:`BinaryHashAttention`'s attention (``attend``, ``project``).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, sr_ratio: int = 1, linear_attn: bool = False,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, *, form: str = "shiftadd",
+                 nbits: int = 16, num_anchors: int = 25, hash: str = "ksh", dwconv: bool | None = None):
+        nn.Module.__init__(self)
+        if dim % num_heads:
+            raise ValueError(f"PVTBinaryHashAttention: dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # timm's spatial reduction, kept (unused) for its checkpoint keys
+        self.pool = self.sr = self.norm = self.act = None
+        if linear_attn:
+            self.pool = nn.AdaptiveAvgPool2d(7)
+            self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
+            self.norm = nn.LayerNorm(dim)
+            self.act = nn.GELU()
+        elif sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+        self._init_hash(form=form, nbits=nbits, num_anchors=num_anchors, hash=hash, dwconv=dwconv,
+                        make_dwconv=lambda: TokenDWConv(dim, heads=num_heads))
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(q, q, v), ``[B, H, N, d]``: the shared query / key, and the values (kv's value half
+        only: its key half is not computed)."""
+        b, n, c = x.shape
+        v_bias = None if self.kv.bias is None else self.kv.bias[c:]
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        v = F.linear(x, self.kv.weight[c:], v_bias).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return q, q, v
+
+    def hash_features(self, x: Tensor) -> Tensor:
+        return self.qkv_heads(x)[0]  # queries and keys are the same tokens: each once
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, *, form: str = "shiftadd", nbits: int = 16, num_anchors: int = 25,
+                       hash: str = "ksh", dwconv: bool | None = None) -> PVTBinaryHashAttention:
+        """A PVTBinaryHashAttention with the weights of timm's PVTv2 ``Attention`` (q, kv, proj,
+        sr / norm), on its device and dtype; its state dict loaded strictly."""
+        sr = getattr(attn, "sr", None)
+        new = cls(attn.q.in_features, num_heads=attn.num_heads,
+                  sr_ratio=sr.stride[0] if sr is not None and getattr(attn, "pool", None) is None else 1,
+                  linear_attn=getattr(attn, "pool", None) is not None, qkv_bias=attn.q.bias is not None,
+                  attn_drop=getattr(attn.attn_drop, "p", 0.0), proj_drop=getattr(attn.proj_drop, "p", 0.0),
+                  form=form, nbits=nbits, num_anchors=num_anchors, hash=hash, dwconv=dwconv)
+        if getattr(attn, "norm", None) is not None:
+            new.norm = copy.deepcopy(attn.norm)  # timm's eps
+        w = attn.q.weight
+        new.to(device=w.device, dtype=w.dtype)
+        new.load_state_dict(attn.state_dict(), strict=True)
+        new.train(attn.training)
+        return new
+
+    def forward(self, x: Tensor, feat_size: Sequence[int] | None = None) -> Tensor:  # type: ignore[override]
+        return self.project(self.attend(*self.qkv_heads(x)))
