@@ -175,6 +175,31 @@ def deepshift_linear_cases(gen):
                f"{m}x{n}x{k} bits={bits}")
 
 
+def sparse24_int8_linear_cases(gen):
+    from effkern.ops.sparse24 import Sparse24Weight
+
+    def compare(got, kw, ref_fn, what):  # erff of two compilations under GELU: a last ulp apart
+        ref = ref_fn(**kw)
+        if kw["activation"] == "gelu":
+            torch.testing.assert_close(got, ref, rtol=3e-7, atol=1e-6, msg=what)
+        else:
+            _exact(got, ref, what)
+
+    # (M, N, K): split-K at one 16-token tile, 64-token tiles with N and M tails
+    shapes = [(1, 136, 128), (70, 200, 192)] if SMALL else [(1, 136, 128), (16, 384, 1536), (70, 200, 192),
+                                                          (130, 264, 320)]
+    outs = [(torch.int32, None), (torch.int8, None), (torch.bfloat16, "gelu"), (torch.float16, "relu")]
+    for (m, n, k), (dt, act) in ((s, o) for s in shapes for o in outs):
+        w = Sparse24Weight.from_float(torch.randn(n, k, generator=gen))
+        x = torch.randint(-128, 128, (m, k), generator=gen).to(torch.int8)
+        bias = (torch.randint(-(2**20), 2**20, (n,), generator=gen).to(torch.int32) if dt == torch.int32
+                else torch.randn(n, generator=gen))
+        inv = torch.rand(n, generator=gen) * 40 + 10 if dt == torch.int8 else None
+        yield (dict(x=x, values=w.values, meta=w.meta, scale=w.scale, bias=bias,
+                    x_scale=torch.rand(m, generator=gen) * 1e-2 + 1e-3, inv_out=inv, in_features=k, out_dtype=dt,
+                    activation=act), compare, f"{m}x{n}x{k} {case_id(dt)} {act}")
+
+
 CASES = {
     "int_softmax": int_softmax_cases,
     "int_gelu": int_gelu_cases,
@@ -185,6 +210,7 @@ CASES = {
     "hashed_attention": hashed_attention_cases,
     "shift_linear": shift_linear_cases,
     "deepshift_linear": deepshift_linear_cases,
+    "sparse24_int8_linear": sparse24_int8_linear_cases,
 }
 
 
