@@ -6,8 +6,11 @@ The weight is stored compressed, as a :class:`Sparse24Weight`:
 
 * ``values`` int8 ``[N, K/2]``: the two kept values of each group of four along K, in k order;
 * ``meta`` uint8 ``[N, K/8]``: the two kept positions ``i0 < i1`` (in 0..3) of each group,
-  packed by :func:`pack_meta` (read back by :func:`unpack_meta`; the only two functions that
-  know the layout, which is provisional until the layout ``mma.sp`` reads is settled);
+  packed by :func:`pack_meta` (read back by :func:`unpack_meta`). This is the layout the sparse
+  tensor-core instruction reads: for ``mma.sp`` m16n8k64 s8 each lane's 32-bit metadata operand
+  is four consecutive bytes of one row (kernels/sparse24/sparse24_gemm.cuh; the PTX ISA's
+  mapping is emulated and tested in tests/sparse_mma_emulation.py), so the CUDA kernel loads it
+  as stored;
 * ``scale`` float32 ``[N]``: symmetric per-output-channel weight scale;
 * ``in_features`` K, a multiple of 8 (whole meta bytes).
 
@@ -109,8 +112,8 @@ def prune_2to4(w: Tensor) -> Tensor:
 def pack_meta(positions: Tensor) -> Tensor:
     """uint8 ``[N, K/8]`` from the kept positions, int ``[N, K/4, 2]`` (i0 < i1 in 0..3 per
     group). Group c's nibble is ``i0 | (i1 << 2)``; byte j holds group 2j in its low nibble and
-    group 2j + 1 in its high nibble. (Provisional: to become the layout mma.sp reads; the Triton
-    decoder effkern.triton.sparse24._meta_positions mirrors it.)"""
+    group 2j + 1 in its high nibble: the layout mma.sp reads (module docstring). The Triton
+    decoder effkern.triton.sparse24._meta_positions and the CUDA kernel read it too."""
     n, groups, _ = positions.shape
     p = positions.to(torch.int32)
     nib = (p[..., 0] | (p[..., 1] << 2)).reshape(n, groups // 2, 2)
