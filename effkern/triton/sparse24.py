@@ -6,8 +6,8 @@ values (half the dense bytes) and its meta nibbles -- and decompresses it in reg
 dense int8 tile: dense position p of group c takes value 2c when p == i0, value 2c + 1 when
 p == i1, else 0 (one gathered, masked load; the neighbouring lanes of a group hit the same
 bytes, so only the compressed bytes travel from memory). ``tl.dot(int8, int8) -> int32`` runs
-it on the int8 tensor cores; the dense rate, not yet mma.sp's 2x (that is the CUDA backend's
-job, once the meta layout mma.sp reads is settled). Accumulation is exact, split-K included.
+it on the int8 tensor cores at the dense rate; mma.sp's 2x is the CUDA backend's
+(kernels/sparse24/), which reads the same meta layout. Accumulation is exact, split-K included.
 
 The epilogue is the op's float32 sequence, one rounding per step: ``s = x_scale[m] *
 scale[n]``, ``v = float(acc) * s``, ``+ bias``, activation, then the output rounding. The
