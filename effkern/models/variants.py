@@ -47,8 +47,9 @@ whole stages instead.
   ShiftAddMoE (noisy top-1 gate, see :class:`~effkern.nn.ShiftAddMoE`), not the published
   ``NaiveGate``.
 
-Methods: ``tome``, ``evit``, ``dynamicvit``, ``idlevit``, ``ecoformer``, ``shiftadd`` and ``shift``
-(the blocks' linear layers to shift layers) (see :data:`METHODS`) convert in place; ``ivit`` returns a new, integer-only model
+Methods: ``tome``, ``evit``, ``dynamicvit``, ``idlevit``, ``ecoformer``, ``shiftadd``, ``shift``
+(the blocks' linear layers to shift layers) and ``sparse24_int8`` (to 2:4-sparse int8 layers,
+GPUSQ-ViT) (see :data:`METHODS`) convert in place; ``ivit`` returns a new, integer-only model
 (:class:`~effkern.models.IViT`) with the timm model's weights, since every layer changes.
 """
 
@@ -68,13 +69,14 @@ from torch import Tensor, nn
 from effkern.models.ivit import IViT
 from effkern.nn.binary_hash import BinaryHashAttention, PVTBinaryHashAttention
 from effkern.nn.shift import ShiftAddMoE, ShiftLinear
+from effkern.nn.sparse24 import Sparse24Int8Linear
 from effkern.nn.tokens import (DynamicViTPredictor, dynamicvit_attention, dynamicvit_keep, dynamicvit_keep_decisions,
                                evit_left_tokens, evit_reorganize, evit_scores, idle_select_compute_scatter,
                                idlevit_keep_mask, idlevit_scores, tome_merge)
 
 __all__ = ["METHODS", "DynamicViTLoss", "IdleViTLoss", "binary_hash_attentions", "convert", "evit_keep_rate_schedule",
-           "calibrate", "fit_hash", "hash_state_dict", "load_hash_state_dict", "moe_loss", "shift_layers",
-           "tome_schedule"]
+           "calibrate", "fit_hash", "freeze_sparse24", "hash_state_dict", "load_hash_state_dict", "moe_loss",
+           "shift_layers", "sparse24_layers", "tome_schedule"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -906,6 +908,51 @@ def shift_layers(model: nn.Module) -> dict[str, ShiftLinear]:
 
 
 # --------------------------------------------------------------------------------------------
+# GPUSQ-ViT: the blocks' linear layers 2:4 sparse with int8 weights and activations
+# --------------------------------------------------------------------------------------------
+
+
+def _sparse24_configure(model: nn.Module, targets: Sequence[str] = ("qkv", "proj", "fc1", "fc2"),
+                        layers: Sequence[int] | None = None) -> dict:
+    depth = len(model.blocks)
+    targets = tuple(targets)
+    if not targets or len(set(targets)) != len(targets) or any(t not in SHIFT_TARGETS for t in targets):
+        raise ValueError(f"effkern.convert('sparse24_int8'): targets must be distinct names among "
+                         f"{tuple(SHIFT_TARGETS)}, got {targets}")
+    layers = _layer_indices("sparse24_int8", "layers", range(depth) if layers is None else layers, depth)
+    return {"targets": targets, "layers": layers}
+
+
+def _sparse24_linears(model: nn.Module, cfg: dict, dry_run: bool = False) -> tuple[str, ...]:
+    """Each target linear of each listed block replaced by Sparse24Int8Linear.from_linear (pruned
+    to 2:4). The layer keeps timm's parameter names (its mask is not in the state dict), so
+    this adds no parameters; ``dry_run``: only that."""
+    if not dry_run:
+        for i in cfg["layers"]:
+            blk = model.blocks[i]
+            for t in cfg["targets"]:
+                parent = getattr(blk, SHIFT_TARGETS[t])
+                setattr(parent, t, Sparse24Int8Linear.from_linear(getattr(parent, t)))
+    return ()
+
+
+def sparse24_layers(model: nn.Module) -> dict[str, Sparse24Int8Linear]:
+    """The 2:4-sparse int8 layers of a converted model (``effkern.convert(model, "sparse24_int8")``),
+    by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Sparse24Int8Linear)}
+
+
+def freeze_sparse24(model: nn.Module) -> nn.Module:
+    """``model.eval()``, then ``freeze()`` every Sparse24Int8Linear: each compresses its weight
+    once and runs effkern.ops.sparse24_int8_linear. ``model.train()`` undoes it; freeze again
+    after changing weights in eval mode. Returns the model."""
+    model.eval()
+    for layer in sparse24_layers(model).values():
+        layer.freeze()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # I-ViT: integer-only (effkern.models.IViT), a new model with the timm model's weights
 # --------------------------------------------------------------------------------------------
 
@@ -1050,6 +1097,14 @@ METHODS: dict[str, Method] = {
                     "the balance loss), capacity for static shapes. PVTv2: targets among q, kv, proj, fc1, fc2 at "
                     "layers or stages (all); moe=True makes fc1 and fc2 each a ShiftAddMoE.",
                     None, _shift_linears, pvt=True),
+    "sparse24_int8": Method("sparse24_int8", None, _sparse24_configure, (), lambda sh: False,
+                            "GPUSQ-ViT (Yu et al. 2023): the blocks' `targets` (qkv, proj, fc1, fc2) at `layers` "
+                            "(all) become Sparse24Int8Linear: weights pruned to 2:4 (fixed mask) and int8 per "
+                            "output channel, activations int8 per token; trains as sparsity-aware QAT "
+                            "(straight-through; GPUSQDistillationLoss for distillation); freeze_sparse24(model) "
+                            "runs the sparse int8 op. Keeps timm's parameter names (strict loading; a dense "
+                            "checkpoint is pruned as it loads).",
+                            None, _sparse24_linears),
     "idlevit": Method("idlevit", IdleViTBlockMixin, _idlevit_configure, (), lambda sh: False,
                       "IdleViT (Xu et al. 2023): at idle_layers (0-based, 4..depth-1) only the class token and the "
                       "keep_ratios (keep_rate^1, ^2, ^3 per third; keep_rate 0.7) best patch tokens by CLS attention "
@@ -1100,9 +1155,10 @@ def convert(model: nn.Module, method: str, *, strict: bool = True, **config) -> 
     if method not in METHODS:
         raise ValueError(f"effkern.convert: unknown method {method!r} (available: {', '.join(METHODS)})")
     m = METHODS[method]
-    if binary_hash_attentions(model) or shift_layers(model):
+    if binary_hash_attentions(model) or shift_layers(model) or sparse24_layers(model):
         raise ValueError("effkern.convert: this model's modules were replaced (binary-hash attention: ecoformer / "
-                         "shiftadd; shift layers: shift); convert timm's model instead")
+                         "shiftadd; shift layers: shift; 2:4 sparse int8 layers: sparse24_int8); convert timm's "
+                         "model instead")
     pvt = _is_pvt(model)
     if pvt and not m.pvt:
         raise TypeError(f"effkern.convert({method!r}): not available for timm's PVTv2 ({type(model).__name__}); "

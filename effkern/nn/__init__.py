@@ -3,6 +3,7 @@
 from effkern.nn.binary_hash import BinaryHashAttention, TokenDWConv, fit_ksh_head, ksh_code_loss, ksh_similarity_targets
 from effkern.nn.integer import IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantLinear, QuantMatMul
 from effkern.nn.shift import ShiftAddMoE, ShiftLinear
+from effkern.nn.sparse24 import GPUSQDistillationLoss, Sparse24Int8Linear
 from effkern.nn.tokens import (
     DynamicViTAttention,
     DynamicViTBlock,
@@ -26,6 +27,7 @@ __all__ = [
     "DynamicViTPredictor",
     "EViTAttention",
     "EViTBlock",
+    "GPUSQDistillationLoss",
     "IdleViTBlock",
     "IntGELU",
     "IntLayerNorm",
@@ -35,6 +37,7 @@ __all__ = [
     "QuantMatMul",
     "ShiftAddMoE",
     "ShiftLinear",
+    "Sparse24Int8Linear",
     "ToMeAttention",
     "ToMeBlock",
     "TokenDWConv",
