@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common, report, runner  # noqa: E402
 
-FAMILIES = ("integer", "tokens", "binary_hash", "shift")
+FAMILIES = ("integer", "tokens", "binary_hash", "shift", "sparse24")
 ONE_OP = {"integer": "int8_linear", "tokens": "tome_match_merge", "binary_hash": "hash_attention",
-          "shift": "shift_linear.b4"}
+          "shift": "shift_linear.b4", "sparse24": "sparse24_int8_linear.int8"}
 
 
 def test_families_and_cases():
