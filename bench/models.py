@@ -2,16 +2,23 @@
 :func:`effkern.convert` on a real timm model against timm's own model and against the same method
 implemented the published way.
 
-For each architecture (DeiT-S, DeiT-B; ViT-L/16 for ToMe) and batch (1, 64, 256), bf16, 224 px,
-random weights (the GPU machine has no model hub; the work does not depend on the values: every
-method keeps a fixed token count), on random images rotated over two input sets:
+For each architecture (DeiT-S, DeiT-B; ViT-L/16 for ToMe; PVTv2-B1 for ShiftAddViT's PVTv2) and
+batch (1, 64, 256), bf16, 224 px, random weights (the GPU machine has no model hub; the work does
+not depend on the values: every method keeps a fixed token count), on random images rotated over
+two input sets:
 
 - ``timm``: timm's model eager, ``torch.compile``'d (default mode: SDPA at the backend torch
   picks, its fastest on Hopper), and at B = 1 compiled with CUDA graphs (mode="reduce-overhead");
 - ``effkern``: ``effkern.convert(model, method, **config)``, the same three ways;
 - ``published``: the method's published model code (transcribed in tests/vit_transcriptions.py:
   explicit N x N attention in eager torch ops, the blocks built once; tests/shift_transcriptions.py:
-  ShiftAddViT's LinearShiftQ), eager and compiled.
+  ShiftAddViT's LinearShiftQ; tests/pvt_transcriptions.py: ShiftAddViT's PVTv2 attention,
+  LinAngularAttention_ksh, in stages 1-3 of timm's PVTv2), eager and compiled.
+
+ShiftAddViT's PVTv2-B1 is three rows, since ``effkern.convert`` applies one method per model: the
+binary-hash attention in stages 1-3 (``shiftadd``), every linear a shift layer (``shift``), and the
+linears as shift layers with fc1 / fc2 multiply/shift mixtures of experts (``shift moe=True``; no
+published row: effkern's router departs from the released gate).
 
 Time per call is the median of back-to-back forward calls under ``torch.inference_mode`` (CUDA
 events; host overhead counts, as in a serving loop), images/s = batch / time. ``tokens`` is the
@@ -25,8 +32,9 @@ Targets (DeiT-B, B = 256, against timm compiled): ToMe r = 16 >= 1.8x; EViT and 
 B = 1 ToMe and EViT >= 1.2x timm (CUDA graphs on both sides).
 
 Without a GPU (or with --check) the command runs the correctness self-check: each variant
-converted from a small timm ViT in float32 against the published model code (the token-reduction
-methods and the shift layers), or run end to end (the others), on CPU.
+converted from a small timm ViT (PVTv2-B1 at 64 px for its rows) in float32 against the published
+model code (the token-reduction methods, the shift layers, PVTv2's shiftadd), or run end to end
+(the others), on CPU.
 """
 
 from __future__ import annotations
@@ -51,7 +59,9 @@ from bench import common  # noqa: E402
 
 TITLE = "End-to-end ViT variants"
 CSV_PATH = common.RESULTS_DIR / "models.csv"
-ARCHS = {"DeiT-S": "deit_small_patch16_224", "DeiT-B": "deit_base_patch16_224", "ViT-L": "vit_large_patch16_224"}
+ARCHS = {"DeiT-S": "deit_small_patch16_224", "DeiT-B": "deit_base_patch16_224", "ViT-L": "vit_large_patch16_224",
+         "PVTv2-B1": "pvt_v2_b1"}
+PVT_ARCHS = ("PVTv2-B1",)  # timm's PyramidVisionTransformerV2: no img_size argument (any input size runs)
 BATCHES = (1, 64, 256)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("timm", "effkern", "published")
@@ -92,6 +102,14 @@ VARIANTS = (
     Variant("shiftadd", {}, strict=False),
     Variant("ivit", {}),
     Variant("shift", {}),  # DeepShift-Q MLPs with 16.16 fixed point, as ShiftAddViT's linear layers
+    # ShiftAddViT's PVTv2-B1 (pvt/pvt_v2.py). Its full model is the binary-hash attention in stages 1-3
+    # plus shift linears and mult/shift MoE MLPs; convert takes one method per model, so the attention
+    # and the linears are separate rows.
+    Variant("shiftadd", {}, archs=PVT_ARCHS, strict=False),  # LinAngularAttention_ksh in stages 1-3
+    Variant("shift", {"targets": ("q", "kv", "proj", "fc1", "fc2")}, archs=PVT_ARCHS),  # every linear LinearShiftQ
+    # the linears as shift layers, fc1 / fc2 each a multiply/shift MoE (Mlp_FMoE); dynamic routing as
+    # published (capacity None). No published row: effkern's router scales by the gate (ShiftAddMoE's departure)
+    Variant("shift", {"targets": ("q", "kv", "proj"), "moe": True}, archs=PVT_ARCHS, strict=False),
 )
 PUBLISHED_TARGET = 1.2
 TOKEN_METHODS = ("tome", "evit", "dynamicvit", "idlevit")
@@ -105,6 +123,8 @@ TOKEN_METHODS = ("tome", "evit", "dynamicvit", "idlevit")
 def timm_model(arch: str, device, dtype, **kw) -> torch.nn.Module:
     import timm
 
+    if arch in PVT_ARCHS:  # PVTv2 takes no img_size: it runs at the inputs' size
+        kw.pop("img_size", None)
     torch.manual_seed(0)
     return timm.create_model(ARCHS.get(arch, arch), pretrained=False, **kw).to(device=device, dtype=dtype).eval()
 
@@ -136,12 +156,16 @@ def effkern_model(model: torch.nn.Module, v: Variant, config: dict, calib: torch
 def published_model(model: torch.nn.Module, conv: torch.nn.Module, v: Variant, config: dict) -> Callable | None:
     """The published model code (tests/vit_transcriptions.py) on ``model``'s weights, its blocks
     built once: a function of the images returning the logits. None where effkern has no
-    model-level transcription of the method (binary-hash attention, I-ViT). The shift variant's
-    published model is timm's with ShiftAddViT's LinearShiftQ in place of the converted linears."""
+    model-level transcription of the method (a ViT's binary-hash attention, I-ViT, the MoE: its
+    router departs from the released gate). The shift variant's published model is timm's with
+    ShiftAddViT's LinearShiftQ in place of the converted linears; PVTv2 shiftadd's is timm's
+    PVTv2 with ShiftAddViT's LinAngularAttention_ksh (tests/pvt_transcriptions.py) in stages 1-3."""
     from tests import tokens_transcriptions as T
     from tests import vit_transcriptions as VT
 
     c = conv.effkern.config if hasattr(conv, "effkern") else {}
+    if set(v.archs) <= set(PVT_ARCHS):
+        return pvt_published_model(model, conv, v.method, c)
     if v.method == "tome":
         blocks = VT.tome_blocks(model)
         return lambda x: VT.tome_forward(model, x, c["r"], c["prop_attn"], blocks=blocks)[0]
@@ -166,6 +190,58 @@ def published_model(model: torch.nn.Module, conv: torch.nn.Module, v: Variant, c
     return None
 
 
+class _TimmCall(torch.nn.Module):
+    """timm's PVTv2 blocks call ``attn(x, feat_size)``; the published attention takes ``(x, H, W)``."""
+
+    def __init__(self, attn: torch.nn.Module):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x, feat_size):
+        return self.attn(x, *feat_size)
+
+
+def pvt_published_model(model: torch.nn.Module, conv: torch.nn.Module, method: str, c: dict) -> torch.nn.Module | None:
+    """ShiftAddViT's PVTv2 the published way, as tests/test_pvt_shiftadd.py builds it. shiftadd: a
+    copy of ``conv`` (timm's weights, the added dwconv, the fitted hash) with each converted
+    attention replaced by the published LinAngularAttention_ksh holding its weights (to_qk <- q,
+    to_v <- kv's value half, dconv <- dwconv, anchor / mvec / A <- the hash). shift: timm's model
+    with LinearShiftQ at the converted linears. None for the MoE (no model-level transcription)."""
+    from effkern.nn.binary_hash import PVTBinaryHashAttention
+    from tests import pvt_transcriptions as PT
+
+    if method not in ("shiftadd", "shift") or (method == "shift" and c["moe"]):
+        return None
+    out = copy.deepcopy(conv if method == "shiftadd" else model).eval()
+    blocks = list(enumerate(blk for stage in out.stages for blk in stage.blocks))  # convert's `layers` order
+    if method == "shiftadd":
+        for _, blk in blocks:
+            a = blk.attn
+            if not isinstance(a, PVTBinaryHashAttention):
+                continue  # stage 4 keeps timm's attention
+            ref = PT.LinAngularAttentionKSH(a.dim, a.num_heads, a.nbits, a.num_anchors).to(a.q.weight)
+            with torch.no_grad():
+                ref.to_qk.load_state_dict(a.q.state_dict())
+                ref.to_v.weight.copy_(a.kv.weight[a.dim:])
+                ref.to_v.bias.copy_(a.kv.bias[a.dim:])
+                ref.proj.load_state_dict(a.proj.state_dict())
+                ref.dconv.weight.copy_(a.dwconv.weight[..., None])  # [H, 1, 9] -> [H, 1, 9, 1]
+                ref.anchor.copy_(a.hash_anchors)
+                ref.mvec.copy_(a.hash_mu)
+                ref.A.copy_(a.hash_proj)
+            blk.attn = _TimmCall(ref)
+    else:
+        from tests import shift_transcriptions as ST
+
+        for i, blk in blocks:
+            if i not in c["layers"]:
+                continue
+            for t in c["targets"]:
+                parent = blk.attn if t in ("q", "kv", "proj") else blk.mlp
+                setattr(parent, t, ST.PublishedShiftQ(getattr(parent, t), c["weight_bits"], c["fixed_point"]))
+    return out
+
+
 def tokens_fraction(conv: torch.nn.Module) -> float:
     """After a forward: the mean over blocks of the patch tokens each block computes on, as a
     fraction of the input's (1.0 for methods that keep every token)."""
@@ -184,21 +260,36 @@ def tokens_fraction(conv: torch.nn.Module) -> float:
 # The self-check (CPU, or a GPU in float32)
 # --------------------------------------------------------------------------------------------
 
-CHECK_IMG = 64  # 16 patches; DeiT-S's blocks (depth 12, width 384)
+# 16 patches; DeiT-S's blocks (depth 12, width 384). PVTv2-B1: token grids 16, 8, 4, 2 wide (stage 3's
+# 16 tokens x 3 images are enough for the hash's 25 anchors). At 224 px its shiftadd check takes ~3x longer
+# and its 47k stage-3 hash values include some within float32 rounding of 0 (1.5e-7 seen): a code flips,
+# one image's logits move by 5e-3 - rounding, not the method, so the check stays at 64 px
+CHECK_IMG = 64
+
+
+def checked(variants: Sequence[Variant]) -> list[Variant]:
+    """The variants the self-check runs: one per method, model family (ViT / PVTv2) and kind of
+    setting (ToMe's two r values are one check; PVTv2's shift and shift-MoE are two)."""
+    out, seen = [], set()
+    for v in variants:
+        key = (v.method, set(v.archs) <= set(PVT_ARCHS), tuple(v.config))
+        if key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out
 
 
 def self_check(device="cpu", variants: Sequence[Variant] = VARIANTS, out=print) -> int:
-    """Each variant from a small DeiT-S-shaped timm model in float32: the token-reduction methods
-    and the shift layers against the published model code (logits to 1e-4 of their scale), the others run
-    end to end (finite logits of the right shape). Returns the number of failures."""
+    """Each variant from a small timm model in float32 (DeiT-S-shaped; PVTv2-B1 at 64 px): the
+    token-reduction methods, the shift layers and PVTv2's shiftadd against the published model
+    code (logits to 1e-4 of their scale), the others run end to end (finite logits of the right
+    shape). Returns the number of failures."""
     failed = 0
-    seen = set()
-    for v in variants:
-        if v.method in seen:
-            continue
-        seen.add(v.method)
+    todo = checked(variants)
+    for v in todo:
         config = v.check_config if v.check_config is not None else v.config
-        model = timm_model("DeiT-S", device, torch.float32, img_size=CHECK_IMG)
+        arch = v.archs[0] if set(v.archs) <= set(PVT_ARCHS) else "DeiT-S"
+        model = timm_model(arch, device, torch.float32, img_size=CHECK_IMG)
         with torch.no_grad():  # timm's zero-initialised head would hide every difference
             model.head.weight.normal_(0, 0.5)
         x = torch.randn(3, 3, CHECK_IMG, CHECK_IMG, generator=torch.Generator().manual_seed(2)).to(device)
@@ -211,7 +302,10 @@ def self_check(device="cpu", variants: Sequence[Variant] = VARIANTS, out=print) 
                 if published is not None:
                     want = published(x)
                     # float32 to 1e-4 of the logits' scale: sums in other orders (shift: 16.16 floors
-                    # flip where they do, and 12 blocks carry it)
+                    # flip where they do, and 12 blocks carry it; PVTv2 shiftadd: the same {0, 1} codes
+                    # (a hash value within rounding of 0 would flip one and fail: see CHECK_IMG), then
+                    # sums in other orders through 8 blocks, as tests/test_pvt_shiftadd.py's 1e-4;
+                    # measured 1.3e-5 on logits of scale 24)
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max())))
                     how = "matches the published model code"
                 else:
@@ -222,8 +316,8 @@ def self_check(device="cpu", variants: Sequence[Variant] = VARIANTS, out=print) 
         except Exception as e:  # reported, counted, and the check goes on
             failed += 1
             status, how = "FAILED", common.short_exc(e)
-        out(f"  {status:6} {v.method:10} {config}  {how}  ({time.perf_counter() - t0:.1f} s)")
-    out(f"models self-check on {device}: {len(seen) - failed} ok, {failed} failed")
+        out(f"  {status:6} {v.method:10} {arch:8} {config}  {how}  ({time.perf_counter() - t0:.1f} s)")
+    out(f"models self-check on {device}: {len(todo) - failed} ok, {failed} failed")
     return failed
 
 
@@ -495,7 +589,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
     if args.quick:
         methods = [m for m in methods if m in TOKEN_METHODS]
         archs, batches = ["DeiT-B"], [1, 256]
-    variants = [v for v in VARIANTS if v.method in methods]
+    variants = [v for v in VARIANTS if v.method in methods and set(v.archs) & set(archs)]  # checked and timed
     try:
         import timm  # noqa: F401
     except ImportError as e:

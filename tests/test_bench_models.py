@@ -26,9 +26,12 @@ def test_self_check_passes_for_every_variant(capsys, monkeypatch):
     monkeypatch.setattr(common, "cuda_available", lambda: False)  # on a GPU machine too: nothing timed
     assert effkern_main(["bench", "models"]) == 0
     out = capsys.readouterr().out
-    assert f"{len({v.method for v in models.VARIANTS})} ok, 0 failed" in out
+    assert f"{len(models.checked(models.VARIANTS))} ok, 0 failed" in out
     for method in ("tome", "evit", "dynamicvit", "idlevit", "shift"):
         assert any(line.split()[:2] == ["ok", method] and "matches the published model code" in line
+                   for line in out.splitlines()), method
+    for method in ("shiftadd", "shift"):  # ShiftAddViT's PVTv2-B1 against tests/pvt_transcriptions.py, LinearShiftQ
+        assert any(line.split()[:3] == ["ok", method, "PVTv2-B1"] and "matches the published model code" in line
                    for line in out.splitlines()), method
 
 
@@ -88,6 +91,33 @@ def test_gpu_path_with_a_fake_timer(tmp_path):
     assert all(0 < float(r["tokens"]) < 1 for r in tome) and rows[0]["gpu"] and rows[0]["commit"]
     md = out.with_suffix(".md").read_text()
     assert "| tome" in md and "MISS" in md
+
+
+def test_pvt_rows_with_a_fake_timer(monkeypatch):
+    """PVTv2-B1 (96 px: stage 3's 36 tokens at B = 1 fit the hash's 25 anchors): timm's rows, then
+    shiftadd and shift (every linear) effkern's way and the published way, the MoE effkern's only."""
+    from effkern.models import variants as V
+
+    real_fit = V.fit_hash  # 2 iterations, not 100: the rows are checked here, not the hash's quality
+    monkeypatch.setattr(V, "fit_hash", lambda model, images, **kw: real_fit(model, images, iterations=2, **kw))
+
+    def fake_time(fn):
+        fn()
+        return common.Timing(1000.0, 900.0, 1100.0)
+
+    runner = models.Runner(time_fn=fake_time, compile_fn=lambda fn, mode: fn)
+    variants = [v for v in models.VARIANTS if "PVTv2-B1" in v.archs]
+    assert len(variants) == 3 and "PVTv2-B1" in models.parser().format_help()
+    rows = models.bench_arch("PVTv2-B1", 1, variants, runner, "cpu", torch.float32, lambda rows: None, img_size=96)
+    by = {}
+    for r in rows:
+        assert not r.get("note"), r  # every row ran
+        by.setdefault((r["method"], r["config"]), set()).add((r["impl"], r["mode"]))
+    modes = ("eager", "compiled", "cudagraphs")
+    assert by[("timm", "")] == {("timm", m) for m in modes}
+    assert by[("shiftadd", "")] == {("effkern", m) for m in modes} | {("published", m) for m in modes[:2]}
+    assert by[("shift", "targets=('q', 'kv', 'proj', 'fc1', 'fc2')")] == by[("shiftadd", "")]
+    assert by[("shift", "targets=('q', 'kv', 'proj') moe=True")] == {("effkern", m) for m in modes}
 
 
 def _small(device, dtype):
