@@ -27,8 +27,12 @@ mean over blocks of the patch tokens each block computes on, as a fraction of th
 is the best timm time (compiled, or CUDA graphs at B = 1) over the best effkern time; ``vs
 published`` the best published time over the best effkern time.
 
+GPUSQ-ViT's 2:4-sparse int8 DeiT (``sparse24_int8``, frozen) has no published row: GPUSQ-ViT
+released no code.
+
 Targets (DeiT-B, B = 256, against timm compiled): ToMe r = 16 >= 1.8x; EViT and DynamicViT at
-0.7 >= 1.5x; IdleViT at 0.7 >= 1.3x; every variant >= 1.2x its published implementation; at
+0.7 >= 1.5x; IdleViT at 0.7 >= 1.3x; 2:4 int8 >= 1.5x; every variant >= 1.2x its published
+implementation; at
 B = 1 ToMe and EViT >= 1.2x timm (CUDA graphs on both sides).
 
 Without a GPU (or with --check) the command runs the correctness self-check: each variant
@@ -110,6 +114,8 @@ VARIANTS = (
     # the linears as shift layers, fc1 / fc2 each a multiply/shift MoE (Mlp_FMoE); dynamic routing as
     # published (capacity None). No published row: effkern's router scales by the gate (ShiftAddMoE's departure)
     Variant("shift", {"targets": ("q", "kv", "proj"), "moe": True}, archs=PVT_ARCHS, strict=False),
+    # GPUSQ-ViT: qkv, proj, fc1, fc2 2:4-sparse int8 (frozen: the sparse tensor-core op); no published code
+    Variant("sparse24_int8", {}, targets={("DeiT-B", 256): 1.5}),
 )
 PUBLISHED_TARGET = 1.2
 TOKEN_METHODS = ("tome", "evit", "dynamicvit", "idlevit")
@@ -150,6 +156,8 @@ def effkern_model(model: torch.nn.Module, v: Variant, config: dict, calib: torch
     if v.method == "shift":  # inference through effkern.ops.shift_linear
         for layer in variants.shift_layers(conv).values():
             layer.freeze()
+    if v.method == "sparse24_int8":  # inference through effkern.ops.sparse24_int8_linear
+        variants.freeze_sparse24(conv)
     return conv.eval()
 
 
@@ -157,7 +165,7 @@ def published_model(model: torch.nn.Module, conv: torch.nn.Module, v: Variant, c
     """The published model code (tests/vit_transcriptions.py) on ``model``'s weights, its blocks
     built once: a function of the images returning the logits. None where effkern has no
     model-level transcription of the method (a ViT's binary-hash attention, I-ViT, the MoE: its
-    router departs from the released gate). The shift variant's published model is timm's with
+    router departs from the released gate; GPUSQ-ViT: no published code). The shift variant's published model is timm's with
     ShiftAddViT's LinearShiftQ in place of the converted linears; PVTv2 shiftadd's is timm's
     PVTv2 with ShiftAddViT's LinAngularAttention_ksh (tests/pvt_transcriptions.py) in stages 1-3."""
     from tests import tokens_transcriptions as T
