@@ -18,6 +18,7 @@
 #include "csrc/common/cuda_stream.h"
 #include "csrc/common/dtypes.h"
 #include "csrc/common/registration.h"
+#include "kernels/common/sm_count.h"
 #include "kernels/shift/shift_launch.h"
 
 namespace effkern {
@@ -79,7 +80,7 @@ Tensor cuda_shift_linear(const Tensor& x, const Tensor& codes, const Tensor& bas
   Tensor y = torch::stable::new_empty(x, sizes);
   if (M == 0 || N == 0) return y;
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  const ks::Plan plan = ks::make_plan(M, N, K, ks::shift_linear_sm_count(x.get_device_index()));
+  const ks::Plan plan = ks::make_plan(M, N, K, sm_count(x.get_device_index()));
   std::optional<Tensor> workspace;
   if (plan.split_k > 1) {
     const std::vector<int64_t> ws_sizes{plan.split_k, M, N};

@@ -18,6 +18,7 @@
 #include "csrc/common/cuda_stream.h"
 #include "csrc/common/dtypes.h"
 #include "csrc/common/registration.h"
+#include "kernels/common/sm_count.h"
 #include "kernels/sparse24/sparse24_launch.h"
 
 namespace effkern {
@@ -86,7 +87,7 @@ Tensor cuda_sparse24_int8_linear(const Tensor& x, const Tensor& values, const Te
                              : nullptr,
                          int8_out ? static_cast<const float*>(inv_out->const_data_ptr()) : nullptr,
                          int8_out && inv_out->numel() > 1};
-  const k24::Plan plan = k24::make_plan(M, N, K, k24::sparse24_sm_count(x.get_device_index()));
+  const k24::Plan plan = k24::make_plan(M, N, K, sm_count(x.get_device_index()));
   std::optional<Tensor> workspace;
   if (plan.split_k > 1) {
     const std::vector<int64_t> ws_sizes{plan.split_k, M, N};

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "kernels/common/host_device.h"
+#include "kernels/common/split_k.h"
 
 namespace effkern {
 namespace shift {
@@ -28,7 +29,6 @@ constexpr int kStepK = 64;        // K per pipeline stage (= the 4-bit packing g
 constexpr int kThreads = 128;     // four warps per block
 constexpr int kBlockN = 128;      // output columns per block
 constexpr int kStages = 3;        // cp.async pipeline depth
-constexpr int kMaxSplitK = 8;     // as effkern/triton/gemm.py's split_k_count
 
 // Bytes of one weight row's codes per K step: a byte per code (5-bit) or a nibble (4-bit).
 EK_HD int code_bytes_per_step(int bits) { return bits == 5 ? kStepK : kStepK / 2; }
@@ -163,23 +163,15 @@ struct Plan {
   int steps_per_split;
 };
 
-// split_k_count of effkern/triton/gemm.py: enough blocks to fill the SMs when the tiles alone
-// fill less than half of them, at most kMaxSplitK, at least one K step per range.
+// 16 x 128 tiles at small M, else 64 x 128; K split by split_k_plan (kernels/common/split_k.h).
 EK_HD Plan make_plan(int64_t M, int64_t N, int64_t K, int sms) {
   Plan p;
   p.block_m = M <= 16 ? 16 : 64;
   p.m_tiles = (M + p.block_m - 1) / p.block_m;
   p.n_tiles = static_cast<int>((N + kBlockN - 1) / kBlockN);
-  const int steps = static_cast<int>((K + kStepK - 1) / kStepK);
-  const int64_t tiles = p.m_tiles * p.n_tiles;
-  int split = 1;
-  if (tiles < sms / 2 && steps >= 2) {
-    const int64_t want = (sms + tiles - 1) / tiles;
-    split = static_cast<int>(want < kMaxSplitK ? want : kMaxSplitK);
-    if (split > steps) split = steps;
-  }
-  p.steps_per_split = (steps + split - 1) / split;
-  p.split_k = steps == 0 ? 1 : (steps + p.steps_per_split - 1) / p.steps_per_split;  // none empty
+  const SplitK s = split_k_plan(p.m_tiles * p.n_tiles, static_cast<int>((K + kStepK - 1) / kStepK), sms);
+  p.split_k = s.split_k;
+  p.steps_per_split = s.steps_per_split;
   return p;
 }
 

@@ -16,9 +16,6 @@ namespace shift {
 
 using effkern::FloatType;  // kernels/common/dtypes.h
 
-// The SM count of `device` (make_plan's input; 1 if it cannot be read).
-int shift_linear_sm_count(int device);
-
 // x [M, K] (type F16/BF16, K % 8 == 0, 16-byte aligned) @ W^T + bias [N] (x's type, or null)
 // -> y [M, N] (x's type).  codes [N, code_cols] uint8 (bits 5: code_cols = K, K % 16 == 0;
 // bits 4: 32 * ceil(K / 64)), 16-byte aligned; base [N] int32 in [-126, 127 - 2^(bits-1) + 2].

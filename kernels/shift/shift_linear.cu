@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels/common/cp_async.cuh"
 #include "kernels/common/launch_error.cuh"
 #include "kernels/shift/shift_gemm.cuh"
 #include "kernels/shift/shift_launch.h"
@@ -19,21 +20,6 @@ namespace {
 
 template <bool kBf16>
 using Elem = typename std::conditional<kBf16, __nv_bfloat16, __half>::type;
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; src_bytes 0 writes zeros (rows and columns past the edges).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
-}
 
 template <bool kBf16>
 __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
@@ -253,15 +239,6 @@ const char* launch_typed(const void* x, const uint8_t* codes, const int32_t* bas
 }
 
 }  // namespace
-
-int shift_linear_sm_count(int device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 1;
-  }
-  return sms;
-}
 
 const char* launch_shift_linear(const void* x, FloatType type, const uint8_t* codes,
                                 const int32_t* base, const void* bias, void* y, float* workspace,

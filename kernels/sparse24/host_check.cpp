@@ -205,7 +205,7 @@ int emulate(const Operands& o, const HostEpilogue& ep, void* y, const Plan& p) {
       }
     }
   }
-  if (p.split_k > 1) {  // split_k_epilogue_kernel
+  if (p.split_k > 1) {  // sparse24_int8_linear_split_k_kernel
     for (int64_t i = 0; i < o.M * o.N; ++i) {
       int32_t a = 0;
       for (int s = 0; s < p.split_k; ++s) a += partials[s * o.M * o.N + i];

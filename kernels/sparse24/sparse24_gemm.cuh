@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #include "kernels/common/host_device.h"
+#include "kernels/common/split_k.h"
 
 namespace effkern {
 namespace sparse24 {
@@ -31,7 +32,6 @@ constexpr int kStepK = 64;       // dense K per pipeline stage (one MMA)
 constexpr int kThreads = 128;    // four warps
 constexpr int kBlockRows = 128;  // output channels (weight rows) per block
 constexpr int kStages = 3;
-constexpr int kMaxSplitK = 8;
 
 // Bytes per row and K step of each operand tile in shared memory.
 constexpr int kValueBytes = kStepK / 2;  // 32: two 16-byte chunks
@@ -109,23 +109,16 @@ struct Plan {
   int steps_per_split;
 };
 
-// Enough blocks to fill the SMs when the tiles alone fill less than half of them (the rule of
-// effkern/triton/gemm.py's split_k_count), at most kMaxSplitK, at least one K step per range.
+// 128 output channels x 16 tokens (few tokens) or x 64; K split by split_k_plan
+// (kernels/common/split_k.h).
 EK_HD Plan make_plan(int64_t M, int64_t N, int64_t K, int sms) {
   Plan p;
   p.block_tokens = M <= 16 ? 16 : 64;
   p.tok_tiles = (M + p.block_tokens - 1) / p.block_tokens;
   p.row_tiles = static_cast<int>((N + kBlockRows - 1) / kBlockRows);
-  const int steps = static_cast<int>((K + kStepK - 1) / kStepK);
-  const int64_t tiles = p.tok_tiles * p.row_tiles;
-  int split = 1;
-  if (tiles < sms / 2 && steps >= 2) {
-    const int64_t want = (sms + tiles - 1) / tiles;
-    split = static_cast<int>(want < kMaxSplitK ? want : kMaxSplitK);
-    if (split > steps) split = steps;
-  }
-  p.steps_per_split = (steps + split - 1) / split;
-  p.split_k = steps == 0 ? 1 : (steps + p.steps_per_split - 1) / p.steps_per_split;
+  const SplitK s = split_k_plan(p.tok_tiles * p.row_tiles, static_cast<int>((K + kStepK - 1) / kStepK), sms);
+  p.split_k = s.split_k;
+  p.steps_per_split = s.steps_per_split;
   return p;
 }
 

@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels/common/cp_async.cuh"
 #include "kernels/common/launch_error.cuh"
 #include "kernels/sparse24/sparse24_gemm.cuh"
 #include "kernels/sparse24/sparse24_launch.h"
@@ -16,24 +17,6 @@
 namespace effkern {
 namespace sparse24 {
 namespace {
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_8(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 8 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
@@ -68,7 +51,7 @@ __device__ __forceinline__ void finish(const Epilogue& ep, void* y, int64_t m, i
 // and 8-byte copy of meta start aligned), x and values 16-byte, meta 8-byte aligned.
 template <int kBlockTokens>
 __global__ void __launch_bounds__(kThreads)
-sparse24_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ values, const uint8_t* __restrict__ meta,
+sparse24_int8_linear_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ values, const uint8_t* __restrict__ meta,
                 Epilogue ep, void* __restrict__ y, int32_t* __restrict__ partials, int64_t M, int N, int K,
                 int steps_per_split) {
   using W = WarpTile<kBlockTokens>;
@@ -188,7 +171,7 @@ sparse24_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ values,
 
 // The int32 partials of the K ranges summed (exact: |sum| <= K * 2^14 < 2^31), then the epilogue.
 __global__ void __launch_bounds__(256)
-split_k_epilogue_kernel(const int32_t* __restrict__ partials, Epilogue ep, void* __restrict__ y, int64_t M, int N,
+sparse24_int8_linear_split_k_kernel(const int32_t* __restrict__ partials, Epilogue ep, void* __restrict__ y, int64_t M, int N,
                         int split_k) {
   const int64_t total = M * N;
   for (int64_t i = blockIdx.x * 256ll + threadIdx.x; i < total; i += static_cast<int64_t>(gridDim.x) * 256) {
@@ -199,15 +182,6 @@ split_k_epilogue_kernel(const int32_t* __restrict__ partials, Epilogue ep, void*
 }
 
 }  // namespace
-
-int sparse24_sm_count(int device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 1;
-  }
-  return sms;
-}
 
 const char* launch_sparse24_int8_linear(const int8_t* x, const int8_t* values, const uint8_t* meta,
                                         const Epilogue& ep, void* y, int32_t* workspace, const Plan& plan,
@@ -220,14 +194,14 @@ const char* launch_sparse24_int8_linear(const int8_t* x, const int8_t* values, c
   const int n = static_cast<int>(N), k = static_cast<int>(K);
   int32_t* partials = split ? workspace : nullptr;
   if (plan.block_tokens == 16) {
-    sparse24_kernel<16><<<grid, kThreads, 0, s>>>(x, values, meta, ep, y, partials, M, n, k, plan.steps_per_split);
+    sparse24_int8_linear_kernel<16><<<grid, kThreads, 0, s>>>(x, values, meta, ep, y, partials, M, n, k, plan.steps_per_split);
   } else {
-    sparse24_kernel<64><<<grid, kThreads, 0, s>>>(x, values, meta, ep, y, partials, M, n, k, plan.steps_per_split);
+    sparse24_int8_linear_kernel<64><<<grid, kThreads, 0, s>>>(x, values, meta, ep, y, partials, M, n, k, plan.steps_per_split);
   }
   if (const char* err = last_launch_error()) return err;
   if (split) {
     const int64_t blocks = (M * N + 255) / 256;
-    split_k_epilogue_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), 256, 0, s>>>(
+    sparse24_int8_linear_split_k_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), 256, 0, s>>>(
         workspace, ep, y, M, n, plan.split_k);
   }
   return last_launch_error();

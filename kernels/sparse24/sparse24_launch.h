@@ -25,9 +25,6 @@ struct Epilogue {
   bool out_scale_per_channel;
 };
 
-// The SM count of `device` (make_plan's input; 1 if it cannot be read).
-int sparse24_sm_count(int device);
-
 // y [M, N] = epilogue(x [M, K] int8 @ W^T) with W given by values int8 [N, K/2] and meta uint8
 // [N, K/8] (sparse24_gemm.cuh); K % 64 == 0, x and values 16-byte, meta 8-byte aligned.
 // plan = make_plan(M, N, K, sms); workspace: int32 [plan.split_k, M, N] when plan.split_k > 1.
