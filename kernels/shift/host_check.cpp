@@ -83,12 +83,11 @@ template <bool kBf16, int kBits, int kBlockM>
 void emulate_shift_linear(const uint16_t* x, const uint8_t* codes, const int32_t* base, const float* bias,
                           float* y, const Plan& p, int64_t M, int N, int K, int code_cols) {
   using W = WarpTile<kBlockM>;
-  constexpr int kCodeBytes = kBits == 5 ? kStepK : kStepK / 2;
   constexpr int kWarps = kThreads / 32;
   const bool partial = p.split_k > 1;
   std::vector<float> partials(partial ? static_cast<size_t>(p.split_k) * M * N : 0);
   std::vector<uint16_t> xs(kBlockM * kStepK);
-  std::vector<uint8_t> cs(kBlockN * kCodeBytes);
+  std::vector<uint8_t> cs(kBlockN * kCodeBytes<kBits>);
   const int steps = (K + kStepK - 1) / kStepK;
   for (int bz = 0; bz < p.split_k; ++bz) {
     for (int by = 0; by < p.n_tiles; ++by) {
@@ -110,7 +109,7 @@ void emulate_shift_linear(const uint16_t* x, const uint8_t* codes, const int32_t
             const bool ok = m < M && k < K;
             for (int e = 0; e < 8; ++e) xs[8 * x_chunk_slot(row, chunk) + e] = ok ? x[m * K + k + e] : 0;
           }
-          constexpr int kChunks = kCodeBytes / 16;
+          constexpr int kChunks = kCodeBytes<kBits> / 16;
           for (int c = 0; c < kBlockN * kChunks; ++c) {  // load_stage, codes
             const int row = c / kChunks, chunk = c % kChunks;
             const int n = n0 + row;

@@ -31,7 +31,8 @@ constexpr int kBlockN = 128;      // output columns per block
 constexpr int kStages = 3;        // cp.async pipeline depth
 
 // Bytes of one weight row's codes per K step: a byte per code (5-bit) or a nibble (4-bit).
-EK_HD int code_bytes_per_step(int bits) { return bits == 5 ? kStepK : kStepK / 2; }
+template <int kBits>
+constexpr int kCodeBytes = kBits == 5 ? kStepK : kStepK / 2;
 
 // ---- shared-memory layouts (XOR swizzles: conflict-free fragment reads) -------------------
 //

@@ -9,6 +9,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "kernels/common/cp_async.cuh"
 #include "kernels/common/launch_error.cuh"
 #include "kernels/shift/shift_gemm.cuh"
@@ -75,9 +77,8 @@ shift_linear_kernel(const Elem<kBf16>* __restrict__ x, const uint8_t* __restrict
                     void* __restrict__ out, int64_t M, int N, int K, int code_cols,
                     int steps_per_split, bool partial) {
   using W = WarpTile<kBlockM>;
-  constexpr int kCodeBytes = kBits == 5 ? kStepK : kStepK / 2;  // per row and step
-  constexpr int kXStage = kBlockM * kStepK;                     // elements
-  constexpr int kCodeStage = kBlockN * kCodeBytes;              // bytes
+  constexpr int kXStage = kBlockM * kStepK;                   // elements
+  constexpr int kCodeStage = kBlockN * kCodeBytes<kBits>;     // bytes
   __shared__ __align__(16) Elem<kBf16> x_smem[kStages][kXStage];
   __shared__ __align__(16) uint8_t code_smem[kStages][kCodeStage];
 
@@ -98,7 +99,7 @@ shift_linear_kernel(const Elem<kBf16>* __restrict__ x, const uint8_t* __restrict
       const bool ok = m < M && k < K;
       cp_async_16(&x_smem[stage][8 * x_chunk_slot(row, chunk)], ok ? x + m * K + k : x, ok);
     }
-    constexpr int kChunks = kCodeBytes / 16;
+    constexpr int kChunks = kCodeBytes<kBits> / 16;
     for (int c = tid; c < kBlockN * kChunks; c += kThreads) {
       const int row = c / kChunks, chunk = c % kChunks;
       const int n = n0 + row;
