@@ -214,11 +214,11 @@ def test_distillation_loss_hand_computed():
     t = torch.tensor([[math.log(3.0), 0.0]])  # teacher probabilities (3/4, 1/4)
     y = torch.tensor([0])
     ce = math.log(2.0)
-    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    kl = (0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)) / 2  # DeiT: per logit (B * C = 2)
     assert GPUSQDistillationLoss()(s, t, y).item() == pytest.approx(0.5 * ce + 0.5 * kl, rel=1e-6)
     # T = 2: teacher (sqrt 3, 1) / (sqrt 3 + 1), times T^2
     p = math.sqrt(3) / (math.sqrt(3) + 1)
-    kl2 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    kl2 = (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)) / 2
     loss = GPUSQDistillationLoss(alpha=0.25, temperature=2.0)(s, t, y)
     assert loss.item() == pytest.approx(0.75 * ce + 0.25 * 4 * kl2, rel=1e-6)
     # hard (DeiT): half CE with the label, half with the teacher's argmax (class 0 here)

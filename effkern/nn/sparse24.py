@@ -218,8 +218,9 @@ class GPUSQDistillationLoss(nn.Module):
     (Touvron et al. 2021), whose published defaults are used:
 
     * ``distillation="soft"``: ``(1 - alpha) * CE(s, y) + alpha * T^2 * KL(p_t || p_s)`` with
-      ``p = softmax(logits / T)`` (``F.kl_div(log p_s, log p_t, reduction="batchmean")``);
-      alpha = 0.5, T = 1 (DeiT's ``--distillation-alpha`` / ``--distillation-tau``).
+      ``p = softmax(logits / T)`` and the KL summed over the batch and the classes and divided by
+      their count, as DeiT's ``DistillationLoss`` does (``F.kl_div(..., reduction="sum") /
+      numel``); alpha = 0.5, T = 1 (DeiT's ``--distillation-alpha`` / ``--distillation-tau``).
     * ``distillation="hard"``: ``0.5 * CE(s, y) + 0.5 * CE(s, argmax t)``.
     * plus ``feature_weight * sum_l w_l * MSE(f_s[l], f_t[l])`` over the given features (weights
       ``layer_weights``, uniform 1 / L by default; feature_weight 0: off).
@@ -255,8 +256,8 @@ class GPUSQDistillationLoss(nn.Module):
             loss = 0.5 * task + 0.5 * F.cross_entropy(s, t.argmax(dim=-1))
         else:
             tau = self.temperature
-            kl = F.kl_div(F.log_softmax(s / tau, dim=-1), F.log_softmax(t / tau, dim=-1), reduction="batchmean",
-                          log_target=True)
+            kl = F.kl_div(F.log_softmax(s / tau, dim=-1), F.log_softmax(t / tau, dim=-1), reduction="sum",
+                          log_target=True) / s.numel()  # DeiT's normalisation: per logit
             loss = (1 - self.alpha) * task + self.alpha * tau * tau * kl
         if self.feature_weight == 0:
             return loss
