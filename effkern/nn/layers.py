@@ -28,6 +28,24 @@ from torch import Tensor, nn
 __all__ = ["Attention", "Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed"]
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``value``; backward: the gradient passes to ``x`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, value: Tensor) -> Tensor:
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def straight_through(x: Tensor, value: Tensor) -> Tensor:
+    """``value`` exactly in the forward pass, the gradient straight to ``x`` in the backward pass
+    (the straight-through estimator of the shift and 2:4-int8 layers' rounding)."""
+    return _StraightThrough.apply(x, value.detach())
+
+
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 

@@ -34,26 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effkern.nn.layers import straight_through
 from effkern.ops import ShiftWeight, shift_linear, token_gather, token_scatter
 from effkern.ops.shift import nearest_exponent, nearest_power_of_two
 
 _LN2 = math.log(2.0)
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: ``value``; backward: the gradient passes to ``x`` unchanged."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, value: Tensor) -> Tensor:
-        return value
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-def straight_through(x: Tensor, value: Tensor) -> Tensor:
-    return _StraightThrough.apply(x, value.detach())
 
 
 class _UnsymmetricMul(torch.autograd.Function):

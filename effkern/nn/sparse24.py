@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effkern.nn.shift import straight_through
+from effkern.nn.layers import straight_through
 from effkern.ops import Sparse24Weight, mask_2to4, sparse24_int8_linear
 
 __all__ = ["GPUSQDistillationLoss", "Sparse24Int8Linear", "quantize_per_channel", "quantize_per_token"]

@@ -71,7 +71,7 @@ __device__ __forceinline__ float from_elem(Elem<kBf16> v) {
 // (checked by the launcher): K % 8 == 0 (16-byte rows of x), 5-bit: K % 16 == 0, x and codes
 // 16-byte aligned.  out: y (split_k == 1) or the float32 partials [split_k, M, N].
 template <bool kBf16, int kBits, int kBlockM>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 shift_linear_kernel(const Elem<kBf16>* __restrict__ x, const uint8_t* __restrict__ codes,
                     const int32_t* __restrict__ base, const Elem<kBf16>* __restrict__ bias,
                     void* __restrict__ out, int64_t M, int N, int K, int code_cols,

@@ -50,7 +50,7 @@ __device__ __forceinline__ void finish(const Epilogue& ep, void* y, int64_t m, i
 // Requirements (checked by the launcher): K % 64 == 0 (each step's 16-byte copies of values and x
 // and 8-byte copy of meta start aligned), x and values 16-byte, meta 8-byte aligned.
 template <int kBlockTokens>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 sparse24_int8_linear_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ values, const uint8_t* __restrict__ meta,
                 Epilogue ep, void* __restrict__ y, int32_t* __restrict__ partials, int64_t M, int N, int K,
                 int steps_per_split) {
