@@ -188,6 +188,15 @@ class Case:
                 and all(b in kernel_dispatcher(k).impls for k in self.kernels)]
 
 
+def distinct(cases: Sequence[Case]) -> list[Case]:
+    """The cases with the first of each key kept, in order (a family's self-check clips shapes,
+    which can make two cases the same)."""
+    seen = {}
+    for c in cases:
+        seen.setdefault(c.key, c)
+    return list(seen.values())
+
+
 class Rand:
     """Random inputs for one case on one device, seeded by the case's name."""
 

@@ -39,7 +39,7 @@ from effkern import _requant as rq  # noqa: E402
 from effkern.nn import ShiftAddMoE, ShiftLinear  # noqa: E402
 from effkern.ops import shift as sops  # noqa: E402
 
-from bench.runner import Baseline, Case, Target, Unavailable, close, exact, main, no_validate  # noqa: E402
+from bench.runner import Baseline, Case, Target, Unavailable, close, distinct, exact, main, no_validate  # noqa: E402
 
 TITLE = "Shift-GEMM benchmark"
 QUICK = "DeiT-B fc1 and fc2 at M = 1, 16 and 64 x 197"
@@ -227,12 +227,7 @@ def cases(check: bool = False, quick: bool = False) -> list[Case]:
         if check:
             model, b, m = "-", 0, 37
         out.append(moe(model, b, m, c, hidden, tokens))
-    seen, unique = set(), []
-    for c in out:  # the self-check's clipped rows repeat shapes
-        if c.key not in seen:
-            seen.add(c.key)
-            unique.append(c)
-    return unique
+    return distinct(out)  # the self-check's clipped rows repeat shapes
 
 
 if __name__ == "__main__":

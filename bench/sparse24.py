@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 import effkern  # noqa: E402
 from effkern.ops import sparse24 as sops  # noqa: E402
 
-from bench.runner import Baseline, Case, Target, close, exact, main  # noqa: E402
+from bench.runner import Baseline, Case, Target, close, distinct, exact, main  # noqa: E402
 
 TITLE = "2:4-sparse int8 GEMM benchmark"
 QUICK = "ViT-B fc1 and fc2 at B = 1 and 64 (int8, bf16 and fc1's bf16 + GELU)"
@@ -266,12 +266,7 @@ def cases(check: bool = False, quick: bool = False) -> list[Case]:
         for o in OUTS:
             if o != "bf16_gelu" or layer == "fc1":
                 out.append(linear(name, layer, bb, mm, k, n, o, check))
-    seen, unique = set(), []
-    for c in out:  # the self-check's clipped rows repeat shapes
-        if c.key not in seen:
-            seen.add(c.key)
-            unique.append(c)
-    return unique
+    return distinct(out)  # the self-check's clipped rows repeat shapes
 
 
 if __name__ == "__main__":

