@@ -58,16 +58,16 @@ def ref_round_shift_half_even(v: Tensor, e: Tensor) -> Tensor:
     it is returned as +-2^62, a stand-in beyond every clamp range. e >= 63 gives 0 (|v| / 2^63 is
     at most 1/2, and a tie rounds to the even 0).
     """
-    e = e.expand_as(v)
-    es = e.clamp(1, 62)
-    q = v >> es
-    twice_rem = (v - (q << es)) << 1  # 2 * remainder, compared with 2^es: no 1 << (es - 1)
-    one = torch.ones_like(es)
-    round_up = (twice_rem > (one << es)) | ((twice_rem == (one << es)) & ((q & 1) == 1))
-    rounded = q + round_up.to(q.dtype)
-    saturated = torch.sign(v) * 2**62
-    out = torch.where(e <= 0, torch.where(e == 0, v, saturated), rounded)
-    return torch.where(e >= 63, torch.zeros_like(out), out)
+    # Everything that depends on e alone is computed on e's own (broadcastable, usually [C])
+    # shape, and there is no full-size branch: the CPU reference runs I-ViT's models.
+    es = e.clamp(0, 62)
+    shifted = es > 0
+    # floor((v + 2^(es-1) - 1 + (floor(v / 2^es) & 1)) / 2^es): a remainder above one half
+    # rounds up, exactly one half only from an odd quotient (|v| + 2^61 < 2^63); es = 0: v
+    bias = torch.where(shifted, (torch.ones_like(es) << (es - 1).clamp(min=0)) - 1, 0)
+    rounded = (v + bias + ((v >> es) & shifted.to(v.dtype))) >> es
+    in_range = ((e >= 0) & (e <= 62)).to(v.dtype)
+    return rounded * in_range + torch.sign(v) * ((e < 0).to(v.dtype) << 62)
 
 
 def dyadic_params(in_scale: Tensor, out_scale: Tensor) -> tuple[Tensor, Tensor]:

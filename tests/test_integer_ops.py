@@ -97,6 +97,19 @@ def test_round_shift_against_exact_python(gen):
     assert torch.equal(rq.ref_round_shift_half_even(v, torch.tensor(0)), v)
 
 
+def test_round_shift_per_column_shifts(gen):
+    # one shift per column, in and out of 1..62 in the same vector (the reference's two paths)
+    v = torch.randint(-(2**62), 2**62, (50, 9), generator=gen)
+    v[0] = 3 << 40  # ties
+    for shifts in ([1, 2, 3, 17, 31, 41, 61, 62, 40], [0, 1, 5, 62, 63, 80, 31, 2, -1]):
+        got = rq.ref_round_shift_half_even(v, torch.tensor(shifts))
+        for c, e in enumerate(shifts):
+            col = [int(a) for a in v[:, c]]
+            exp = ([0 if a == 0 else (1 if a > 0 else -1) * 2**62 for a in col] if e < 0
+                   else [_python_round_shift(a, e) for a in col])
+            assert got[:, c].tolist() == exp, (shifts, e)
+
+
 def test_requantize_int32_against_exact_python(gen):
     # int32 inputs: I * m reaches 2^62, beyond float64 exactness; check with exact rationals.
     x = randint(gen, (3, 40), torch.int32)
