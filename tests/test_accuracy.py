@@ -100,3 +100,17 @@ def test_tome_r_for_merges_about_the_fraction():
         n -= min(r, n // 2)
         kept.append(n)
     assert abs(1 - sum(kept) / (12 * 196) - 0.4) < 0.05
+
+
+def test_seeds_in_parallel_match_one_process():
+    """--jobs: the seeds in worker processes give one run id and the rows one process gives."""
+    cfg = replace(accuracy.Config.quick(), seeds=(0, 1), epochs=1, methods=("tome",), threads=2)
+    handed = []
+    rows = accuracy.run_seeds_in_parallel(cfg, 2, on_row=handed.append)
+    assert rows == handed and sorted({r["seed"] for r in rows}) == [0, 1]
+    assert len({r["run"] for r in rows}) == 1
+    serial, _ = accuracy.run(replace(cfg, seeds=(1,), threads=1), device=torch.device("cpu"), progress=False)
+    parallel = [r for r in rows if r["seed"] == 1]
+    key = lambda r: (r["method"], r["setting"], r["stage"])  # noqa: E731
+    assert [(key(r), r["top1"], r["macs_m"]) for r in serial] == \
+        [(key(r), r["top1"], r["macs_m"]) for r in sorted(parallel, key=lambda r: rows.index(r))]
