@@ -111,6 +111,24 @@ def test_seeds_in_parallel_match_one_process():
     assert len({r["run"] for r in rows}) == 1
     serial, _ = accuracy.run(replace(cfg, seeds=(1,), threads=1), device=torch.device("cpu"), progress=False)
     parallel = [r for r in rows if r["seed"] == 1]
-    key = lambda r: (r["method"], r["setting"], r["stage"])  # noqa: E731
-    assert [(key(r), r["top1"], r["macs_m"]) for r in serial] == \
-        [(key(r), r["top1"], r["macs_m"]) for r in sorted(parallel, key=lambda r: rows.index(r))]
+    def measured(rs):
+        return [(r["method"], r["setting"], r["stage"], r["top1"], r["macs_m"]) for r in rs]
+    assert measured(serial) == measured(parallel)
+
+
+def test_readme_block_replaced(quick_run, tmp_path):
+    """The README's table is regenerated between its markers (here from a quick run relabelled
+    as a full MNIST one); text around the markers is kept."""
+    _, rows = quick_run
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{accuracy.README_BEGIN}\nold table\n{accuracy.README_END}\noutro\n")
+    full = [{**r, "dataset": "mnist", "mode": "full", "run": "r1"} for r in rows]
+    assert accuracy.update_readme(readme, full)
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{accuracy.README_BEGIN}\n") and text.endswith(f"{accuracy.README_END}\noutro\n")
+    assert "old table" not in text and "| float |" in text and "| tome |" in text
+    assert "| evit | keep" in text and "training-free" not in text.split("| evit |")[1].split("\n")[0]
+    assert accuracy.update_readme(readme, []) and "No full run recorded yet" in readme.read_text()
+    plain = tmp_path / "OTHER.md"
+    plain.write_text("no markers\n")
+    assert not accuracy.update_readme(plain, full) and plain.read_text() == "no markers\n"
